@@ -1,0 +1,57 @@
+# qlora-stack: the user's verbs. `make help` lists them.
+#
+# RUNTIME=local runs in a virtual environment here (created on first use); RUNTIME=docker
+# runs the same commands in the containers of compose.yaml. Default: docker when a Docker
+# engine with NVIDIA GPUs is reachable, local otherwise.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= recipes/quickstart.yaml
+# Extra recipe overrides, e.g. SET="training.max_steps=20 lora.r=8"
+SET ?=
+FORCE ?=
+RUNTIME ?= $(shell if docker info >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo docker; else echo local; fi)
+PYTEST_ARGS ?=
+
+SET_ARGS := $(foreach s,$(SET),--set $(s))
+FORCE_ARG := $(if $(FORCE),--force)
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv train validate tiny-model test lint clean
+
+help: ## list the verbs
+	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[serve,dev]'
+	@touch $@
+
+venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
+
+train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
+	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
+
+validate: $(STAMP) ## check RECIPE without loading a model
+	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)
+
+tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)
+	$(PY) -m training tiny-model
+
+test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff on the Python code
+	$(VENV)/bin/ruff check training serving tests bench
+
+clean: ## remove outputs/ and caches (asks first)
+	@read -r -p "Delete outputs/ (adapters, merged models, checkpoints) and caches? [y/N] " answer; \
+	if [[ "$$answer" == [yY] ]]; then rm -rf outputs .pytest_cache .ruff_cache; \
+	find . -name __pycache__ -prune -exec rm -rf {} +; echo removed; else echo kept; fi

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real models built once per session, and trained runs reused by tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.chdir(ROOT)  # recipes name data/ and recipes/ relative to the project root, as users run them
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+
+# Short runs of the tiny models: a few seconds each on two CPU cores.
+FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from training.tiny_models import ARCHITECTURES, ensure_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    os.environ["QLORA_TINY_DIR"] = str(folder)
+    for arch in ARCHITECTURES:
+        ensure_tiny_model(arch, out_dir=folder, data_dir=ROOT / "data")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir / "gpt-neox")
+
+
+def train_in_process(recipe: str, out_dir: Path, *overrides: str, force: bool = False) -> int:
+    from training.recipe import load_recipe
+    from training.trainer import run_training
+
+    loaded = load_recipe(recipe, [f"output.dir={out_dir}", *overrides])
+    return run_training(loaded, recipe, force=force)
+
+
+def train_command(recipe: str, out_dir: Path, *overrides: str) -> list[str]:
+    cmd = [sys.executable, "-m", "training", "train", "--recipe", recipe, "--set", f"output.dir={out_dir}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], capture_output=True, text=True, check=check
+    )
+
+
+def read_run(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tiny_dir, tmp_path_factory) -> Path:
+    """The quickstart recipe (tiny Llama, dolly-ja, 4-bit QLoRA), trained once for the session."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train_in_process("recipes/quickstart.yaml", out) == 0
+    return out / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def neox_run(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-NeoX recipe (Korean <usr>/<bot> text, packing), trained once for the session."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train_in_process("recipes/quickstart-gpt-neox-ko.yaml", out) == 0
+    return out / "quickstart-gpt-neox-ko"

@@ -1,0 +1,94 @@
+"""python -m training <command>: train, validate, tiny-model (merge and more as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from training.errors import UserError
+
+DEFAULT_RECIPE = "recipes/quickstart.yaml"
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe", "-r", default=DEFAULT_RECIPE, help=f"YAML recipe (default: {DEFAULT_RECIPE})"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe key, e.g. --set training.max_steps=10 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune with QLoRA as the recipe says (resumes an interrupted run)")
+    _recipe_args(p)
+    p.add_argument(
+        "--force", action="store_true", help="discard an earlier run of this recipe and start over"
+    )
+
+    p = sub.add_parser(
+        "validate", help="check a recipe (schema and trainer settings) without loading anything"
+    )
+    _recipe_args(p)
+
+    p = sub.add_parser(
+        "tiny-model", help="build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)"
+    )
+    p.add_argument("--arch", choices=["all", "llama", "llama-tied", "gpt-neox"], default="all")
+    p.add_argument(
+        "--out", type=Path, default=None, help="directory (default: $QLORA_TINY_DIR or outputs/tiny-models)"
+    )
+    p.add_argument("--data", type=Path, default=None, help="text to train the tokenizer on (default: data/)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "tiny-model":
+        from training.tiny_models import ARCHITECTURES, ensure_tiny_model
+
+        for arch in ARCHITECTURES if args.arch == "all" else [args.arch]:
+            print(ensure_tiny_model(arch, out_dir=args.out, data_dir=args.data))
+        return 0
+
+    from training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        from training.model import compute_dtype, detect_device
+        from training.sft_args import build_sft_config
+
+        device = detect_device()
+        dtype = str(compute_dtype(recipe.model.dtype, device)).removeprefix("torch.")
+        build_sft_config(recipe, device, dtype, args.recipe)
+        print(f"{args.recipe}: ok (run '{recipe.output.run_name}' -> {recipe.output.run_dir()})")
+        return 0
+    if args.command == "train":
+        from training.trainer import run_training
+
+        return run_training(recipe, args.recipe, force=args.force)
+    raise AssertionError(args.command)

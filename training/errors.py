@@ -1,0 +1,25 @@
+"""Errors that describe a user mistake (bad recipe, bad data row, bad argument).
+
+The CLI prints these as one clear message without a traceback; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message says where and what is allowed."""
+
+
+class RecipeError(UserError):
+    pass
+
+
+class DataError(UserError):
+    pass
+
+
+class ModelLoadError(UserError):
+    pass
+
+
+class CheckpointError(UserError):
+    pass

@@ -1,0 +1,303 @@
+"""The recipe: one YAML file that describes a whole run, validated before anything loads.
+
+Sections: model, quantization, lora, data, training (passed to TRL's SFTConfig),
+output, merge. Unknown keys, wrong types and impossible combinations raise a
+RecipeError that names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from training.errors import RecipeError
+from training.templates import MODEL_TEMPLATE, resolve_template
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(description="Hub id (org/name), local directory, or tiny://llama | tiny://gpt-neox")
+    revision: str | None = None
+    dtype: Dtype = Field(
+        "auto",
+        description="Compute dtype and dtype of the non-quantized weights. auto: bf16 where the GPU "
+        "supports it, else fp16; fp32 on the CPU.",
+    )
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+
+
+class QuantizationSection(_Section):
+    method: Literal["nf4", "fp4", "int8", "none", "gptq"] = Field(
+        "nf4",
+        description="nf4/fp4: bitsandbytes 4-bit (nf4 + double quant = QLoRA); int8: bitsandbytes "
+        "LLM.int8; none: plain LoRA on full-precision weights; gptq: the checkpoint is already "
+        "GPTQ-quantized (needs CUDA GPTQ kernels).",
+    )
+    double_quant: bool = True
+    blocksize: Literal[64, 128, 256] = 64
+
+
+class LoraSection(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: str | list[str] = Field(
+        "auto", description="auto (by architecture), all-linear, or a list of module names"
+    )
+    include_mlp: bool = Field(False, description="With target_modules: auto, also adapt the MLP projections")
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_keyword(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v not in ("auto", "all-linear"):
+            raise ValueError(f"must be 'auto', 'all-linear' or a list of module names, not {v!r}")
+        if isinstance(v, list) and not v:
+            raise ValueError("the list of target modules is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _mlp_only_with_auto(self) -> LoraSection:
+        if self.include_mlp and self.target_modules != "auto":
+            raise ValueError("include_mlp only applies to target_modules: auto")
+        return self
+
+
+class ValidationSplit(_Section):
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    file: str | None = None
+    split: str | None = Field(None, description="A split expression of the same hub dataset, e.g. test[:500]")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ValidationSplit:
+        given = [k for k in ("fraction", "file", "split") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of fraction, file or split")
+        return self
+
+
+class DataSection(_Section):
+    source: str = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
+    format: Literal["text", "instruction", "messages"]
+    template: str | None = Field(
+        None,
+        description="Built-in template name (koalpaca, dolly-ja, alpaca), 'model' (the base "
+        "tokenizer's own chat template), or a custom string with {instruction}, optional {input} "
+        "and {output}",
+    )
+    text_field: str = "text"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename source columns, e.g. {question: instruction}"
+    )
+    subset: str | None = Field(None, description="Hub dataset configuration name")
+    revision: str | None = None
+    split: str = "train"
+    validation: ValidationSplit | None = None
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (smoke runs)")
+    max_length: int = Field(1024, gt=0)
+    packing: bool = False
+    completion_only_loss: bool | None = Field(
+        None, description="Loss on response tokens only. Default: on for instruction and messages"
+    )
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_dropped_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Stop before training when more than this fraction of rows has no token left "
+        "that counts toward the loss (response cut away by truncation)",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_template(v)  # raises ValueError naming what is allowed
+        return v
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _fraction_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"fraction": v}
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> DataSection:
+        if self.format == "text" and self.completion_only_loss:
+            raise ValueError(
+                "completion_only_loss needs a prompt/response split, which format 'text' does not "
+                "have; use format 'instruction' or 'messages', or set completion_only_loss: false"
+            )
+        if self.format != "text" and self.template is None:
+            raise ValueError(
+                f"format '{self.format}' needs a template: koalpaca, dolly-ja, alpaca, model, or a "
+                "custom string such as '### Q: {instruction}\\n### A: {output}'"
+            )
+        if self.template == MODEL_TEMPLATE and self.format == "text":
+            raise ValueError("template 'model' only applies to formats instruction and messages")
+        return self
+
+    @property
+    def loss_on_completion_only(self) -> bool:
+        if self.completion_only_loss is None:
+            return self.format != "text"
+        return self.completion_only_loss
+
+
+class OutputSection(_Section):
+    dir: str = "outputs"
+    run_name: str = Field("", description="Defaults to the recipe file's name")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if v and (Path(v).name != v or v.startswith(".")):
+            raise ValueError("must be a plain directory name (no '/', not starting with '.')")
+        return v
+
+    def run_dir(self) -> Path:
+        return Path(self.dir) / self.run_name
+
+
+class MergeSection(_Section):
+    dtype: Dtype = Field("auto", description="auto: the base model's own dtype")
+    max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+    verify: bool = True
+    strategy: Literal["auto", "streaming", "peft"] = Field(
+        "auto", description="auto: streaming unless the adapter needs peft's merge_and_unload"
+    )
+
+
+class Recipe(_Section):
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: dict[str, Any] = Field(default_factory=dict, description="Passed to TRL's SFTConfig")
+    output: OutputSection = Field(default_factory=OutputSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        q = self.quantization.method
+        if q == "gptq" and self.lora.use_dora:
+            raise ValueError("lora.use_dora is not supported on GPTQ-quantized models")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ["training.max_steps=5", "lora.r=8"] into a nested dict; values are YAML scalars."""
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {pair!r}: expected key.path=value, e.g. --set training.max_steps=10")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. a template string): take it as written
+        if isinstance(value, (dict, list)) and not raw.strip().startswith(("{", "[")):
+            value = raw  # "Q: {instruction}" is a string to a user, a mapping only to YAML
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {pair!r}: {part} is set to a value and also used as a section")
+        node[parts[-1]] = value
+    return result
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any], _path: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        here = f"{_path}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value, here + ".")
+        elif isinstance(value, dict) and key in merged and merged[key] is not None:
+            raise RecipeError(f"--set {here}.…: {here} is a value in the recipe, not a section")
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: the recipe must be a mapping of sections, got {type(raw).__name__}")
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw.setdefault("output", {})
+    if isinstance(raw["output"], dict) and not raw["output"].get("run_name"):
+        raw["output"]["run_name"] = path.stem
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(source, e)) from None
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for err in error.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            msg = f"unknown key; allowed: {', '.join(allowed)}"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if not isinstance(err.get("input"), (dict, list)) and "input" in err:
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)

@@ -1,0 +1,315 @@
+"""Run a recipe: QLoRA fine-tuning with TRL's SFTTrainer, resumable, interruptible, recorded.
+
+outputs/<run>/
+  recipe.json           the resolved recipe the run started with (checked on resume)
+  checkpoints/          checkpoint-N/ with a completion marker; the newest complete one resumes
+  adapter/              the finished peft adapter + tokenizer (chat_template) + run.json
+  run.json              what the run did: data counts, losses, speed, memory, versions
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from training import checkpoints as ckpt
+from training.atomic import building_dir, remove_stale_partials, write_json
+from training.errors import CheckpointError
+from training.model import compute_dtype, detect_device, human_size, load_model, load_tokenizer
+from training.recipe import Recipe
+from training.runinfo import now, peak_memory_bytes, versions
+from training.sft_args import RESUMABLE_CHANGES, build_sft_config, save_total_limit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.run_dir / "adapter"
+
+    @property
+    def run_json(self) -> Path:
+        return self.run_dir / "run.json"
+
+    @property
+    def recipe_json(self) -> Path:
+        return self.run_dir / "recipe.json"
+
+    def is_complete(self) -> bool:
+        return (self.adapter / "adapter_config.json").is_file() and (self.adapter / "run.json").is_file()
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM (docker stop) or Ctrl-C: finish the step, save a checkpoint, stop.
+
+    A second signal stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s received: saving a checkpoint after the current step, then stopping "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class Throughput(TrainerCallback):
+    """Tokens per second of this session (a resumed run counts only what it trained itself)."""
+
+    def __init__(self) -> None:
+        self.start_time = self.end_time = 0.0
+        self.start_tokens = self.end_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.end_time, self.end_tokens = time.perf_counter(), state.num_input_tokens_seen
+        return control
+
+    def as_dict(self) -> dict:
+        seconds = self.end_time - self.start_time
+        tokens = self.end_tokens - self.start_tokens
+        return {
+            "train_seconds": round(seconds, 2),
+            "tokens_trained": int(tokens),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+        }
+
+
+def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
+    """Train, resuming where an earlier run of the same recipe stopped. Returns an exit code."""
+    from trl import SFTTrainer
+
+    from training.data import prepare_data
+    from training.lora import lora_config
+
+    started = time.time()
+    paths = RunPaths(recipe.output.run_dir())
+    device = detect_device()
+    dtype = compute_dtype(recipe.model.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    sft_args = build_sft_config(recipe, device, dtype_name, source)  # refuses bad settings before loading
+
+    if force and paths.run_dir.exists():
+        log.info("--force: removing the earlier run in %s", paths.run_dir)
+        shutil.rmtree(paths.run_dir)
+    if paths.is_complete():
+        log.info(
+            "Run '%s' is already complete: %s. Pass --force (make train FORCE=1) to train it again.",
+            recipe.output.run_name,
+            paths.adapter,
+        )
+        return 0
+    remove_stale_partials(paths.run_dir, "adapter")
+    checkpoint = ckpt.latest_complete(paths.checkpoints)
+    if checkpoint is not None:
+        ckpt.check_resumable(checkpoint)
+        _check_same_recipe(paths, recipe)
+        log.info("Resuming from %s", checkpoint)
+    else:
+        write_json(paths.recipe_json, recipe.to_dict())
+
+    tokenizer = load_tokenizer(recipe.model)
+    truncates = not (recipe.data.packing and sft_args.packing_strategy in ("bfd_split", "wrapped"))
+    data = prepare_data(recipe.data, tokenizer, truncates=truncates)
+    _log_data(recipe, data)
+    tokenizer.chat_template = data.chat_template  # checkpoints and the adapter carry the training format
+
+    model, model_report = load_model(recipe.model, recipe.quantization, device, dtype)
+    stop, throughput = GracefulStop(), Throughput()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.lora, model),
+        callbacks=[ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput],
+    )
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    log.info(
+        "Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
+    )
+
+    stop.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
+
+    record = {
+        "status": "complete",
+        "run_name": recipe.output.run_name,
+        "recipe_path": source,
+        "recipe": recipe.to_dict(),
+        "versions": versions(),
+        "device": device.as_dict(),
+        "compute_dtype": dtype_name,
+        "model": {
+            "name": recipe.model.name,
+            "revision": recipe.model.revision,
+            **model_report,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "lora_target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+        },
+        "data": {
+            **data.report(),
+            "max_length": recipe.data.max_length,
+            "packing": recipe.data.packing,
+            "completion_only_loss": recipe.data.loss_on_completion_only,
+        },
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+    }
+    if stop.signum is not None:
+        saved = ckpt.latest_complete(paths.checkpoints, remove_incomplete=False)
+        record.update(status="interrupted", checkpoint=str(saved), global_step=trainer.state.global_step)
+        write_json(paths.run_json, record)
+        log.warning(
+            "Stopped at step %d; checkpoint saved in %s. Run the same command again to resume.",
+            trainer.state.global_step,
+            saved,
+        )
+        return 128 + stop.signum
+
+    metrics = _metrics(trainer, data.eval is not None)
+    metrics.update(throughput.as_dict(), peak_memory=peak_memory_bytes())
+    record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
+    with building_dir(paths.adapter, replace=True) as tmp:
+        trainer.save_model(str(tmp))
+        # The Trainer pickles its arguments beside the weights; run.json records them instead,
+        # and a published artifact should hold nothing that runs code when loaded.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        write_json(tmp / "run.json", record)
+    write_json(paths.run_json, record)
+    _log_summary(record, paths)
+    return 0
+
+
+def _metrics(trainer, has_eval: bool) -> dict:
+    history = trainer.state.log_history
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    final_eval = trainer.evaluate()["eval_loss"] if has_eval else None
+    return {
+        "global_step": trainer.state.global_step,
+        "epoch": round(trainer.state.epoch or 0, 3),
+        "train_loss_first": train_losses[0] if train_losses else None,
+        "train_loss_last": train_losses[-1] if train_losses else None,
+        "eval_loss_start": eval_losses[0] if eval_losses else None,
+        "eval_loss": final_eval,
+    }
+
+
+def _check_same_recipe(paths: RunPaths, recipe: Recipe) -> None:
+    """Refuse to resume a checkpoint with a recipe that changes what the checkpoint means."""
+    if not paths.recipe_json.is_file():
+        return
+    import json
+
+    before = json.loads(paths.recipe_json.read_text(encoding="utf-8"))
+    changed = [
+        f"{key}: {old!r} -> {new!r}"
+        for key, old, new in _diff(before, recipe.to_dict())
+        if not key.startswith("output.")  # where the run lives, not what it does
+        and not (key.startswith("training.") and key.split(".", 1)[1] in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{paths.run_dir} holds checkpoints of a different recipe (changed: {'; '.join(changed)}). "
+            "Resume with the original recipe, pass --force to start over, or set output.run_name to a new name."
+        )
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _log_data(recipe: Recipe, data) -> None:
+    cfg = recipe.data
+    for name, report in (("train", data.train_report), ("validation", data.eval_report)):
+        if report is None:
+            continue
+        t = report.tokens
+        log.info(
+            "Data %s: %d rows from %s (%d malformed skipped, %d over max_length, %d dropped with no "
+            "response left); %s tokens, %s count toward the loss; longest row %d tokens",
+            name,
+            t.rows,
+            report.source,
+            report.rows_skipped_bad,
+            t.rows_over_max_length,
+            t.rows_dropped_no_loss,
+            f"{t.tokens:,}",
+            f"{t.loss_tokens:,}",
+            t.longest,
+        )
+    log.info(
+        "Effective limits: max_length=%d (longer rows are truncated), packing=%s, loss on %s",
+        cfg.max_length,
+        "on" if cfg.packing else "off",
+        "responses only" if cfg.loss_on_completion_only else "all tokens",
+    )
+
+
+def _log_summary(record: dict, paths: RunPaths) -> None:
+    m = record["metrics"]
+    memory = m["peak_memory"]
+    peak = memory.get("cuda_allocated", memory["process_rss"])
+    lines = [
+        f"Run '{record['run_name']}' complete in {record['duration_s']:.0f} s: {m['global_step']} steps",
+        f"  train loss      {m['train_loss_first']} -> {m['train_loss_last']}",
+    ]
+    if m["eval_loss"] is not None:
+        lines.append(f"  eval loss       {m['eval_loss_start']} -> {m['eval_loss']:.4f}")
+    lines += [
+        f"  speed           {m['tokens_per_second']} tokens/s",
+        f"  peak memory     {human_size(peak)} ({'GPU' if 'cuda_allocated' in memory else 'process RSS'})",
+        f"  adapter         {paths.adapter}",
+        f"  record          {paths.run_json}",
+    ]
+    log.info("\n".join(lines))
