@@ -22,7 +22,7 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv train validate tiny-model test lint clean
+.PHONY: help venv train merge validate tiny-model test lint clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -38,6 +38,9 @@ venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
 
 train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
 	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
+
+merge: $(STAMP) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
+	$(PY) -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
 
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)

@@ -1,4 +1,4 @@
-"""python -m training <command>: train, validate, tiny-model (merge and more as they land)."""
+"""python -m training <command>: train, validate, merge, check-serving, tiny-model."""
 
 from __future__ import annotations
 
@@ -42,6 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _recipe_args(p)
 
+    p = sub.add_parser("merge", help="fold the LoRA adapter into full weights (streaming, verified, atomic)")
+    _recipe_args(p)
+    p.add_argument(
+        "--adapter", type=Path, help="adapter directory (default: outputs/<run>/adapter of the recipe)"
+    )
+    p.add_argument("--out", type=Path, help="merged model directory (default: merged/ beside the adapter)")
+    p.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default: the base model's"
+    )
+    p.add_argument("--max-shard-size", help="largest weight file, e.g. 2GB (default from the recipe)")
+    p.add_argument(
+        "--strategy", choices=["auto", "streaming", "peft"], help="default: streaming where possible"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip comparing logits with base + adapter")
+    p.add_argument(
+        "--num-shard", type=int, default=None, help="GPUs to check TGI sharding for (default: visible GPUs)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing merged directory")
+
+    p = sub.add_parser("check-serving", help="report whether TGI can load and shard a model directory")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--num-shard", type=int, default=1)
+
     p = sub.add_parser(
         "tiny-model", help="build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)"
     )
@@ -75,6 +98,15 @@ def _run(args: argparse.Namespace) -> int:
             print(ensure_tiny_model(arch, out_dir=args.out, data_dir=args.data))
         return 0
 
+    if args.command == "check-serving":
+        from training.serving_check import check_serving
+
+        report = check_serving(args.model_dir, args.num_shard)
+        print(report.format())
+        return 0 if report.ok else 1
+    if args.command == "merge":
+        return _merge(args)
+
     from training.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -92,3 +124,29 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_training(recipe, args.recipe, force=args.force)
     raise AssertionError(args.command)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.adapters import read_adapter
+    from training.merge import MergeSettings, merge_adapter
+    from training.recipe import MergeSection, load_recipe
+
+    if args.adapter is None:
+        recipe = load_recipe(args.recipe, args.overrides)
+        adapter_dir = recipe.output.run_dir() / "adapter"
+        section = recipe.merge
+    else:
+        adapter_dir = args.adapter
+        section = MergeSection(**read_adapter(adapter_dir).run.get("recipe", {}).get("merge", {}))
+    out_dir = args.out or adapter_dir.parent / "merged"
+    settings = MergeSettings(
+        dtype=args.dtype or section.dtype,
+        max_shard_size=args.max_shard_size or section.max_shard_size,
+        verify=section.verify and not args.no_verify,
+        strategy=args.strategy or section.strategy,
+        num_shard=args.num_shard or max(torch.cuda.device_count(), 1),
+    )
+    merge_adapter(adapter_dir, out_dir, settings, force=args.force)
+    return 0

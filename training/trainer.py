@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from training import checkpoints as ckpt
@@ -164,6 +165,12 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
         peft_config=lora_config(recipe.lora, model),
         callbacks=[ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput],
     )
+    if dtype == torch.float32:
+        # TRL stores the LoRA weights of a quantized model in bf16, as QLoRA does on GPUs.
+        # Computing in float32 (the CPU), that only adds casts and emulated bf16 matmuls.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info(
         "Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total

@@ -1,0 +1,202 @@
+"""Training throughput: a recipe run against the plain QLoRA recipe users copy from tutorials.
+
+The tutorial recipe: the same 4-bit model and LoRA, `prepare_model_for_kbit_training`,
+text rendered with the same template, `transformers.Trainer` with
+`DataCollatorForLanguageModeling(mlm=False)` (pads each batch, loss on every token, no
+packing). Against it: the recipe as shipped, and the recipe with packing. Same model, data,
+batch size and number of steps; each run in a fresh process, runs interleaved
+(A B C A B C ...) so machine noise hits every variant alike. Reported: data tokens
+(padding excluded) per second of training, and peak memory (process RSS; peak CUDA
+memory on a GPU), with ratios to the tutorial recipe.
+
+    python bench/train_throughput.py                               # quickstart recipe, CPU
+    python bench/train_throughput.py --recipe recipes/x.yaml --steps 30 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("tutorial", "recipe", "recipe+packing")
+
+
+def common_overrides(steps: int) -> list[str]:
+    return [
+        f"training.max_steps={steps}",
+        "training.save_steps=100000",
+        "data.validation=null",
+        "training.logging_steps=100000",
+    ]
+
+
+def run_recipe(recipe_path: str, steps: int, out_dir: str, packing: bool) -> dict:
+    from training.recipe import load_recipe
+    from training.trainer import run_training
+
+    overrides = [*common_overrides(steps), f"output.dir={out_dir}"]
+    if packing:
+        overrides.append("data.packing=true")
+    recipe = load_recipe(recipe_path, overrides)
+    assert run_training(recipe, recipe_path) == 0
+    metrics = json.loads((recipe.output.run_dir() / "run.json").read_text())["metrics"]
+    return {"tokens": metrics["tokens_trained"], "seconds": metrics["train_seconds"]}
+
+
+def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from training.data import prepare_data
+    from training.lora import lora_config
+    from training.model import compute_dtype, detect_device, load_model, load_tokenizer
+    from training.recipe import load_recipe
+    from training.trainer import Throughput
+
+    recipe = load_recipe(recipe_path, common_overrides(steps))
+    device = detect_device()
+    dtype = compute_dtype(recipe.model.dtype, device)
+    tokenizer = load_tokenizer(recipe.model)
+    # Same rows, rendered to the same text as the recipe trains on, then tokenized the tutorial way.
+    prepared = prepare_data(recipe.data, tokenizer)
+    texts = [tokenizer.decode(ids) for ids in prepared.train["input_ids"]]
+    dataset = Dataset.from_dict({"text": texts}).map(
+        lambda b: tokenizer(
+            b["text"], truncation=True, max_length=recipe.data.max_length, add_special_tokens=False
+        ),
+        batched=True,
+        remove_columns=["text"],
+    )
+    model, _ = load_model(recipe.model, recipe.quantization, device, dtype)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, lora_config(recipe.lora, model))
+    training = recipe.training
+    throughput = Throughput()
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=training.get("per_device_train_batch_size", 8),
+        gradient_accumulation_steps=training.get("gradient_accumulation_steps", 1),
+        learning_rate=float(training.get("learning_rate", 2e-4)),
+        save_strategy="no",
+        report_to="none",
+        logging_steps=100000,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=device.type == "cuda",
+    )
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[throughput]
+    ).train()
+    result = throughput.as_dict()
+    return {"tokens": result["tokens_trained"], "seconds": result["train_seconds"]}
+
+
+def child(variant: str, recipe: str, steps: str, result_file: str) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        if variant == "tutorial":
+            result = run_tutorial(recipe, int(steps), out)
+        else:
+            result = run_recipe(recipe, int(steps), out, packing=variant == "recipe+packing")
+    if torch.cuda.is_available():
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    Path(result_file).write_text(json.dumps(result))
+
+
+def measure(variant: str, recipe: str, steps: int) -> dict:
+    """One run in a fresh process; the parent imports no torch, so the child's peak RSS is its own."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            raise SystemExit(
+                f"{variant} run failed (status {status}); run it alone to see why: "
+                f"python {__file__} --child {variant} {recipe} {steps} /tmp/r.json"
+            )
+        result = json.loads(Path(result_file.name).read_text())
+    result["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", default="recipes/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for i in range(args.repeats):
+        for variant in VARIANTS:
+            t = time.perf_counter()
+            runs[variant].append(measure(variant, args.recipe, args.steps))
+            print(
+                f"[{i + 1}/{args.repeats}] {variant:<15} {runs[variant][-1]['tokens_per_second']:8.0f} tokens/s "
+                f"({time.perf_counter() - t:.0f} s with start-up)",
+                flush=True,
+            )
+
+    summary = {}
+    for variant, results in runs.items():
+        memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in results[0] else "peak_rss_bytes"
+        summary[variant] = {
+            "tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in results), 1),
+            "tokens_per_step": round(statistics.median(r["tokens"] for r in results) / args.steps, 1),
+            "peak_memory_bytes": int(statistics.median(r[memory_key] for r in results)),
+            "memory_measure": memory_key,
+        }
+    base = summary["tutorial"]
+    for s in summary.values():
+        s["speed_vs_tutorial"] = round(s["tokens_per_second"] / base["tokens_per_second"], 2)
+        s["memory_vs_tutorial"] = round(s["peak_memory_bytes"] / base["peak_memory_bytes"], 2)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "recipe": args.recipe,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "results": summary,
+        "runs": runs,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{'variant':<16}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}")
+    for variant, s in summary.items():
+        print(
+            f"{variant:<16}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
+            f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x{s['memory_vs_tutorial']:>7.2f}x"
+        )
+    print(f"-> {args.json}")
+
+
+if __name__ == "__main__":
+    main()

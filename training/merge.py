@@ -1,0 +1,202 @@
+"""Merge a LoRA adapter into its base model: a standalone safetensors model that TGI, vLLM and
+transformers load, written atomically and verified against base + adapter.
+
+outputs/<run>/merged/
+  config.json                        dtype and rope written for transformers 4 and 5
+  model(-0000i-of-0000n).safetensors bounded shards (+ model.safetensors.index.json)
+  tokenizer.json, tokenizer_config.json (with chat_template), chat_template.jinja
+  generation_config.json
+  merge.json                         strategy, timings, peak memory, verification, serving check
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from training.adapters import Adapter, read_adapter
+from training.atomic import building_dir, remove_stale_partials, write_json
+from training.errors import UserError
+from training.merge_peft import PeftMerge
+from training.merge_streaming import StreamingMerge, StreamingUnsupported
+from training.merge_verify import MergeVerificationError, verify_merge
+from training.model import human_size
+from training.model_files import (
+    base_dtype,
+    dtype_name,
+    write_config,
+    write_generation_config,
+    write_tokenizer,
+)
+from training.runinfo import now, peak_memory_bytes, versions
+from training.serving_check import check_serving
+from training.tiny_models import resolve_model_name
+from training.weights_io import Checkpoint, write_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeSettings:
+    dtype: str = "auto"  # auto: the base model's own dtype
+    max_shard_size: str = "2GB"
+    verify: bool = True
+    strategy: str = "auto"  # auto | streaming | peft
+    num_shard: int = 1  # GPUs TGI will shard over, for the serving check
+
+
+def resolve_base_dir(adapter: Adapter) -> Path:
+    """The base model's files on disk: a local directory, or its hub snapshot (config and safetensors)."""
+    name = resolve_model_name(adapter.base_name)
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name,
+                revision=adapter.base_revision,
+                allow_patterns=[
+                    "config.json",
+                    "generation_config.json",
+                    "*.safetensors",
+                    "*.safetensors.index.json",
+                ],
+            )
+        )
+    except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
+        raise UserError(
+            f"could not get the base model {name!r} to merge into: {type(e).__name__}: {e}\n"
+            "It is read from the Hugging Face cache (HF_HOME) or downloaded; check the name, the "
+            "network and HF_TOKEN, or point the adapter's run.json recipe at a local directory."
+        ) from None
+
+
+def merge_adapter(
+    adapter_dir: str | Path, out_dir: str | Path, settings: MergeSettings, *, force: bool = False
+) -> dict:
+    adapter = read_adapter(adapter_dir)
+    out_dir = Path(out_dir)
+    remove_stale_partials(out_dir.parent, out_dir.name)
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force (make merge FORCE=1) to replace it")
+
+    base_dir = resolve_base_dir(adapter)
+    base_config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if base_config.get("quantization_config"):
+        method = base_config["quantization_config"].get("quant_method", "quantized")
+        raise UserError(
+            f"the base model {adapter.base_name} is {method}-quantized; a merge needs full-precision base "
+            "weights. Serve the adapter on the quantized base instead (TGI multi-LoRA), or fine-tune an "
+            "unquantized base with quantization.method nf4."
+        )
+    dtype = base_dtype(base_dir) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    strategy, reason = _choose_strategy(adapter, settings.strategy)
+
+    log.info(
+        "Merging %s into %s (%s) -> %s, %s",
+        adapter.path,
+        adapter.base_name,
+        dtype_name(dtype),
+        out_dir,
+        strategy,
+    )
+    started = time.perf_counter()
+    with building_dir(out_dir, replace=force) as tmp:
+        config = write_config(tmp, base_dir, dtype)
+        if strategy == "streaming":
+            try:
+                tied = bool(config.get("tie_word_embeddings"))
+                source = StreamingMerge(Checkpoint(base_dir), adapter, dtype, tied)
+                weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+            except StreamingUnsupported as e:
+                if settings.strategy == "streaming":
+                    raise UserError(
+                        f"the streaming merge cannot fold this adapter: {e}; use --strategy peft"
+                    ) from None
+                strategy, reason = "peft", f"the streaming path does not handle {e}"
+                log.warning("Falling back to peft's merge_and_unload: %s", reason)
+        if strategy == "peft":
+            source = PeftMerge(base_dir, adapter, dtype)
+            weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+            del source
+        merge_seconds = time.perf_counter() - started
+        merge_peak = peak_memory_bytes()
+        write_tokenizer(tmp, adapter.path)
+        write_generation_config(tmp, base_dir, config)
+
+        verification = None
+        if settings.verify:
+            verify_started = time.perf_counter()
+            try:
+                verification = verify_merge(base_dir, adapter, tmp, dtype)
+            except MergeVerificationError as e:
+                raise UserError(
+                    f"merge of {adapter.path} failed verification, nothing was written: {e}"
+                ) from None
+            verification["seconds"] = round(time.perf_counter() - verify_started, 2)
+        serving = check_serving(tmp, settings.num_shard)
+        serving.model_dir = str(out_dir)
+        record = {
+            "adapter": str(adapter.path),
+            "base_model": adapter.base_name,
+            "base_revision": adapter.base_revision,
+            "dtype": dtype_name(dtype),
+            "strategy": strategy,
+            "strategy_reason": reason,
+            "settings": asdict(settings),
+            "weights": weights,
+            "merge_seconds": round(merge_seconds, 2),
+            "peak_memory_merge": merge_peak,
+            "verification": verification,
+            "serving_check": serving.as_dict(),
+            "recipe": adapter.run.get("recipe"),
+            "versions": versions(),
+            "created_at": now(),
+        }
+        write_json(tmp / "merge.json", record)
+
+    _log_summary(record, serving.format(), out_dir)
+    return record
+
+
+def _choose_strategy(adapter: Adapter, requested: str) -> tuple[str, str]:
+    blockers = adapter.streaming_blockers()
+    if requested == "peft":
+        return "peft", "requested"
+    if blockers:
+        if requested == "streaming":
+            raise UserError(
+                f"the streaming merge cannot fold this adapter ({'; '.join(blockers)}); use --strategy peft"
+            )
+        log.warning(
+            "Using peft's merge_and_unload (whole model in memory): the adapter has %s", "; ".join(blockers)
+        )
+        return "peft", f"the adapter has {'; '.join(blockers)}"
+    return "streaming", "default: one tensor at a time"
+
+
+def _log_summary(record: dict, serving: str, out_dir: Path) -> None:
+    v = record["verification"]
+    check = (
+        f"logits within {v['relative_diff']:.1e} of base + adapter (tolerance {v['tolerance']:.0e}), "
+        f"greedy tokens {'identical' if v['greedy_identical'] else 'differ'}"
+        if v
+        else "skipped (--no-verify)"
+    )
+    lines = [
+        f"Merged model written to {out_dir}",
+        f"  strategy     {record['strategy']} ({record['strategy_reason']})",
+        f"  weights      {len(record['weights']['shards'])} shard(s), {human_size(record['weights']['total_bytes'])}, "
+        f"{record['dtype']}",
+        f"  time         {record['merge_seconds']} s, peak memory {human_size(record['peak_memory_merge']['process_rss'])}",
+        f"  verified     {check}",
+        serving,
+    ]
+    log.info("\n".join(lines))
