@@ -15,6 +15,8 @@ RECIPE ?= recipes/quickstart.yaml
 # Extra recipe overrides, e.g. SET="training.max_steps=20 lora.r=8"
 SET ?=
 FORCE ?=
+WHAT ?= merged
+REPO ?=
 RUNTIME ?= $(shell if docker info >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo docker; else echo local; fi)
 PYTEST_ARGS ?=
 
@@ -22,7 +24,7 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv train merge validate tiny-model test lint clean
+.PHONY: help venv train merge eval push validate tiny-model test lint clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -41,6 +43,12 @@ train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORC
 
 merge: $(STAMP) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
 	$(PY) -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
+
+eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+
+push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
+	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
 
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)
