@@ -112,22 +112,22 @@ def merge_adapter(
     if "nf4-roundtrip" in bases:
         round_trips["nf4-roundtrip"] = round_trip_of_run(adapter.run, str(adapter.path))
 
-    candidates: dict[str, tuple[Path, dict]] = {}
+    folders: dict[str, Path] = {}  # one temporary directory per candidate base, beside out_dir
+    records: dict[str, dict] = {}
     try:
         for base in bases:
-            tmp = temp_dir_beside(out_dir)
-            candidates[base] = (tmp, {})
-            candidates[base] = (tmp, _build(tmp, adapter, base_dir, dtype, settings, base, round_trips[base]))
-        chosen = _choose_base(candidates, adapter) if settings.base == "auto" else settings.base
-        tmp, record = candidates[chosen]
-        serving = check_serving(tmp, settings.num_shard)
+            folders[base] = temp_dir_beside(out_dir)
+            records[base] = _build(folders[base], adapter, base_dir, dtype, settings, base, round_trips[base])
+        chosen = _choose_base(folders, records, adapter) if settings.base == "auto" else settings.base
+        record = records[chosen]
+        serving = check_serving(folders[chosen], settings.num_shard)
         serving.model_dir = str(out_dir)
         record["serving_check"] = serving.as_dict()
-        write_json(tmp / "merge.json", record)
-        publish_dir(tmp, out_dir, replace=force)
+        write_json(folders[chosen] / "merge.json", record)
+        publish_dir(folders[chosen], out_dir, replace=force)
     finally:
-        for tmp, _ in candidates.values():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
     _log_summary(record, serving.format(), out_dir)
     return record
@@ -204,7 +204,7 @@ def _build(
     }
 
 
-def _choose_base(candidates: dict[str, tuple[Path, dict]], adapter: Adapter) -> str:
+def _choose_base(folders: dict[str, Path], records: dict[str, dict], adapter: Adapter) -> str:
     """merge.base auto: the candidate with the lower perplexity on the validation split."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,13 +215,13 @@ def _choose_base(candidates: dict[str, tuple[Path, dict]], adapter: Adapter) -> 
     tokenizer = AutoTokenizer.from_pretrained(adapter.path)
     data = eval_data(recipe, tokenizer)
     measured = {}
-    for base, (tmp, _) in candidates.items():
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=base_dtype(tmp)).eval()
+    for base, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype(folder)).eval()
         measured[base] = perplexity(model, data.dataset)["perplexity"]
         del model
     chosen = min(measured, key=measured.get)
     choice = {"mode": "auto", "validation": data.source, "perplexity": measured, "chosen": chosen}
-    candidates[chosen][1]["base_choice"] = choice
+    records[chosen]["base_choice"] = choice
     log.info(
         "merge.base auto: validation perplexity %s -> %s",
         ", ".join(f"{b} {p:.4f}" for b, p in measured.items()),
