@@ -257,6 +257,12 @@ def _check_tgi(model: ModelDir, num_shard: int, warnings: list[str]) -> None:
         if num_shard > 1:
             raise LaunchError(message + ", which cannot shard. Serve on one GPU (NUM_SHARD=1) or use vLLM.")
         warnings.append(message + ".")
+    if model.tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+        warnings.append(
+            f"{model.path}: tokenizer_config.json names tokenizer_class TokenizersBackend (transformers 5), which "
+            "TGI's transformers 4.51 does not know; if its shards fail to load the tokenizer, set it to "
+            "PreTrainedTokenizerFast."
+        )
     rope = model.config.get("rope_parameters")
     if (
         isinstance(rope, dict)
