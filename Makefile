@@ -59,6 +59,13 @@ clean: ## remove outputs/ and caches (asks first)
 # ---------------------------------------------------------------------------------------
 # Serving (serving/, compose.yaml: tgi, vllm, serve-cpu). One server at a time, published on
 # 127.0.0.1:$(SERVE_PORT) and serving outputs/$(RUN)/merged under the id $(RUN).
+#
+# compose reads .env; make reads it too and exports it, so that make's defaults below do not
+# override what .env says (write plain KEY=value lines, no quotes).
+ifneq ($(wildcard .env),)
+include .env
+export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+endif
 RUN ?= quickstart
 SERVE_BACKEND ?= tgi
 SERVE_PORT ?= 8080

@@ -398,6 +398,16 @@ def plan_from_env(
     shards = num_shard if num_shard is not None else int(env.get("NUM_SHARD") or gpu_count() or 1)
     total = int(env["MAX_TOTAL_TOKENS"]) if env.get("MAX_TOTAL_TOKENS") else None
     max_input = int(env["MAX_INPUT_TOKENS"]) if env.get("MAX_INPUT_TOKENS") else None
+    if backend == "tgi":
+        empty = [
+            k for k in ("API_KEY", "QUANTIZE", "DTYPE", "LORA_ADAPTERS") if k in env and not env[k].strip()
+        ]
+        if empty:
+            raise LaunchError(
+                f"{', '.join(empty)} set but empty (a `KEY=` line in .env?): TGI reads an empty value as a "
+                "setting and refuses to start, or with API_KEY, locks every client out. Remove or comment out "
+                "the line."
+            )
     base, adapters = env.get("LORA_BASE_MODEL"), env.get("LORA_ADAPTERS")
     if bool(base) != bool(adapters):
         raise LaunchError(

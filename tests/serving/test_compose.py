@@ -199,7 +199,17 @@ def test_make_serve_picks_the_backend(runtime, backend, expected):
         pytest.skip("make is not installed")
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     done = subprocess.run(
-        ["make", "-n", "serve", f"RUNTIME={runtime}", f"SERVE_BACKEND={backend}", "STAMP=/dev/null"],
+        # Command-line settings win over a developer's .env, which the Makefile reads.
+        [
+            "make",
+            "-n",
+            "serve",
+            f"RUNTIME={runtime}",
+            f"SERVE_BACKEND={backend}",
+            "RUN=quickstart",
+            "SERVE_PORT=8080",
+            "STAMP=/dev/null",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

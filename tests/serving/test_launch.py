@@ -124,6 +124,13 @@ def test_plan_from_env_needs_both_lora_settings(merged_model):
     assert plan_from_env("vllm", num_shard=None, outputs=outputs, env={"NUM_SHARD": "2"}).num_shard == 2
 
 
+def test_empty_optional_settings_are_refused_for_tgi(merged_model):
+    outputs = merged_model.parent.parent
+    with pytest.raises(LaunchError, match="API_KEY, QUANTIZE set but empty"):
+        plan_from_env("tgi", num_shard=1, outputs=outputs, env={"QUANTIZE": "", "API_KEY": " "})
+    assert plan_from_env("vllm", num_shard=1, outputs=outputs, env={"API_KEY": ""}).max_total_tokens == 256
+
+
 def test_launch_env_prints_settings_a_shell_can_eval(merged_model, capsys, monkeypatch):
     from serving.cli import main
 
