@@ -16,8 +16,6 @@ from pathlib import Path
 from serving.model_dir import ModelDir, ModelDirError
 from serving.openai_front import OpenAIFront
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class LocalServerSettings:
@@ -97,6 +95,11 @@ def run(
     """Serve until interrupted. `on_ready(url)` runs once the socket listens (port 0: any free port)."""
     import uvicorn
 
+    # transformers logs every request at warning level, naming the model directory.
+    for name in ("transformers.cli.serving.chat_completion", "transformers.cli.serving.completion"):
+        logging.getLogger(name).addFilter(
+            lambda record: not record.getMessage().startswith("[Request received]")
+        )
     app = build_app(settings, api_key)
 
     class Server(uvicorn.Server):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +60,8 @@ def merged_model(quickstart_run) -> Path:
 class ServerProcess:
     """`python -m serving serve` in a subprocess on a free port of 127.0.0.1."""
 
+    START_TIMEOUT = 300  # seconds; loading the tiny model takes a few
+
     def __init__(self, model_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "serving", "serve", "--model-dir", str(model_dir), "--port", "0", *extra]
         self.proc = subprocess.Popen(
@@ -69,24 +73,34 @@ class ServerProcess:
             env={**os.environ, **(env or {})},
         )
         self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         self.url = self._wait_for_url()
-        self._drain = threading.Thread(target=self._read_rest, daemon=True)
-        self._drain.start()
 
-    def _wait_for_url(self) -> str:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _wait_for_url(self) -> str:
+        deadline = time.monotonic() + self.START_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self.proc.wait()
+                raise RuntimeError("the server exited before listening:\n" + "".join(self.output))
             found = re.search(r"URL\s+(http://127\.0\.0\.1:\d+)", line)
             if found:
                 return found.group(1)
-        self.proc.wait()
-        raise RuntimeError("the server exited before listening:\n" + "".join(self.output))
-
-    def _read_rest(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
+        self.stop()
+        raise RuntimeError(
+            f"the server did not listen within {self.START_TIMEOUT} s:\n" + "".join(self.output)
+        )
 
     def stop(self) -> None:
         self.proc.terminate()
