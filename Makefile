@@ -72,6 +72,8 @@ SERVE_PORT ?= 8080
 SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
 PROMPT ?= 日本の首都はどこですか？
 CHAT_ARGS ?=
+# Extra options of the local server, e.g. SERVE_ARGS="--threads 1" (python -m serving serve --help).
+SERVE_ARGS ?=
 BENCH_ARGS ?=
 COMPOSE ?= docker compose
 # Every GPU by default: TGI --num-shard and vLLM --tensor-parallel-size are set explicitly.
@@ -105,7 +107,7 @@ ifeq ($(RUNTIME),docker)
 	@echo "  (with API_KEY set, add: -H \"Authorization: Bearer \$$API_KEY\")"
 	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
 else
-	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT)
+	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 endif
 
 serve-stop: ## stop the server that make serve started with Docker

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per request (default: the recipe's max_length)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
 
     p = sub.add_parser("chat", help="send a chat message (formatted with the model's chat template)")
     p.add_argument("prompt")
@@ -114,7 +115,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     model_dir = args.model_dir or args.outputs / args.run / "merged"
     settings = settings_for(
-        model_dir, served_name=args.name, max_model_len=args.max_model_len, device=args.device
+        model_dir,
+        served_name=args.name,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        threads=args.threads,
     )
     api_key = os.environ.get("API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -25,6 +25,9 @@ class LocalServerSettings:
     context_source: str
     device: str = "cpu"
     dtype: str = "auto"
+    # torch's intra-op threads; None: torch's default (one per core). On a CPU shared with
+    # other work, fewer threads than cores can be much faster: every op waits for all of them.
+    threads: int | None = None
 
 
 def settings_for(
@@ -33,6 +36,7 @@ def settings_for(
     served_name: str | None = None,
     max_model_len: int | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> LocalServerSettings:
     model = ModelDir.open(model_dir)
     if "@" in str(model.path.resolve()):
@@ -47,6 +51,7 @@ def settings_for(
         max_model_len=length,
         context_source=source,
         device=device,
+        threads=threads,
     )
 
 
@@ -59,6 +64,10 @@ def build_app(settings: LocalServerSettings, api_key: str | None = None):
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.utils import GenerationState
 
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     path = str(settings.model_dir)
     manager = ModelManager(device=settings.device, dtype=settings.dtype, force_model=path)
     state = GenerationState()
