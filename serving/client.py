@@ -36,15 +36,23 @@ from serving.errors import (
     UnknownAdapterWarning,
 )
 from serving.launch import adapter_ids
-from serving.params import SamplingParams, chat_fields, check_for_backend, completion_fields, tgi_generate
+from serving.params import (
+    BACKENDS,
+    SamplingParams,
+    chat_fields,
+    check_for_backend,
+    completion_fields,
+    tgi_generate,
+)
 from serving.server_info import ServerInfo, discover
 from serving.transport import NO_RETRY, RetryPolicy, Transport
 
 Messages = str | Sequence[dict[str, Any]]
 # TGI's words for why generation stopped, in OpenAI's.
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop"}
-# An upper bound on template tokens per chat message, to skip counting tokens on the
-# server when a prompt clearly fits (a token covers at least one byte of text).
+# Template tokens allowed per chat message when judging, without asking the server, that a
+# chat clearly fits (a text token covers at least one byte). A template longer than this
+# can let an oversized chat through to the server, which then refuses it itself.
 CHAT_TEMPLATE_SLACK = 64
 TGI_NO_ADAPTER = "tgi"  # TGI's chat route treats any other `model` as an adapter id
 
@@ -130,6 +138,10 @@ class ServingClient:
         self.url = (url or default_url()).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise InvalidParameterError(f"url must start with http:// or https://, got {self.url!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise InvalidParameterError(
+                f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
         self.transport = Transport(
             self.url,
             api_key=api_key if api_key is not None else os.environ.get("API_KEY") or None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,6 +36,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Checked here, so a bad value is a 400 that says why rather than an error inside transformers.
+SAMPLING_FIELDS = (
+    ("temperature", lambda v: v >= 0, "a number >= 0"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_k", lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0 (0: no limit)"),
+    ("repetition_penalty", lambda v: v > 0, "> 0"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
 MAX_BODY_BYTES = 8 * 1024 * 1024
 OWNER = "qlora-stack"
 
@@ -186,6 +195,7 @@ class OpenAIFront:
             ids = self.tokenizer.apply_chat_template(
                 [_text_message(m) for m in messages],
                 add_generation_prompt=body.get("add_generation_prompt", True),
+                tools=body.get("tools"),
                 tokenize=True,
                 return_dict=True,
                 **(body.get("chat_template_kwargs") or {}),
@@ -232,13 +242,13 @@ class OpenAIFront:
 
     def _generation_config(self, body: dict[str, Any]) -> dict[str, Any]:
         """The model's generation defaults with the request's sampling choices, OpenAI's way."""
+        for name, ok, allowed in SAMPLING_FIELDS:
+            value = body.get(name)
+            if value is not None and (not _is_number(value) or not ok(value)):
+                raise RequestError(400, f"{name} must be {allowed}, got {value!r}", param=name)
         config = dict(self.generation_defaults)
         temperature = body.get("temperature")
         if temperature is not None:
-            if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-                raise RequestError(
-                    400, f"temperature must be a number >= 0, got {temperature!r}", param="temperature"
-                )
             config["do_sample"] = temperature > 0
             if temperature == 0:
                 body.pop("temperature")  # greedy: transformers would warn that temperature is unused
@@ -268,6 +278,10 @@ class OpenAIFront:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await self.app({**scope, "headers": headers}, replay, _RenameModel(send, self.served_name))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _text_message(message: Any) -> dict[str, Any]:

@@ -234,6 +234,11 @@ class Transport:
                     method, url, json=json_body, headers=merged, timeout=self._timeout(read_timeout)
                 )
                 response = self._client.send(request, stream=True)
+                if not stream or response.status_code >= 400:
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
             except httpx2.TimeoutException as e:
                 raise ServerTimeoutError(
                     f"{self.server_name} at {url} did not answer within {read_timeout:.1f} s "
@@ -248,16 +253,8 @@ class Transport:
                 ) from e
 
             if response.status_code < 400:
-                if not stream:
-                    try:
-                        response.read()
-                    finally:
-                        response.close()
                 return response
-
-            body = response.read()
-            response.close()
-            error = error_for_status(response.status_code, body, url, self.server_name)
+            error = error_for_status(response.status_code, response.content, url, self.server_name)
             if response.status_code not in RETRY_STATUSES or attempt + 1 >= policy.max_attempts:
                 if attempt:
                     error.args = (f"{error.args[0]} (gave up after {attempt + 1} attempts)",)

@@ -152,6 +152,9 @@ def test_a_4xx_carries_the_servers_message(client):
             "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}
         )
     assert caught.value.status == 422 and "Unexpected fields" in caught.value.server_message
+    with pytest.raises(RequestRejectedError, match=r"top_p must be in \(0, 1\], got 1.5") as caught:
+        client.transport.post_json("/v1/completions", {"prompt": "x", "temperature": 1, "top_p": 1.5})
+    assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
 
 
 def test_unknown_model_and_hidden_admin_routes_are_404(client):
