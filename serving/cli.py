@@ -124,7 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get("API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
-            f"warning: listening on {args.host} without API_KEY: anyone who can reach it may use it",
+            f"warning: listening on {args.host} without API_KEY: anyone who can reach this port may use "
+            "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
             file=sys.stderr,
         )
     print(f"Loading {settings.model_dir} ...", file=sys.stderr, flush=True)

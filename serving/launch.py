@@ -395,9 +395,9 @@ def plan_from_env(
     backend: str, *, num_shard: int | None, outputs: Path, env: dict[str, str]
 ) -> LaunchSettings:
     """What `make serve` runs: the settings for RUN, or for LORA_BASE_MODEL + LORA_ADAPTERS."""
-    shards = num_shard if num_shard is not None else int(env.get("NUM_SHARD") or gpu_count() or 1)
-    total = int(env["MAX_TOTAL_TOKENS"]) if env.get("MAX_TOTAL_TOKENS") else None
-    max_input = int(env["MAX_INPUT_TOKENS"]) if env.get("MAX_INPUT_TOKENS") else None
+    shards = num_shard if num_shard is not None else (_int_setting(env, "NUM_SHARD") or gpu_count() or 1)
+    total = _int_setting(env, "MAX_TOTAL_TOKENS")
+    max_input = _int_setting(env, "MAX_INPUT_TOKENS")
     if backend == "tgi":
         empty = [
             k for k in ("API_KEY", "QUANTIZE", "DTYPE", "LORA_ADAPTERS") if k in env and not env[k].strip()
@@ -440,3 +440,13 @@ def plan_from_env(
         )
     except ModelDirError as e:
         raise LaunchError(f"{e} (RUN={run})") from None
+
+
+def _int_setting(env: dict[str, str], name: str) -> int | None:
+    value = (env.get(name) or "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise LaunchError(f"{name} must be a whole number, got {value!r}") from None
