@@ -88,6 +88,8 @@ export RUN SERVE_PORT NUM_SHARD PROMPT
 CLIENT_DEPS := $(if $(filter docker,$(RUNTIME)),,$(STAMP))
 # Inside the compose network the client reaches the server by service name and its own port.
 SERVER_URL_IN_NETWORK = http://$(SERVE_BACKEND):$(if $(filter vllm,$(SERVE_BACKEND)),8000,80)
+# The curl example's header when the server requires a key (printed as $API_KEY, not the key).
+CURL_AUTH = $(if $(API_KEY), -H \"Authorization: Bearer \$$API_KEY\")
 # Settings the client container needs from .env or the environment.
 CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
 
@@ -102,9 +104,8 @@ ifeq ($(RUNTIME),docker)
 	  && $(COMPOSE) --profile gpu up -d --wait $(SERVE_BACKEND) \
 	  || { $(COMPOSE) --profile gpu logs --tail 40 $(SERVE_BACKEND) 2>/dev/null; exit 1; }
 	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(NUM_SHARD) GPU(s) at $(SERVE_URL)"
-	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
-	@echo "  (with API_KEY set, add: -H \"Authorization: Bearer \$$API_KEY\")"
 	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
 else
 	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
