@@ -6,11 +6,20 @@ text rendered with the same template, `transformers.Trainer` with
 packing). Against it: the recipe as shipped, and the recipe with packing. Same model, data,
 batch size and number of steps; each run in a fresh process, runs interleaved
 (A B C A B C ...) so machine noise hits every variant alike. Reported: data tokens
-(padding excluded) per second of training, and peak memory (process RSS; peak CUDA
-memory on a GPU), with ratios to the tutorial recipe.
+(padding excluded) per second of training after its first step (which also pays for
+kernel selection and compilation), peak memory (process RSS; peak CUDA memory allocated
+on a GPU), ratios to the tutorial recipe, and on a GPU the model FLOPs utilisation (MFU).
 
     python bench/train_throughput.py                               # quickstart recipe, CPU
     python bench/train_throughput.py --recipe recipes/x.yaml --steps 30 --repeats 3
+    python bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps 8 --repeats 1 \
+        --variants tutorial,recipe,recipe+packing,recipe+liger,recipe+packing+liger
+
+MFU counts model FLOPs the way PaLM's appendix does, 6 N + 12 L h s per token (N: the
+parameters of every matmul including the output head; L layers, h hidden size, s the mean
+sequence length), over the GPU's dense bf16 peak. LoRA computes no gradients for the
+frozen weights, so the GPU really does about 4 N + recomputation per token; the 6 N
+convention keeps the figure comparable with full fine-tuning reports.
 """
 
 from __future__ import annotations
@@ -27,7 +36,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("tutorial", "recipe", "recipe+packing")
+# Recipe overrides per variant; "tutorial" is the plain Trainer recipe built below.
+VARIANTS = {
+    "tutorial": [],
+    "recipe": [],
+    # TRL packs best-fit-decreasing into padding-free batches (one row of concatenated
+    # sequences, position ids restarting per sequence): packing is the padding-free option.
+    "recipe+packing": ["data.packing=true"],
+    "recipe+liger": ["training.use_liger_kernel=true"],
+    "recipe+packing+liger": ["data.packing=true", "training.use_liger_kernel=true"],
+    "recipe-checkpointing": ["training.activation_checkpointing=false"],
+    "recipe+compile": ["training.torch_compile=true"],
+}
+DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
+# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, in TFLOP/s.
+GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0}
 
 
 def common_overrides(steps: int) -> list[str]:
@@ -39,17 +62,37 @@ def common_overrides(steps: int) -> list[str]:
     ]
 
 
-def run_recipe(recipe_path: str, steps: int, out_dir: str, packing: bool) -> dict:
+def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict:
     from training.recipe import load_recipe
     from training.trainer import run_training
 
-    overrides = [*common_overrides(steps), f"output.dir={out_dir}"]
-    if packing:
-        overrides.append("data.packing=true")
+    overrides = [*common_overrides(steps), f"output.dir={out_dir}", *VARIANTS[variant]]
     recipe = load_recipe(recipe_path, overrides)
     assert run_training(recipe, recipe_path) == 0
     metrics = json.loads((recipe.output.run_dir() / "run.json").read_text())["metrics"]
-    return {"tokens": metrics["tokens_trained"], "seconds": metrics["train_seconds"]}
+    return {
+        "tokens": metrics["tokens_trained"],
+        "seconds": metrics["train_seconds"],
+        "steady_tokens_per_second": metrics["steady_tokens_per_second"],
+    }
+
+
+def flops_per_token(config, seq_len: float) -> float | None:
+    """Model FLOPs per trained token: 6 N (forward and backward of every matmul) + 12 L h s (attention)."""
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    if config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o; k, v
+        mlp = 3 * h * inter  # gate, up, down
+    elif config.model_type == "gpt_neox":
+        attention = 4 * h * h  # query_key_value (3 h^2) and dense (h^2)
+        mlp = 2 * h * inter
+    else:
+        return None
+    matmul_params = layers * (attention + mlp) + h * config.vocab_size  # + the output head
+    return 6 * matmul_params + 12 * layers * h * seq_len
 
 
 def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
@@ -102,19 +145,32 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
         model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[throughput]
     ).train()
     result = throughput.as_dict()
-    return {"tokens": result["tokens_trained"], "seconds": result["train_seconds"]}
+    return {
+        "tokens": result["tokens_trained"],
+        "seconds": result["train_seconds"],
+        "steady_tokens_per_second": result["steady_tokens_per_second"],
+    }
 
 
-def child(variant: str, recipe: str, steps: str, result_file: str) -> None:
+def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
     import torch
+    from transformers import AutoConfig
+
+    from training.recipe import load_recipe
+    from training.tiny_models import resolve_model_name
 
     with tempfile.TemporaryDirectory() as out:
         if variant == "tutorial":
-            result = run_tutorial(recipe, int(steps), out)
+            result = run_tutorial(recipe_path, int(steps), out)
         else:
-            result = run_recipe(recipe, int(steps), out, packing=variant == "recipe+packing")
+            result = run_recipe(recipe_path, int(steps), out, variant)
+    recipe = load_recipe(recipe_path, [])
+    batch = recipe.training.get("per_device_train_batch_size", 8)
+    config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
+    result["flops_per_token"] = flops_per_token(config, result["tokens"] / int(steps) / batch)
     if torch.cuda.is_available():
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        result["gpu"] = torch.cuda.get_device_name()
     Path(result_file).write_text(json.dumps(result))
 
 
@@ -136,8 +192,18 @@ def measure(variant: str, recipe: str, steps: int) -> dict:
             )
         result = json.loads(Path(result_file.name).read_text())
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024
-    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    # After the first step where the run had more than one; the whole run otherwise.
+    result["tokens_per_second"] = result["steady_tokens_per_second"] or result["tokens"] / result["seconds"]
     return result
+
+
+def peak_flops(gpu: str | None, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    for name, tflops in GPU_PEAK_TFLOPS.items():
+        if gpu and name in gpu:
+            return tflops * 1e12
+    return None
 
 
 def main() -> None:
@@ -147,16 +213,34 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/quickstart.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated, from: {', '.join(VARIANTS)} (default {DEFAULT_VARIANTS}); tutorial is the baseline",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense bf16 peak, for MFU (default: known GPUs)",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants or variants[0] != "tutorial":
+        parser.error(
+            f"--variants: {', '.join(unknown) or args.variants!r}: each must be one of {', '.join(VARIANTS)}, "
+            "and the list starts with tutorial (the baseline of the ratios)"
+        )
 
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(args.repeats):
-        for variant in VARIANTS:
+        for variant in variants:
             t = time.perf_counter()
             runs[variant].append(measure(variant, args.recipe, args.steps))
             print(
@@ -174,6 +258,11 @@ def main() -> None:
             "peak_memory_bytes": int(statistics.median(r[memory_key] for r in results)),
             "memory_measure": memory_key,
         }
+        peak = peak_flops(results[0].get("gpu"), args.peak_tflops)
+        flops = results[0].get("flops_per_token")
+        summary[variant]["mfu"] = (
+            round(summary[variant]["tokens_per_second"] * flops / peak, 4) if peak and flops else None
+        )
     base = summary["tutorial"]
     for s in summary.values():
         s["speed_vs_tutorial"] = round(s["tokens_per_second"] / base["tokens_per_second"], 2)
@@ -181,6 +270,7 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "gpu": next(iter(runs.values()))[0].get("gpu"),
         "recipe": args.recipe,
         "steps": args.steps,
         "repeats": args.repeats,
@@ -189,11 +279,15 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'variant':<16}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}")
+    print(
+        f"\n{'variant':<22}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}{'MFU':>7}"
+    )
     for variant, s in summary.items():
+        mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "-"
         print(
-            f"{variant:<16}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
-            f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x{s['memory_vs_tutorial']:>7.2f}x"
+            f"{variant:<22}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
+            f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x"
+            f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}"
         )
     print(f"-> {args.json}")
 
