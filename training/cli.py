@@ -1,4 +1,4 @@
-"""python -m training <command>: train, validate, merge, eval, push, check-serving, tiny-model."""
+"""python -m training <command>: train, validate, estimate, merge, eval, push, check-serving, tiny-model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from training.errors import UserError
+from training.launch import DEFAULT_PORT
 
 DEFAULT_RECIPE = "recipes/quickstart.yaml"
 
@@ -35,6 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument(
         "--force", action="store_true", help="discard an earlier run of this recipe and start over"
+    )
+    machines = p.add_argument_group(
+        "several GPUs and machines (with distributed.strategy ddp, fsdp or deepspeed in the recipe)"
+    )
+    machines.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="processes on this machine, one per GPU (default: every visible GPU; on a machine without "
+        "GPUs, N CPU processes with the gloo backend)",
+    )
+    machines.add_argument(
+        "--num-machines", type=int, default=1, metavar="M", help="machines in the run (default 1)"
+    )
+    machines.add_argument(
+        "--machine-rank", type=int, default=0, metavar="R", help="this machine's number, 0 .. M-1 (default 0)"
+    )
+    machines.add_argument(
+        "--main-process-ip", metavar="ADDR", help="address of machine 0, reachable from all"
+    )
+    machines.add_argument(
+        "--main-process-port",
+        type=int,
+        metavar="PORT",
+        help=f"port on machine 0 (default: {DEFAULT_PORT} across machines, any free port on one machine)",
     )
 
     p = sub.add_parser(
@@ -110,12 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", 0))
+    # With several processes, rank 0 tells the story; the others speak only of errors.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s", stream=sys.stderr
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if rank != 0:
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         return _run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -175,10 +209,34 @@ def _run(args: argparse.Namespace) -> int:
             return 3
         return 0
     if args.command == "train":
-        from training.trainer import run_training
-
-        return run_training(recipe, args.recipe, force=args.force)
+        return _train(recipe, args)
     raise AssertionError(args.command)
+
+
+def _train(recipe, args: argparse.Namespace) -> int:
+    from training.distributed import under_launcher
+    from training.trainer import run_training
+
+    if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
+        return run_training(recipe, args.recipe, force=args.force)
+
+    import torch
+
+    from training.launch import launch, topology
+
+    topo = topology(
+        recipe.distributed.strategy,
+        visible_gpus=torch.cuda.device_count(),
+        gpus=args.gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+    )
+    if topo.world_size == 1:
+        return run_training(recipe, args.recipe, force=args.force)
+    train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in args.overrides)]
+    return launch(recipe, args.recipe, [*train_args, *(["--force"] if args.force else [])], topo)
 
 
 def _merge(args: argparse.Namespace) -> int:

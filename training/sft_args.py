@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from trl import SFTConfig
 
+from training.distributed import apply_strategy
 from training.errors import RecipeError
+from training.hardware import check_hardware
 from training.model import Device
 from training.recipe import Recipe
 
@@ -111,9 +113,32 @@ def _validate(annotation: Any, value: Any) -> Any:
 
 
 def build_sft_config(recipe: Recipe, device: Device, dtype_name: str, source: str = "<recipe>") -> SFTConfig:
+    """SFTConfig for this recipe on this machine. Under a launcher this also joins the process group."""
     args = sft_kwargs(recipe, device, dtype_name, source)
+    check_hardware(recipe, args, cuda=device.type == "cuda", source=source)
     try:
         return SFTConfig(**args)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{source}: training: TRL's SFTConfig rejects these settings: {e}") from None
+
+
+def check_before_launch(recipe: Recipe, source: str, *, cuda: bool) -> None:
+    """What build_sft_config refuses, checked in the process that only starts and waits for the others.
+
+    SFTConfig is built for the CPU here: building it for a GPU would open a CUDA context on GPU 0
+    in a process that trains nothing. The training processes build it again for their GPU.
+    """
+    if cuda:
+        device, dtype_name = (
+            Device("cuda", "GPU", 1, True),
+            "float16" if recipe.model.dtype == "float16" else "bfloat16",
+        )
+    else:
+        device, dtype_name = Device("cpu", "cpu", 1, False), "float32"
+    args = sft_kwargs(recipe, device, dtype_name, source)
+    check_hardware(recipe, args, cuda=cuda, source=source)
+    try:
+        SFTConfig(**{**args, "use_cpu": True, "bf16": False, "fp16": False})
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{source}: training: TRL's SFTConfig rejects these settings: {e}") from None
 
@@ -162,7 +187,7 @@ def sft_kwargs(recipe: Recipe, device: Device, dtype_name: str, source: str = "<
             args.setdefault("eval_steps", args["save_steps"])
     elif training.get("eval_strategy", "no") != "no":
         raise RecipeError(f"{source}: training.eval_strategy is set but data.validation is not")
-    return args
+    return apply_strategy(args, recipe, device.type, source)
 
 
 def save_total_limit(recipe: Recipe) -> int | None:
