@@ -37,14 +37,40 @@ from training.recipe import Recipe
 
 GiB = 2**30
 
-# Usable memory as the driver reports it (torch.cuda.mem_get_info) on common cards of each size.
+# Usable memory per card (GiB): total as torch.cuda.mem_get_info reports it with no process
+# running, approximate; --gpu-memory gives any other size.
 CARDS = {
-    "24": (23.5, "RTX 3090/4090 (A10G and L4 report about 22 GiB: use --gpu-memory)"),
-    "40": (39.4, "A100 40GB"),
-    "48": (47.5, "RTX A6000, L40S (44.4 GiB)"),
-    "80": (79.1, "A100 80GB, H100 80GB"),
-    "141": (139.8, "H200"),
+    "l4-24gb": 22.0,
+    "a10g-24gb": 22.0,
+    "rtx3090-24gb": 23.5,
+    "rtx4090-24gb": 23.5,
+    "a100-40gb": 39.4,
+    "l40s-48gb": 44.4,
+    "a6000-48gb": 47.5,
+    "a100-80gb": 79.1,
+    "h100-80gb": 79.1,
+    "h200-141gb": 139.8,
 }
+_UNITS = {"gib": 1.0, "g": 1.0, "gb": 1e9 / GiB, "mib": 1 / 1024, "mb": 1e6 / GiB, "tib": 1024.0}
+
+
+def parse_capacity(text: str) -> float:
+    """'80GiB', '80GB' (10^9 bytes), '81920MiB' or a bare number of GiB -> GiB."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = (m.group(2) or "gib").lower() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise RecipeError(f"--gpu-memory {text!r}: give a size such as 80GiB, 24GB (10^9 bytes) or 40960MiB")
+    return float(m.group(1)) * _UNITS[unit]
+
+
+def card_capacity(name: str) -> float:
+    key = name.lower()
+    if key not in CARDS:
+        raise RecipeError(f"--card {name!r}: known cards are {', '.join(CARDS)}; for others use --gpu-memory")
+    return CARDS[key]
+
 
 # TRL's chunked loss head (trl/kernels/chunked_logprob.py): a [token chunk, vocab chunk] tile.
 HEAD_TOKEN_CHUNK = 4096
@@ -214,8 +240,9 @@ class Setup:
 def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: int = 1) -> Setup:
     from training.distributed import zero_stage
     from training.lora import AUTO_TARGETS
+    from training.sft_args import check_training_keys
 
-    training = recipe.training
+    training = check_training_keys(recipe.training, "<recipe>")  # values typed, old names moved over
     lora = recipe.lora
     if lora.target_modules == "auto":
         auto = AUTO_TARGETS.get(shape.model_type)
@@ -228,12 +255,12 @@ def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: i
         targets = set(lora.target_modules)
     unknown = targets - {lin.name for lin in shape.linears}
     if unknown:
-        raise RecipeError(f"lora.target_modules {sorted(unknown)}: not linear layers of a {shape.model_type} model")
+        raise RecipeError(
+            f"lora.target_modules {sorted(unknown)}: not linear layers of a {shape.model_type} model"
+        )
 
-    if device == "cpu":
-        compute = 4
-    else:
-        compute = 4 if recipe.model.dtype == "float32" else 2
+    # This stack computes in float32 on the CPU, in the recipe's dtype (16-bit unless float32) on GPUs.
+    compute = 4 if device == "cpu" or recipe.model.dtype == "float32" else 2
     quantized = recipe.quantization.method != "none"
     # TRL keeps a quantized model's LoRA weights in bf16 on GPUs (this stack: fp32 on the CPU);
     # peft upcasts the adapters of an unquantized 16-bit model to fp32.
@@ -279,6 +306,8 @@ class Term:
     name: str
     bytes: float
     note: str = ""
+    # On the card but outside PyTorch's allocator (not in torch.cuda.max_memory_allocated).
+    outside_allocator: bool = False
 
 
 @dataclass
@@ -306,7 +335,8 @@ class Estimate:
     def fits(self, capacity_gib: float) -> bool:
         return self.total <= capacity_gib * GiB
 
-    def as_dict(self) -> dict:
+    def as_dict(self, capacity: tuple[str, float] | None = None) -> dict:
+        cards = dict([capacity]) if capacity else CARDS
         return {
             "model": self.model,
             "device": self.setup.device,
@@ -319,7 +349,8 @@ class Estimate:
             "overhead": {t.name: int(t.bytes) for t in self.overhead},
             "activation_checkpointing": self.setup.checkpointing,
             "allocated_peak_other_checkpointing_bytes": self.other_checkpointing,
-            "fits": {f"{name} GB": self.fits(cap) for name, (cap, _) in CARDS.items()},
+            # Per card: usable GiB and whether the total (allocated peak + overhead) fits.
+            "fits": {name: {"usable_gib": cap, "fits": self.fits(cap)} for name, cap in cards.items()},
             "notes": self.notes,
         }
 
@@ -336,6 +367,10 @@ def estimate(recipe: Recipe, config, *, device: str = "cuda", gpus: int = 1) -> 
 def _estimate(model: str, shape: Shape, s: Setup) -> Estimate:
     weights = _weights(shape, s)
     training = _training_state(shape, s)
+    # Paged optimizer states take GPU memory that torch.cuda.max_memory_allocated does not see: they
+    # count toward what the card must hold, not toward the allocated peak.
+    outside = [t for t in training if t.outside_allocator]
+    training = [t for t in training if not t.outside_allocator]
     layer = _layer_saved(shape, s)
     layer_bytes = sum(t.bytes for t in layer)
     kept = _kept_activations(shape, s, layer_bytes)
@@ -348,7 +383,7 @@ def _estimate(model: str, shape: Shape, s: Setup) -> Estimate:
     }
     if s.distributed and (s.strategy == "fsdp" or s.zero_stage == 3):
         phases["loading"] = _weights(shape, s, sharded=False)
-    overhead = []
+    overhead = list(outside)
     if s.device == "cuda":
         overhead.append(Term("CUDA context, cuBLAS workspaces", CUDA_CONTEXT, "approximate"))
         if s.distributed:
@@ -411,8 +446,16 @@ def _training_state(shape: Shape, s: Setup) -> list[Term]:
     grads = n * s.lora_bytes
     per_param = OPTIMIZER_STATE_BYTES.get(s.optim, 8)
     states = n * (2 * s.lora_bytes if per_param is None else per_param)
-    paged = " (paged: bitsandbytes' unified memory, not counted by PyTorch)" if s.optim.startswith("paged_") else ""
-    terms = [Term("LoRA gradients", grads), Term(f"optimizer states ({s.optim}){paged}", states)]
+    paged = s.optim.startswith("paged_")
+    terms = [
+        Term("LoRA gradients", grads),
+        Term(
+            f"optimizer states ({s.optim})",
+            states,
+            "CUDA unified memory (bitsandbytes), outside PyTorch's allocator" if paged else "",
+            outside_allocator=paged,
+        ),
+    ]
     if not s.distributed:
         return terms
     g = s.gpus
@@ -420,7 +463,7 @@ def _training_state(shape: Shape, s: Setup) -> list[Term]:
         return [*terms, Term("DDP gradient buckets", grads, "a flat copy of the gradients for all-reduce")]
     if s.strategy == "fsdp":
         share = 0 if s.fsdp_offload else 1 / g
-        return [Term(t.name, t.bytes * share) for t in terms]
+        return [replace(t, bytes=t.bytes * share) for t in terms]
     stage = s.zero_stage or 0
     fp32 = n * 4
     out = [
@@ -466,18 +509,19 @@ def _layer_saved(shape: Shape, s: Setup) -> list[Term]:
     terms.append(Term("LoRA inputs (dropout output and mask)", lora_in))
     if kept_inputs:
         terms.append(Term("layer inputs kept for LoRA / 8-bit backward", kept_inputs))
-    terms.append(Term("LoRA low-rank products", len([x for x in shape.linears if x.name in s.targets]) * d * T * s.rank))
+    terms.append(
+        Term(
+            "LoRA low-rank products", len([x for x in shape.linears if x.name in s.targets]) * d * T * s.rank
+        )
+    )
 
     q = d * T * shape.heads * shape.head_dim
     kv = d * T * shape.kv_heads * shape.head_dim
     masked = s.attention in ("sdpa", "eager")  # padded or packed batches need an explicit mask
     if masked and shape.kv_heads != shape.heads:
         kv = q  # with a mask, transformers repeats the key/value heads before SDPA
-    if shape.family == "gpt_neox":
-        # Rotated q and k are new tensors; v is a view that keeps the fused qkv output alive.
-        attention = 2 * q + 3 * d * T * h + q
-    else:
-        attention = 2 * q + 2 * kv
+    # GPT-NeoX: rotated q and k are new tensors; v is a view that keeps the fused qkv output alive.
+    attention = 2 * q + 3 * d * T * h + q if shape.family == "gpt_neox" else 2 * q + 2 * kv
     lse = 4 * s.batch * shape.heads * s.seq
     terms.append(Term("attention q, k, v, output", attention + lse))
     if s.attention == "eager":
@@ -499,16 +543,32 @@ def _kept_activations(shape: Shape, s: Setup, layer_bytes: float) -> list[Term]:
     terms = []
     if s.attention in ("sdpa", "eager"):
         rows = (s.batch * s.seq) ** 2 if s.packing else s.batch * s.seq**2
-        terms.append(Term("attention mask", rows, "packed: one block-diagonal mask over the batch" if s.packing else ""))
+        terms.append(
+            Term(
+                "attention mask", rows, "packed: one block-diagonal mask over the batch" if s.packing else ""
+            )
+        )
     if not s.checkpointing:
         terms.append(Term(f"saved activations ({L} layers)", L * layer_bytes))
     else:
         checkpointed = math.ceil(L / s.every_n_layers)
-        terms.append(Term(f"checkpointed layer inputs ({checkpointed})", checkpointed * _checkpoint_inputs(shape, s)))
+        terms.append(
+            Term(f"checkpointed layer inputs ({checkpointed})", checkpointed * _checkpoint_inputs(shape, s))
+        )
         if checkpointed < L:
-            terms.append(Term(f"saved activations ({L - checkpointed} layers not checkpointed)", (L - checkpointed) * layer_bytes))
+            terms.append(
+                Term(
+                    f"saved activations ({L - checkpointed} layers not checkpointed)",
+                    (L - checkpointed) * layer_bytes,
+                )
+            )
         if s.selective:
-            terms.append(Term("attention outputs kept (selective)", checkpointed * s.compute * T * shape.heads * shape.head_dim))
+            terms.append(
+                Term(
+                    "attention outputs kept (selective)",
+                    checkpointed * s.compute * T * shape.heads * shape.head_dim,
+                )
+            )
     terms.append(Term("final norm input (fp32)", 4 * T * shape.hidden))
     return terms
 
@@ -586,7 +646,9 @@ def human(n: float) -> str:
 def format_estimate(est: Estimate, capacity: tuple[str, float] | None = None) -> str:
     s = est.setup
     peak = est.peak_phase
-    where = "the CPU" if s.device == "cpu" else (f"{s.gpus} GPUs ({s.strategy})" if s.distributed else "1 GPU")
+    where = (
+        "the CPU" if s.device == "cpu" else (f"{s.gpus} GPUs ({s.strategy})" if s.distributed else "1 GPU")
+    )
     lines = [
         f"Memory estimate for {est.model} on {where}: batch {s.batch} x {s.seq} tokens, "
         f"activation checkpointing {'on' if s.checkpointing else 'off'}, {s.quant}, LoRA r {s.rank} on "
@@ -614,8 +676,8 @@ def format_estimate(est: Estimate, capacity: tuple[str, float] | None = None) ->
         lines.append(f"  note: {note}")
     if s.device == "cuda":
         lines.append("")
-        cards = [capacity] if capacity else [(f"{k} GB", v[0]) for k, v in CARDS.items()]
+        cards = [capacity] if capacity else list(CARDS.items())
         for name, cap in cards:
             verdict = "fits" if est.fits(cap) else "does NOT fit"
-            lines.append(f"  {name:<10} ({cap:.1f} GiB usable): {verdict}")
+            lines.append(f"  {name:<14} ({cap:6.1f} GiB usable): {verdict}")
     return "\n".join(lines)

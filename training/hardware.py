@@ -30,7 +30,8 @@ def hardware_problems(recipe: Recipe, training: dict, *, cuda: bool) -> list[str
         )
     if strategy == "deepspeed" and not installed("deepspeed"):
         problems.append(
-            "distributed.strategy deepspeed needs the deepspeed package: pip install 'qlora-stack[deepspeed]'"
+            "distributed.strategy deepspeed needs the deepspeed package, which is not installed: "
+            "pip install 'qlora-stack[deepspeed]' (it compiles its CUDA ops on first use), or use strategy fsdp"
         )
 
     attention = recipe.model.attn_implementation
@@ -58,7 +59,7 @@ def hardware_problems(recipe: Recipe, training: dict, *, cuda: bool) -> list[str
             )
         elif not installed("liger_kernel"):
             problems.append(
-                "training.use_liger_kernel needs the liger-kernel package: pip install 'qlora-stack[liger]'"
+                "training.use_liger_kernel needs the liger-kernel package: pip install 'qlora-stack[speed]' (or pip install liger-kernel==0.8.5)"
             )
     checkpointing = training.get("activation_checkpointing", True)
     kwargs = training.get("activation_checkpointing_kwargs") or {}

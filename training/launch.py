@@ -70,12 +70,15 @@ def topology(
 ) -> Topology:
     """Check the command line's machine settings against the strategy and this machine."""
     if strategy == "none":
+        # The caller turns strategy none with several processes into ddp (see cli._train).
         if (gpus or 1) > 1 or num_machines > 1:
             raise LaunchError(
                 f"--gpus {gpus or 1} --num-machines {num_machines}: distributed.strategy is none (one process). "
                 "To train on several GPUs, choose a strategy, e.g. --set distributed.strategy=ddp "
                 "(a copy of the 4-bit model per GPU) or fsdp (sharded, for models that do not fit one GPU)."
             )
+        if gpus is not None and gpus < 1:
+            raise LaunchError(f"--gpus {gpus}: must be at least 1")
         return Topology(1)
     if gpus is None:
         if visible_gpus == 0:
@@ -104,11 +107,13 @@ def topology(
         )
     if main_process_port is not None and not 1 <= main_process_port <= 65535:
         raise LaunchError(f"--main-process-port {main_process_port}: must be 1 .. 65535")
+    if gpus * num_machines < 2 and strategy == "ddp":
+        return Topology(1)  # DDP over one process is plain training: no launcher needed
     if gpus * num_machines < 2:
         raise LaunchError(
-            f"distributed.strategy {strategy} with {gpus * num_machines} process in all: a distributed "
-            "strategy needs at least 2. On one GPU use strategy none; `python -m training estimate` "
-            "tells whether the model fits."
+            f"distributed.strategy {strategy} with {gpus * num_machines} process in all: it shards over "
+            "at least 2 (--gpus N, make train GPUS=N). On one GPU use strategy none; `python -m training "
+            "estimate` tells whether the model fits."
         )
     if num_machines > 1 and main_process_port is None:
         main_process_port = DEFAULT_PORT
@@ -214,14 +219,9 @@ def main(argv: list[str]) -> int:
 
 
 def launch(recipe, source: str, train_args: list[str], topo: Topology) -> int:
-    """Check the recipe here, once, then start it on every process of this machine."""
+    """Start a checked recipe (sft_args.check_before_launch) on every process of this machine."""
     import shlex
 
-    import torch
-
-    from training.sft_args import check_before_launch
-
-    check_before_launch(recipe, source, cuda=torch.cuda.device_count() > 0)
     cmd = accelerate_command(topo, train_args)
     log.info(
         "Launching '%s' with strategy %s on %s:\n  accelerate launch %s",

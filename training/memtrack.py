@@ -13,9 +13,11 @@ is every LoRA model.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,42 @@ class LiveTensorMemory(TorchDispatchMode):
         return out
 
 
+@dataclass
+class Peak:
+    """What `track_peak` measured: bytes (None when not measured) and how."""
+
+    bytes: int | None = None
+    weights_bytes: int | None = None  # live when tracking started: weights, quantization states, LoRA
+    measure: str = "not measured"
+
+
+@contextlib.contextmanager
+def track_peak(device_type: str, *, enabled: bool = True) -> Iterator[Peak]:
+    """Peak tensor memory of the block on this process's device.
+
+    CUDA: the allocator's own counter, reset on entry. CPU: LiveTensorMemory, which costs a
+    Python call per operator (a few percent on real shapes); `enabled=False` skips it where a
+    dispatch mode gets in the way (torch.compile traces through it).
+    """
+    peak = Peak()
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+        peak.weights_bytes = int(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        yield peak
+        peak.bytes = int(torch.cuda.max_memory_allocated())
+        peak.measure = "torch.cuda.max_memory_allocated"
+        return
+    if not enabled:
+        yield peak
+        return
+    with LiveTensorMemory() as tracker:
+        peak.weights_bytes = tracker.current.get("cpu", 0)
+        yield peak
+    peak.bytes = tracker.peak.get("cpu", 0)
+    peak.measure = "peak bytes of live CPU tensors (training.memtrack.LiveTensorMemory)"
+
+
 @dataclass(frozen=True)
 class Measured:
     peak_bytes: int
@@ -108,17 +146,7 @@ def measure_training_peak(recipe, source: str = "<recipe>", steps: int = 3) -> M
         args = build_sft_config(measured, device, str(dtype).removeprefix("torch."), source)
         throughput = Throughput()
         trainer = build_trainer(measured, args, device, dtype, callbacks=[throughput]).trainer
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            weights = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+        with track_peak(device.type) as peak:
             trainer.train()
-            peak, measure = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-        else:
-            with LiveTensorMemory() as tracker:
-                weights = tracker.current.get("cpu", 0)
-                trainer.train()
-            peak, measure = tracker.peak.get("cpu", 0), "peak bytes of live tensors (CPU)"
     tokens = throughput.as_dict()["tokens_trained"] / steps
-    return Measured(int(peak), int(weights), device.type, measure, steps, tokens)
-
+    return Measured(int(peak.bytes), int(peak.weights_bytes), device.type, peak.measure, steps, tokens)

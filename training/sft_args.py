@@ -49,6 +49,11 @@ RENAMED = {
     "neftune_noise_alpha": "nothing (TRL removed it)",
 }
 
+DEPRECATED_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
 # Settings users may change when re-running an interrupted run: they do not change what
 # the checkpoint means.
 RESUMABLE_CHANGES = {
@@ -95,6 +100,14 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
             problems.append(f"training.{key}: {problem} (got {value!r})")
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: let SFTConfig judge
             checked[key] = value
+    # transformers still accepts the old gradient_checkpointing* names, but only where the new
+    # activation_checkpointing* ones are unset, and this stack sets those by default: the old name
+    # (in most tutorials) would be silently ignored. It is moved over instead.
+    for old, new in DEPRECATED_ALIASES.items():
+        if old in checked and new in checked:
+            problems.append(f"training.{old} and training.{new} are the same setting; keep only {new}")
+        elif old in checked:
+            checked[new] = checked.pop(old)
     if problems:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(problems))
     return checked

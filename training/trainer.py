@@ -36,6 +36,7 @@ from training.distributed import (
 )
 from training.errors import CheckpointError, RecipeError
 from training.hardware import hardware_notes
+from training.memtrack import track_peak
 from training.model import compute_dtype, detect_device, human_size, load_model, load_tokenizer
 from training.recipe import Recipe
 from training.runinfo import now, peak_memory_bytes, versions
@@ -198,8 +199,11 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
     trainer, data = built.trainer, built.data
 
     stop.install()
+    # The peak the memory estimator predicts (python -m training estimate), measured the same way.
+    tracking = track_peak(device.type, enabled=not sft_args.torch_compile)
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with tracking as measured_peak:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         stop.uninstall()
 
@@ -248,9 +252,20 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
 
     metrics = _metrics(trainer, data.eval is not None)  # every rank: evaluation is collective
     peaks = gather_to_all(peak_memory_bytes())
-    metrics.update(throughput.as_dict(), peak_memory=peaks[0])
+    tensor_peaks = gather_to_all(measured_peak.bytes)
+    metrics.update(
+        throughput.as_dict(),
+        # Tensor memory at its peak on the busiest device (the number to compare with the estimate).
+        peak_memory_bytes=None if None in tensor_peaks else max(tensor_peaks),
+        peak_memory_measure=measured_peak.measure,
+        peak_memory=peaks[0],
+    )
     if world.world_size > 1:
+        metrics["peak_memory_bytes_per_rank"] = tensor_peaks
         metrics["peak_memory_per_rank"] = peaks
+        # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
+        tps = metrics.get("tokens_per_second")
+        metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
     record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
     _save_adapter(trainer, paths, record, world)
     if world.is_main:
@@ -436,7 +451,6 @@ def _log_data(recipe: Recipe, data) -> None:
 def _log_summary(record: dict, paths: RunPaths) -> None:
     m = record["metrics"]
     memory = m["peak_memory"]
-    peak = memory.get("cuda_allocated", memory["process_rss"])
     lines = [
         f"Run '{record['run_name']}' complete in {record['duration_s']:.0f} s: {m['global_step']} steps",
         f"  train loss      {m['train_loss_first']} -> {m['train_loss_last']}",
@@ -445,7 +459,9 @@ def _log_summary(record: dict, paths: RunPaths) -> None:
         lines.append(f"  eval loss       {m['eval_loss_start']} -> {m['eval_loss']:.4f}")
     lines += [
         f"  speed           {m['tokens_per_second']} tokens/s",
-        f"  peak memory     {human_size(peak)} ({'GPU' if 'cuda_allocated' in memory else 'process RSS'})",
+        f"  peak memory     {human_size(m['peak_memory_bytes'])} of tensors ({m['peak_memory_measure']})"
+        if m["peak_memory_bytes"] is not None
+        else f"  peak memory     {human_size(memory['process_rss'])} (process RSS)",
         f"  adapter         {paths.adapter}",
         f"  record          {paths.run_json}",
     ]
