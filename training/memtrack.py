@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,9 +60,11 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def __enter__(self):
         gc.collect()
-        for obj in gc.get_objects():
-            if isinstance(obj, torch.Tensor):
-                self._add(obj)
+        with warnings.catch_warnings():  # isinstance() on deprecated module objects warns
+            warnings.simplefilter("ignore")
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor):
+                    self._add(obj)
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
