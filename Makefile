@@ -19,12 +19,18 @@ WHAT ?= merged
 REPO ?=
 RUNTIME ?= $(shell if docker info >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo docker; else echo local; fi)
 PYTEST_ARGS ?=
+# Processes (GPUs) per machine for `make train`: GPUS=4 starts 4 through `accelerate launch`
+# (with the recipe's distributed.strategy, ddp when it says none). Multi-node settings go in
+# LAUNCH, e.g. LAUNCH="--num_machines 2 --machine_rank 0 --main_process_ip 10.0.0.1".
+GPUS ?= 1
+LAUNCH ?=
+CARD ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv train merge eval push validate tiny-model test lint clean
+.PHONY: help venv train estimate merge eval push validate tiny-model test lint clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -39,7 +45,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
 
 train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
-	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
+	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) --gpus $(GPUS) $(LAUNCH)
 
 merge: $(STAMP) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
 	$(PY) -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
@@ -49,6 +55,9 @@ eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side 
 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
+
+estimate: $(STAMP) ## predict peak GPU memory per device for RECIPE on GPUS GPUs (CARD=h100-80gb)
+	$(PY) -m training estimate --recipe $(RECIPE) $(SET_ARGS) --gpus $(GPUS) $(if $(CARD),--card $(CARD))
 
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)

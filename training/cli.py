@@ -1,4 +1,4 @@
-"""python -m training <command>: train, validate, merge, eval, push, check-serving, tiny-model."""
+"""python -m training <command>: train, validate, estimate, merge, eval, push, check-serving, tiny-model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from training.errors import UserError
+from training.launch import DEFAULT_PORT
 
 DEFAULT_RECIPE = "recipes/quickstart.yaml"
 
@@ -36,11 +37,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="discard an earlier run of this recipe and start over"
     )
+    machines = p.add_argument_group(
+        "several GPUs and machines (with distributed.strategy ddp, fsdp or deepspeed in the recipe)"
+    )
+    # accelerate's own spellings (--num_machines ...) work too, so commands copied from its docs run.
+    machines.add_argument(
+        "--gpus",
+        "--num-processes",
+        dest="gpus",
+        type=int,
+        metavar="N",
+        help="processes on this machine, one per GPU (default: 1 with strategy none, every visible GPU "
+        "otherwise; on a machine without GPUs, N CPU processes with the gloo backend). More than 1 with "
+        "strategy none trains with ddp.",
+    )
+    machines.add_argument(
+        "--num-machines",
+        "--num_machines",
+        type=int,
+        default=1,
+        metavar="M",
+        help="machines in the run (default 1)",
+    )
+    machines.add_argument(
+        "--machine-rank",
+        "--machine_rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="this machine's number, 0 .. M-1 (default 0)",
+    )
+    machines.add_argument(
+        "--main-process-ip",
+        "--main_process_ip",
+        metavar="ADDR",
+        help="address of machine 0, reachable from all",
+    )
+    machines.add_argument(
+        "--main-process-port",
+        "--main_process_port",
+        type=int,
+        metavar="PORT",
+        help=f"port on machine 0 (default: {DEFAULT_PORT} across machines, any free port on one machine)",
+    )
 
     p = sub.add_parser(
         "validate", help="check a recipe (schema and trainer settings) without loading anything"
     )
     _recipe_args(p)
+
+    p = sub.add_parser(
+        "estimate",
+        help="predict peak GPU memory per device for a recipe (from the model config; nothing is loaded)",
+    )
+    _recipe_args(p)
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs in the run (default 1)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 80GiB, 24GB, 40960MiB")
+    size.add_argument("--card", metavar="NAME", help="a known card, e.g. h100-80gb, a100-40gb, rtx4090-24gb")
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default); cpu predicts this stack's CPU run (float32), as the tests measure it",
+    )
+    p.add_argument(
+        "--config", metavar="CONFIG_JSON", help="the model's config.json (offline, instead of the hub)"
+    )
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     p = sub.add_parser("merge", help="fold the LoRA adapter into full weights (streaming, verified, atomic)")
     _recipe_args(p)
@@ -110,12 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    rank = int(os.environ.get("RANK", 0))
+    # With several processes, rank 0 tells the story; the others speak only of errors.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s", stream=sys.stderr
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if rank != 0:
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         return _run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -151,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
         build_sft_config(recipe, device, dtype, args.recipe)
         print(f"{args.recipe}: ok (run '{recipe.output.run_name}' -> {recipe.output.run_dir()})")
         return 0
+    if args.command == "estimate":
+        return _estimate(recipe, args)
     if args.command == "eval":
         from training.evaluate import evaluate, write_report
 
@@ -175,10 +249,70 @@ def _run(args: argparse.Namespace) -> int:
             return 3
         return 0
     if args.command == "train":
-        from training.trainer import run_training
-
-        return run_training(recipe, args.recipe, force=args.force)
+        return _train(recipe, args)
     raise AssertionError(args.command)
+
+
+def _train(recipe, args: argparse.Namespace) -> int:
+    from training.distributed import under_launcher
+    from training.trainer import run_training
+
+    if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
+        return run_training(recipe, args.recipe, force=args.force)
+
+    import torch
+
+    from training.launch import launch, topology
+    from training.recipe import load_recipe
+    from training.sft_args import check_before_launch
+
+    overrides = list(args.overrides)
+    if recipe.distributed.strategy == "none" and ((args.gpus or 1) > 1 or args.num_machines > 1):
+        # Several processes asked for on the command line (make train GPUS=4): DDP is the strategy
+        # that needs no other setting. Every process gets the same override, and recipe.json records it.
+        logging.getLogger(__name__).info(
+            "distributed.strategy is none and %s processes were asked for: training with ddp",
+            (args.gpus or 1) * args.num_machines,
+        )
+        overrides.append("distributed.strategy=ddp")
+        recipe = load_recipe(args.recipe, overrides)
+    cuda = torch.cuda.device_count() > 0
+    # Everything that can be refused without a model (strategy vs hardware, packages, configs) is
+    # refused here, before any process starts.
+    check_before_launch(recipe, args.recipe, cuda=cuda)
+    topo = topology(
+        recipe.distributed.strategy,
+        visible_gpus=torch.cuda.device_count(),
+        gpus=args.gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+    )
+    if topo.world_size == 1:
+        return run_training(recipe, args.recipe, force=args.force)
+    train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in overrides)]
+    return launch(recipe, args.recipe, [*train_args, *(["--force"] if args.force else [])], topo)
+
+
+def _estimate(recipe, args: argparse.Namespace) -> int:
+    import json
+
+    from training.estimate import card_capacity, estimate, format_estimate, load_config, parse_capacity
+
+    if args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: must be at least 1")
+    capacity = None
+    if args.card:
+        capacity = (args.card.lower(), card_capacity(args.card))
+    elif args.gpu_memory:
+        capacity = (args.gpu_memory, parse_capacity(args.gpu_memory))
+    est = estimate(recipe, load_config(recipe, args.config), device=args.device, gpus=args.gpus)
+    if args.json:
+        print(json.dumps(est.as_dict(capacity), indent=2))
+    else:
+        print(format_estimate(est, capacity))
+    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:

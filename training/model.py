@@ -57,7 +57,12 @@ def compute_dtype(requested: str, device: Device) -> torch.dtype:
     return DTYPES[requested]
 
 
-def quantization_config(q: QuantizationSection, dtype: torch.dtype):
+def quantization_config(q: QuantizationSection, dtype: torch.dtype, *, sharded: bool = False):
+    """bitsandbytes settings; `sharded` (FSDP, ZeRO-3) stores the packed 4-bit weights as `dtype`.
+
+    FSDP and ZeRO-3 shard only floating-point tensors of one dtype per unit; stored as the compute
+    dtype, the packed weights (same bytes, 4 values per bf16 element) shard with the rest.
+    """
     from transformers import BitsAndBytesConfig
 
     if q.method in ("nf4", "fp4"):
@@ -66,6 +71,7 @@ def quantization_config(q: QuantizationSection, dtype: torch.dtype):
             bnb_4bit_quant_type=q.method,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
     if q.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -88,7 +94,16 @@ def load_tokenizer(cfg: ModelSection):
     return tokenizer
 
 
-def load_model(cfg: ModelSection, q: QuantizationSection, device: Device, dtype: torch.dtype):
+def load_model(
+    cfg: ModelSection,
+    q: QuantizationSection,
+    device: Device,
+    dtype: torch.dtype,
+    *,
+    sharded: bool = False,
+    local_rank: int | None = None,
+):
+    """Load the base model; `sharded` for FSDP/ZeRO-3, `local_rank` for this process's GPU under a launcher."""
     from transformers import AutoModelForCausalLM
 
     name = resolve_model_name(cfg.name)
@@ -101,9 +116,11 @@ def load_model(cfg: ModelSection, q: QuantizationSection, device: Device, dtype:
     if q.method == "gptq":
         _require_gptq_kernels(device)
     else:
-        kwargs["quantization_config"] = quantization_config(q, dtype)
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["quantization_config"] = quantization_config(q, dtype, sharded=sharded)
+    if device.type == "cuda" and not sharded:
+        # The whole model on this process's own GPU (with DDP, one copy per GPU). FSDP and DeepSpeed
+        # place the shards themselves; bitsandbytes still quantizes on the current GPU.
+        kwargs["device_map"] = {"": torch.cuda.current_device() if local_rank is None else local_rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except Exception as e:  # noqa: BLE001

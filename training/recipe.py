@@ -1,7 +1,7 @@
 """The recipe: one YAML file that describes a whole run, validated before anything loads.
 
 Sections: model, quantization, lora, data, training (passed to TRL's SFTConfig),
-output, merge. Unknown keys, wrong types and impossible combinations raise a
+distributed, output, merge. Unknown keys, wrong types and impossible combinations raise a
 RecipeError that names the file, the key and what is allowed.
 """
 
@@ -187,12 +187,55 @@ class MergeSection(_Section):
     )
 
 
+class FsdpSection(_Section):
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded weights, gradients and optimizer states in CPU memory between uses: "
+        "less GPU memory, slower steps",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each layer's gathered weights after its forward and gather them again for the "
+        "backward: less memory; false keeps them, one all-gather fewer per layer",
+    )
+
+
+class DeepSpeedSection(_Section):
+    config: str = Field(
+        "zero2",
+        description="zero2 or zero3 (the configs shipped in recipes/deepspeed/), or the path of a DeepSpeed "
+        "JSON config",
+    )
+
+
+class DistributedSection(_Section):
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none",
+        description="none: one process; ddp: a whole copy of the 4-bit model per GPU, data split across "
+        "them; fsdp: weights, gradients and optimizer states sharded across GPUs (FSDP2); deepspeed: ZeRO "
+        "sharding as distributed.deepspeed.config says. Processes and machines come from the command line.",
+    )
+    fsdp: FsdpSection = Field(default_factory=FsdpSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    @model_validator(mode="after")
+    def _settings_of_the_chosen_strategy(self) -> DistributedSection:
+        for name in ("fsdp", "deepspeed"):
+            settings = getattr(self, name)
+            if self.strategy != name and settings != type(settings)():
+                raise ValueError(
+                    f"distributed.{name} settings apply only with strategy: {name} (strategy is {self.strategy})"
+                )
+        return self
+
+
 class Recipe(_Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     training: dict[str, Any] = Field(default_factory=dict, description="Passed to TRL's SFTConfig")
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection = Field(default_factory=OutputSection)
     merge: MergeSection = Field(default_factory=MergeSection)
 
@@ -201,6 +244,12 @@ class Recipe(_Section):
         q = self.quantization.method
         if q == "gptq" and self.lora.use_dora:
             raise ValueError("lora.use_dora is not supported on GPTQ-quantized models")
+        if self.distributed.strategy == "fsdp" and q in ("int8", "gptq"):
+            raise ValueError(
+                f"distributed.strategy fsdp cannot shard {q} weights (FSDP shards only floating-point "
+                "storage); use quantization.method nf4 (4-bit weights stored as the compute dtype), or "
+                "strategy ddp"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

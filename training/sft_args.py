@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from trl import SFTConfig
 
+from training.distributed import apply_strategy
 from training.errors import RecipeError
+from training.hardware import check_hardware
 from training.model import Device
 from training.recipe import Recipe
 
@@ -45,6 +47,11 @@ RENAMED = {
     "evaluation_strategy": "eval_strategy",
     "dataset_batch_size": "nothing (TRL removed it)",
     "neftune_noise_alpha": "nothing (TRL removed it)",
+}
+
+DEPRECATED_ALIASES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }
 
 # Settings users may change when re-running an interrupted run: they do not change what
@@ -93,6 +100,14 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
             problems.append(f"training.{key}: {problem} (got {value!r})")
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: let SFTConfig judge
             checked[key] = value
+    # transformers still accepts the old gradient_checkpointing* names, but only where the new
+    # activation_checkpointing* ones are unset, and this stack sets those by default: the old name
+    # (in most tutorials) would be silently ignored. It is moved over instead.
+    for old, new in DEPRECATED_ALIASES.items():
+        if old in checked and new in checked:
+            problems.append(f"training.{old} and training.{new} are the same setting; keep only {new}")
+        elif old in checked:
+            checked[new] = checked.pop(old)
     if problems:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(problems))
     return checked
@@ -111,9 +126,32 @@ def _validate(annotation: Any, value: Any) -> Any:
 
 
 def build_sft_config(recipe: Recipe, device: Device, dtype_name: str, source: str = "<recipe>") -> SFTConfig:
+    """SFTConfig for this recipe on this machine. Under a launcher this also joins the process group."""
     args = sft_kwargs(recipe, device, dtype_name, source)
+    check_hardware(recipe, args, cuda=device.type == "cuda", source=source)
     try:
         return SFTConfig(**args)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{source}: training: TRL's SFTConfig rejects these settings: {e}") from None
+
+
+def check_before_launch(recipe: Recipe, source: str, *, cuda: bool) -> None:
+    """What build_sft_config refuses, checked in the process that only starts and waits for the others.
+
+    SFTConfig is built for the CPU here: building it for a GPU would open a CUDA context on GPU 0
+    in a process that trains nothing. The training processes build it again for their GPU.
+    """
+    if cuda:
+        device, dtype_name = (
+            Device("cuda", "GPU", 1, True),
+            "float16" if recipe.model.dtype == "float16" else "bfloat16",
+        )
+    else:
+        device, dtype_name = Device("cpu", "cpu", 1, False), "float32"
+    args = sft_kwargs(recipe, device, dtype_name, source)
+    check_hardware(recipe, args, cuda=cuda, source=source)
+    try:
+        SFTConfig(**{**args, "use_cpu": True, "bf16": False, "fp16": False})
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{source}: training: TRL's SFTConfig rejects these settings: {e}") from None
 
@@ -162,7 +200,7 @@ def sft_kwargs(recipe: Recipe, device: Device, dtype_name: str, source: str = "<
             args.setdefault("eval_steps", args["save_steps"])
     elif training.get("eval_strategy", "no") != "no":
         raise RecipeError(f"{source}: training.eval_strategy is set but data.validation is not")
-    return args
+    return apply_strategy(args, recipe, device.type, source)
 
 
 def save_total_limit(recipe: Recipe) -> int | None:
