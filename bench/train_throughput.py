@@ -46,6 +46,7 @@ VARIANTS = {
     "recipe+liger": ["training.use_liger_kernel=true"],
     "recipe+packing+liger": ["data.packing=true", "training.use_liger_kernel=true"],
     "recipe-checkpointing": ["training.activation_checkpointing=false"],
+    "recipe+packing-checkpointing": ["data.packing=true", "training.activation_checkpointing=false"],
     "recipe+compile": ["training.torch_compile=true"],
 }
 DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
@@ -74,6 +75,8 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
         "tokens": metrics["tokens_trained"],
         "seconds": metrics["train_seconds"],
         "steady_tokens_per_second": metrics["steady_tokens_per_second"],
+        # Tensor memory during training alone (what `python -m training estimate` predicts).
+        "peak_train_bytes": metrics.get("peak_memory_bytes"),
     }
 
 
@@ -243,8 +246,11 @@ def main() -> None:
         for variant in variants:
             t = time.perf_counter()
             runs[variant].append(measure(variant, args.recipe, args.steps))
+            r = runs[variant][-1]
+            memory = r.get("peak_cuda_bytes") or r["peak_rss_bytes"]
             print(
-                f"[{i + 1}/{args.repeats}] {variant:<15} {runs[variant][-1]['tokens_per_second']:8.0f} tokens/s "
+                f"[{i + 1}/{args.repeats}] {variant:<22} {r['tokens_per_second']:8.0f} tokens/s, "
+                f"{r['tokens'] / args.steps:6.0f} tokens/step, peak {memory / 2**30:5.2f} GiB "
                 f"({time.perf_counter() - t:.0f} s with start-up)",
                 flush=True,
             )
