@@ -45,12 +45,13 @@ def hardware_problems(recipe: Recipe, training: dict, *, cuda: bool) -> list[str
                 f"model.attn_implementation {attention} needs the {FLASH_ATTENTION[attention]} package "
                 "(prebuilt wheels for your CUDA and torch versions: https://github.com/Dao-AILab/flash-attention)"
             )
-    if training.get("padding_free") and attention not in FLASH_ATTENTION:
+    if training.get("padding_free") and not recipe.data.packing:
+        # TRL refuses unpacked padding-free batches while max_length is set (it would not enforce
+        # it), and this stack always sets it: the error would come only after the model loaded.
         problems.append(
-            "training.padding_free needs model.attn_implementation flash_attention_2 or flash_attention_3. "
-            f"With {attention}, transformers turns the flattened batch back into one long sequence with a "
-            "block-diagonal mask: correct, but its attention cost and mask memory grow with the square of "
-            "the whole batch's tokens, which defeats the purpose. Use data.packing to cut padding instead."
+            "training.padding_free without data.packing: TRL cannot enforce data.max_length on unpacked "
+            "padding-free batches and refuses them. Use data.packing: true instead: TRL packs rows "
+            "best-fit and flattens each batch without padding (padding-free batches)"
         )
     if training.get("use_liger_kernel"):
         if not cuda:
