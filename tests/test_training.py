@@ -36,6 +36,12 @@ def test_quickstart_qlora_lowers_eval_loss_and_records_the_run(quickstart_run):
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory"]["process_rss"] > 0
     assert run["versions"]["bitsandbytes"] == "0.50.2" and len(data["fingerprint"]) == 16
     assert json.loads((quickstart_run / "adapter" / "run.json").read_text()) == run
+    # The loss curve of the run, for notebooks and plots: train losses at every logging step.
+    history = run["history"]
+    train_steps = [h["step"] for h in history if "loss" in h]
+    assert train_steps == sorted(train_steps) and len(train_steps) >= metrics["global_step"] // 5
+    assert [h["loss"] for h in history if "loss" in h][-1] == metrics["train_loss_last"]
+    assert any("eval_loss" in h for h in history)
 
 
 def test_gpt_neox_qlora_lowers_eval_loss(neox_run):
@@ -173,6 +179,8 @@ def test_killed_run_resumes_and_finishes_like_a_straight_run(tiny_dir, tmp_path)
     assert a["metrics"]["global_step"] == b["metrics"]["global_step"] == 12
     assert b["metrics"]["train_loss_last"] == pytest.approx(a["metrics"]["train_loss_last"], abs=0.02)
     assert b["metrics"]["eval_loss"] == pytest.approx(a["metrics"]["eval_loss"], abs=0.02)
+    # The resumed run's history covers the steps trained before the kill too.
+    assert [h["step"] for h in b["history"] if "loss" in h] == list(range(1, 13))
 
 
 def test_force_starts_over(interrupted_run, tmp_path):
