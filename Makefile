@@ -15,6 +15,8 @@ RECIPE ?= recipes/quickstart.yaml
 # Extra recipe overrides, e.g. SET="training.max_steps=20 lora.r=8"
 SET ?=
 FORCE ?=
+WHAT ?= merged
+REPO ?=
 RUNTIME ?= $(shell if docker info >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo docker; else echo local; fi)
 PYTEST_ARGS ?=
 
@@ -22,7 +24,7 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv train merge validate tiny-model test lint clean
+.PHONY: help venv train merge eval push validate tiny-model test lint clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -42,6 +44,12 @@ train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORC
 merge: $(STAMP) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
 	$(PY) -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
 
+eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+
+push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
+	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
+
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)
 
@@ -58,3 +66,78 @@ clean: ## remove outputs/ and caches (asks first)
 	@read -r -p "Delete outputs/ (adapters, merged models, checkpoints) and caches? [y/N] " answer; \
 	if [[ "$$answer" == [yY] ]]; then rm -rf outputs .pytest_cache .ruff_cache; \
 	find . -name __pycache__ -prune -exec rm -rf {} +; echo removed; else echo kept; fi
+
+# ---------------------------------------------------------------------------------------
+# Serving (serving/, compose.yaml: tgi, vllm, serve-cpu). One server at a time, published on
+# 127.0.0.1:$(SERVE_PORT) and serving outputs/$(RUN)/merged under the id $(RUN).
+#
+# compose reads .env; make reads it too and exports it, so that make's defaults below do not
+# override what .env says (write plain KEY=value lines, no quotes).
+ifneq ($(wildcard .env),)
+include .env
+export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+endif
+# The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
+RUN ?= $(basename $(notdir $(RECIPE)))
+SERVE_BACKEND ?= tgi
+SERVE_PORT ?= 8080
+SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
+PROMPT ?= 日本の首都はどこですか？
+CHAT_ARGS ?=
+# Extra options of the local server, e.g. SERVE_ARGS="--threads 1" (python -m serving serve --help).
+SERVE_ARGS ?=
+BENCH_ARGS ?=
+COMPOSE ?= docker compose
+# Every GPU by default: TGI --num-shard and vLLM --tensor-parallel-size are set explicitly.
+ifndef NUM_SHARD
+NUM_SHARD := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+endif
+ifeq ($(filter-out 0,$(NUM_SHARD)),)
+NUM_SHARD := 1
+endif
+export RUN SERVE_PORT NUM_SHARD PROMPT
+# The local runtime needs the virtual environment; the docker one, the image (compose builds it).
+CLIENT_DEPS := $(if $(filter docker,$(RUNTIME)),,$(STAMP))
+# Inside the compose network the client reaches the server by service name and its own port.
+SERVER_URL_IN_NETWORK = http://$(SERVE_BACKEND):$(if $(filter vllm,$(SERVE_BACKEND)),8000,80)
+# The curl example's header when the server requires a key (printed as $API_KEY, not the key).
+CURL_AUTH = $(if $(API_KEY), -H \"Authorization: Bearer \$$API_KEY\")
+# Settings the client container needs from .env or the environment.
+CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
+
+.PHONY: serve serve-stop chat bench
+
+serve: $(CLIENT_DEPS) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server
+ifeq ($(RUNTIME),docker)
+	@case "$(SERVE_BACKEND)" in tgi|vllm) ;; *) echo "SERVE_BACKEND must be tgi or vllm, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
+	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
+	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS \
+	    serve-cpu python -m serving launch-env --backend $(SERVE_BACKEND)) && eval "$$settings" \
+	  && $(COMPOSE) --profile gpu up -d --wait $(SERVE_BACKEND) \
+	  || { $(COMPOSE) --profile gpu logs --tail 40 $(SERVE_BACKEND) 2>/dev/null; exit 1; }
+	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(NUM_SHARD) GPU(s) at $(SERVE_URL)"
+	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
+	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
+	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
+else
+	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
+endif
+
+serve-stop: ## stop the server that make serve started with Docker
+	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu
+
+chat: $(CLIENT_DEPS) ## ask the served model: make chat PROMPT="..." (CHAT_ARGS="--temperature 0.7 --max-new-tokens 128")
+ifeq ($(RUNTIME),docker)
+	$(COMPOSE) run --rm --no-deps -T $(CLIENT_ENV) serve-cpu python -m serving chat "$$PROMPT" $(CHAT_ARGS)
+else
+	$(PY) -m serving chat --url $(SERVE_URL) "$$PROMPT" $(CHAT_ARGS)
+endif
+
+bench: $(CLIENT_DEPS) ## load-test the served model; results in bench/results/ (BENCH_ARGS="-n 64 -c 1,8,32")
+ifeq ($(RUNTIME),docker)
+	mkdir -p bench/results
+	$(COMPOSE) run --rm --no-deps -T $(CLIENT_ENV) --user "$$(id -u):$$(id -g)" \
+	  -v "$(CURDIR)/bench/results:/workspace/bench/results" serve-cpu python -m serving.bench $(BENCH_ARGS)
+else
+	$(PY) -m serving.bench --url $(SERVE_URL) $(BENCH_ARGS)
+endif

@@ -205,11 +205,12 @@ def test_modules_to_save_falls_back_to_peft(tmp_path, tiny_dir, caplog):
 def test_existing_output_replaced_only_with_force(quickstart_run, tmp_path):
     merged = tmp_path / "merged"
     merge_adapter(quickstart_run / "adapter", merged, MergeSettings(verify=False))
-    first = (merged / "merge.json").read_text()
+    (merged / "from-the-first-merge").write_text("")
     with pytest.raises(UserError, match="already exists; pass --force"):
         merge_adapter(quickstart_run / "adapter", merged, MergeSettings(verify=False))
+    assert (merged / "from-the-first-merge").exists()
     merge_adapter(quickstart_run / "adapter", merged, MergeSettings(verify=False), force=True)
-    assert (merged / "merge.json").read_text() != first
+    assert not (merged / "from-the-first-merge").exists() and (merged / "merge.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no leftovers beside it
 
 

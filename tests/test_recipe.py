@@ -152,6 +152,18 @@ def test_yaml_learning_rate_string_is_converted(tmp_path):
     assert build_sft_config(recipe, CPU, "float32").learning_rate == pytest.approx(2e-4)
 
 
+def test_yaml_no_means_the_word_for_strategy_fields(tmp_path):
+    with_validation = "model: {name: tiny://llama}\ndata: {source: d.jsonl, format: text, validation: 0.1}\n"
+    recipe = load_recipe(
+        write(tmp_path, with_validation), ["training.eval_strategy=no", "training.save_strategy=no"]
+    )
+    args = sft_kwargs(recipe, CPU, "float32")
+    assert args["eval_strategy"] == "no" and args["save_strategy"] == "no"
+    assert "yes is not a valid IntervalStrategy" in error_of(
+        tmp_path, with_validation, ["training.eval_strategy=yes"]
+    )
+
+
 def test_overrides_set_nested_typed_values(tmp_path):
     recipe = load_recipe(
         write(tmp_path, BASE),

@@ -1,4 +1,4 @@
-"""python -m training <command>: train, validate, merge, check-serving, tiny-model."""
+"""python -m training <command>: train, validate, merge, eval, push, check-serving, tiny-model."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="merged model directory (default: merged/ beside the adapter)")
     p.add_argument(
+        "--base",
+        choices=["original", "nf4-roundtrip", "auto"],
+        help="weights to fold into: the original ones, their NF4 round trip as seen in training, or the one "
+        "with the lower validation perplexity (default from the recipe: original)",
+    )
+    p.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default: the base model's"
     )
     p.add_argument("--max-shard-size", help="largest weight file, e.g. 2GB (default from the recipe)")
@@ -60,6 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-shard", type=int, default=None, help="GPUs to check TGI sharding for (default: visible GPUs)"
     )
     p.add_argument("--force", action="store_true", help="replace an existing merged directory")
+
+    p = sub.add_parser(
+        "eval", help="perplexity and greedy answers of base, adapter and merged models, side by side"
+    )
+    _recipe_args(p)
+    p.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME|DIR",
+        help="base, adapter (as trained, quantized), merged, or a merged model directory; repeatable "
+        "(default: base, adapter and merged when present)",
+    )
+    p.add_argument(
+        "--file", help="evaluate on this file (in the recipe's format) instead of the validation split"
+    )
+    p.add_argument("--prompts", type=int, default=8, help="validation prompts to answer greedily (default 8)")
+
+    p = sub.add_parser("push", help="publish the adapter or merged model to the Hugging Face Hub (private)")
+    _recipe_args(p)
+    p.add_argument("--what", choices=["adapter", "merged"], default="merged", help="default: merged")
+    p.add_argument("--repo-id", help="user/name or org/name (default: <your user>/<run name>)")
+    p.add_argument("--public", action="store_true", help="create a public repository (default: private)")
+    p.add_argument(
+        "--token-file", help="file holding the Hub token (default: $HF_TOKEN_PATH, then your login)"
+    )
 
     p = sub.add_parser("check-serving", help="report whether TGI can load and shard a model directory")
     p.add_argument("model_dir", type=Path)
@@ -119,6 +151,29 @@ def _run(args: argparse.Namespace) -> int:
         build_sft_config(recipe, device, dtype, args.recipe)
         print(f"{args.recipe}: ok (run '{recipe.output.run_name}' -> {recipe.output.run_dir()})")
         return 0
+    if args.command == "eval":
+        from training.evaluate import evaluate, write_report
+
+        run_dir = recipe.output.run_dir()
+        models = args.models or ["base", "adapter"] + (["merged"] if (run_dir / "merged").is_dir() else [])
+        report = evaluate(recipe, models, file=args.file, prompts=args.prompts)
+        print(write_report(report, run_dir / "eval.json", run_dir / "eval.png"))
+        return 0
+    if args.command == "push":
+        from training.publish import HubUnreachable, push
+
+        try:
+            push(
+                recipe.output.run_dir(),
+                args.what,
+                repo_id=args.repo_id,
+                private=not args.public,
+                token_file=args.token_file,
+            )
+        except HubUnreachable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        return 0
     if args.command == "train":
         from training.trainer import run_training
 
@@ -142,6 +197,7 @@ def _merge(args: argparse.Namespace) -> int:
         section = MergeSection(**read_adapter(adapter_dir).run.get("recipe", {}).get("merge", {}))
     out_dir = args.out or adapter_dir.parent / "merged"
     settings = MergeSettings(
+        base=args.base or section.base,
         dtype=args.dtype or section.dtype,
         max_shard_size=args.max_shard_size or section.max_shard_size,
         verify=section.verify and not args.no_verify,

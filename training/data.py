@@ -53,6 +53,7 @@ class PreparedData:
     fingerprint: str
     train_report: SplitReport
     eval_report: SplitReport | None
+    eval_examples: list[Example] = field(default_factory=list)  # untokenized, for prompts in evaluation
 
     def report(self) -> dict:
         return {
@@ -107,6 +108,7 @@ def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> Prep
         fingerprint=_fingerprint(train_examples, eval_examples or []),
         train_report=train_report,
         eval_report=eval_report,
+        eval_examples=eval_examples or [],
     )
 
 

@@ -6,13 +6,19 @@ outputs/<run>/merged/
   model(-0000i-of-0000n).safetensors bounded shards (+ model.safetensors.index.json)
   tokenizer.json, tokenizer_config.json (with chat_template), chat_template.jinja
   generation_config.json
-  merge.json                         strategy, timings, peak memory, verification, serving check
+  merge.json                         base, strategy, timings, peak memory, verification, serving check
+
+The merge base (merge.base): `original` folds the adapter into the checkpoint's weights;
+`nf4-roundtrip` into their NF4 round trip, the weights the 4-bit layers computed with
+while the adapter was trained; `auto` builds both and keeps the one with the lower
+perplexity on the recipe's validation split, recording both.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +26,7 @@ from pathlib import Path
 import torch
 
 from training.adapters import Adapter, read_adapter
-from training.atomic import building_dir, remove_stale_partials, write_json
+from training.atomic import publish_dir, remove_stale_partials, temp_dir_beside, write_json
 from training.errors import UserError
 from training.merge_peft import PeftMerge
 from training.merge_streaming import StreamingMerge, StreamingUnsupported
@@ -33,6 +39,7 @@ from training.model_files import (
     write_generation_config,
     write_tokenizer,
 )
+from training.nf4 import RoundTrip, round_trip_of_run
 from training.runinfo import now, peak_memory_bytes, versions
 from training.serving_check import check_serving
 from training.tiny_models import resolve_model_name
@@ -40,9 +47,12 @@ from training.weights_io import Checkpoint, write_weights
 
 log = logging.getLogger(__name__)
 
+BASES = ("original", "nf4-roundtrip")
+
 
 @dataclass
 class MergeSettings:
+    base: str = "original"  # original | nf4-roundtrip | auto
     dtype: str = "auto"  # auto: the base model's own dtype
     max_shard_size: str = "2GB"
     verify: bool = True
@@ -97,73 +107,127 @@ def merge_adapter(
             "unquantized base with quantization.method nf4."
         )
     dtype = base_dtype(base_dir) if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    strategy, reason = _choose_strategy(adapter, settings.strategy)
+    bases = BASES if settings.base == "auto" else (settings.base,)
+    round_trips = {"original": None}
+    if "nf4-roundtrip" in bases:
+        round_trips["nf4-roundtrip"] = round_trip_of_run(adapter.run, str(adapter.path))
 
-    log.info(
-        "Merging %s into %s (%s) -> %s, %s",
-        adapter.path,
-        adapter.base_name,
-        dtype_name(dtype),
-        out_dir,
-        strategy,
-    )
-    started = time.perf_counter()
-    with building_dir(out_dir, replace=force) as tmp:
-        config = write_config(tmp, base_dir, dtype)
-        if strategy == "streaming":
-            try:
-                tied = bool(config.get("tie_word_embeddings"))
-                source = StreamingMerge(Checkpoint(base_dir), adapter, dtype, tied)
-                weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
-            except StreamingUnsupported as e:
-                if settings.strategy == "streaming":
-                    raise UserError(
-                        f"the streaming merge cannot fold this adapter: {e}; use --strategy peft"
-                    ) from None
-                strategy, reason = "peft", f"the streaming path does not handle {e}"
-                log.warning("Falling back to peft's merge_and_unload: %s", reason)
-        if strategy == "peft":
-            source = PeftMerge(base_dir, adapter, dtype)
-            weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
-            del source
-        merge_seconds = time.perf_counter() - started
-        merge_peak = peak_memory_bytes()
-        write_tokenizer(tmp, adapter.path)
-        write_generation_config(tmp, base_dir, config)
-
-        verification = None
-        if settings.verify:
-            verify_started = time.perf_counter()
-            try:
-                verification = verify_merge(base_dir, adapter, tmp, dtype)
-            except MergeVerificationError as e:
-                raise UserError(
-                    f"merge of {adapter.path} failed verification, nothing was written: {e}"
-                ) from None
-            verification["seconds"] = round(time.perf_counter() - verify_started, 2)
-        serving = check_serving(tmp, settings.num_shard)
+    folders: dict[str, Path] = {}  # one temporary directory per candidate base, beside out_dir
+    records: dict[str, dict] = {}
+    try:
+        for base in bases:
+            folders[base] = temp_dir_beside(out_dir)
+            records[base] = _build(folders[base], adapter, base_dir, dtype, settings, base, round_trips[base])
+        chosen = _choose_base(folders, records, adapter) if settings.base == "auto" else settings.base
+        record = records[chosen]
+        serving = check_serving(folders[chosen], settings.num_shard)
         serving.model_dir = str(out_dir)
-        record = {
-            "adapter": str(adapter.path),
-            "base_model": adapter.base_name,
-            "base_revision": adapter.base_revision,
-            "dtype": dtype_name(dtype),
-            "strategy": strategy,
-            "strategy_reason": reason,
-            "settings": asdict(settings),
-            "weights": weights,
-            "merge_seconds": round(merge_seconds, 2),
-            "peak_memory_merge": merge_peak,
-            "verification": verification,
-            "serving_check": serving.as_dict(),
-            "recipe": adapter.run.get("recipe"),
-            "versions": versions(),
-            "created_at": now(),
-        }
-        write_json(tmp / "merge.json", record)
+        record["serving_check"] = serving.as_dict()
+        write_json(folders[chosen] / "merge.json", record)
+        publish_dir(folders[chosen], out_dir, replace=force)
+    finally:
+        for folder in folders.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
     _log_summary(record, serving.format(), out_dir)
     return record
+
+
+def _build(
+    tmp: Path,
+    adapter: Adapter,
+    base_dir: Path,
+    dtype: torch.dtype,
+    settings: MergeSettings,
+    base: str,
+    round_trip: RoundTrip | None,
+) -> dict:
+    """Write one merged model into `tmp`; return its merge record."""
+    strategy, reason = _choose_strategy(adapter, settings.strategy)
+    log.info(
+        "Merging %s into %s (%s weights, %s) -> %s",
+        adapter.path,
+        adapter.base_name,
+        base,
+        dtype_name(dtype),
+        strategy,
+    )
+    started = time.perf_counter()
+    config = write_config(tmp, base_dir, dtype)
+    if strategy == "streaming":
+        try:
+            tied = bool(config.get("tie_word_embeddings"))
+            source = StreamingMerge(Checkpoint(base_dir), adapter, dtype, tied, round_trip)
+            weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+        except StreamingUnsupported as e:
+            if settings.strategy == "streaming":
+                raise UserError(
+                    f"the streaming merge cannot fold this adapter: {e}; use --strategy peft"
+                ) from None
+            strategy, reason = "peft", f"the streaming path does not handle {e}"
+            log.warning("Falling back to peft's merge_and_unload: %s", reason)
+    if strategy == "peft":
+        source = PeftMerge(base_dir, adapter, dtype, round_trip)
+        weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+        del source
+    merge_seconds = time.perf_counter() - started
+    merge_peak = peak_memory_bytes()
+    write_tokenizer(tmp, adapter.path)
+    write_generation_config(tmp, base_dir, config)
+
+    verification = None
+    if settings.verify:
+        verify_started = time.perf_counter()
+        try:
+            verification = verify_merge(base_dir, adapter, tmp, dtype, round_trip)
+        except MergeVerificationError as e:
+            raise UserError(
+                f"merge of {adapter.path} failed verification, nothing was written: {e}"
+            ) from None
+        verification["seconds"] = round(time.perf_counter() - verify_started, 2)
+    return {
+        "adapter": str(adapter.path),
+        "base_model": adapter.base_name,
+        "base_revision": adapter.base_revision,
+        "merge_base": base,
+        "dtype": dtype_name(dtype),
+        "strategy": strategy,
+        "strategy_reason": reason,
+        "settings": asdict(settings),
+        "weights": weights,
+        "merge_seconds": round(merge_seconds, 2),
+        "peak_memory_merge": merge_peak,
+        "verification": verification,
+        "recipe": adapter.run.get("recipe"),
+        "versions": versions(),
+        "created_at": now(),
+    }
+
+
+def _choose_base(folders: dict[str, Path], records: dict[str, dict], adapter: Adapter) -> str:
+    """merge.base auto: the candidate with the lower perplexity on the validation split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.evaluate import eval_data, perplexity
+    from training.recipe import Recipe
+
+    recipe = Recipe.model_validate(adapter.run["recipe"])
+    tokenizer = AutoTokenizer.from_pretrained(adapter.path)
+    data = eval_data(recipe, tokenizer)
+    measured = {}
+    for base, folder in folders.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=base_dtype(folder)).eval()
+        measured[base] = perplexity(model, data.dataset)["perplexity"]
+        del model
+    chosen = min(measured, key=measured.get)
+    choice = {"mode": "auto", "validation": data.source, "perplexity": measured, "chosen": chosen}
+    records[chosen]["base_choice"] = choice
+    log.info(
+        "merge.base auto: validation perplexity %s -> %s",
+        ", ".join(f"{b} {p:.4f}" for b, p in measured.items()),
+        chosen,
+    )
+    return chosen
 
 
 def _choose_strategy(adapter: Adapter, requested: str) -> tuple[str, str]:
@@ -190,8 +254,13 @@ def _log_summary(record: dict, serving: str, out_dir: Path) -> None:
         if v
         else "skipped (--no-verify)"
     )
+    choice = record.get("base_choice")
+    base = record["merge_base"]
+    if choice:
+        base += " (auto: " + ", ".join(f"{b} ppl {p:.3f}" for b, p in choice["perplexity"].items()) + ")"
     lines = [
         f"Merged model written to {out_dir}",
+        f"  base         {base}",
         f"  strategy     {record['strategy']} ({record['strategy_reason']})",
         f"  weights      {len(record['weights']['shards'])} shard(s), {human_size(record['weights']['total_bytes'])}, "
         f"{record['dtype']}",

@@ -11,13 +11,16 @@ from pathlib import Path
 import torch
 
 from training.adapters import Adapter
+from training.nf4 import RoundTrip
 from training.weights_io import Spec
 
 
 class PeftMerge:
     """A tensor source for `write_weights`, from peft's merged model."""
 
-    def __init__(self, base_dir: Path, adapter: Adapter, dtype: torch.dtype):
+    def __init__(
+        self, base_dir: Path, adapter: Adapter, dtype: torch.dtype, round_trip: RoundTrip | None = None
+    ):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         from transformers.core_model_loading import revert_weight_conversion
@@ -25,6 +28,10 @@ class PeftMerge:
         base = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=dtype, trust_remote_code=adapter.trust_remote_code
         )
+        if round_trip is not None:
+            for name, module in base.named_modules():
+                if name in round_trip.modules:
+                    module.weight.data = round_trip(module.weight.data).to(dtype)
         merged = PeftModel.from_pretrained(base, adapter.path).merge_and_unload()
         # transformers 5 renames some weights when loading (GPT-NeoX's embed_out becomes
         # lm_head); reverting gives the checkpoint's own names, which every server reads.

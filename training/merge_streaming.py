@@ -1,5 +1,8 @@
 """Fold LoRA deltas into base weights tensor by tensor, never holding the whole model.
 
+The base weight W is the checkpoint's, or (merge.base: nf4-roundtrip) its NF4 round trip,
+the weight the 4-bit layer computed with during training.
+
 For every adapted linear layer, in float32:
     LoRA:  W' = W + s * B @ A             s = alpha / r  (rsLoRA: alpha / sqrt(r))
     DoRA:  W' = m / ||W + s * B @ A||_row * (W + s * B @ A)
@@ -15,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.adapters import Adapter
+from training.nf4 import RoundTrip
 from training.weights_io import Checkpoint, Spec
 
 _PREFIX = "base_model.model."
@@ -76,14 +80,24 @@ def merged_weight(weight: torch.Tensor, lora: LoraModule, scaling: float) -> tor
 class StreamingMerge:
     """A tensor source for `write_weights`: base tensors, with LoRA folded in as each is read."""
 
-    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, dtype: torch.dtype, tie_embeddings: bool):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        adapter: Adapter,
+        dtype: torch.dtype,
+        tie_embeddings: bool,
+        round_trip: RoundTrip | None = None,
+    ):
         self.checkpoint = checkpoint
         self.dtype = dtype
+        self.round_trip = round_trip
         self.scaling = adapter.scaling
         self.weights = read_adapter_weights(adapter)
         names = checkpoint.tensors
         missing = [f"{p}.weight" for p in self.weights.modules if f"{p}.weight" not in names]
         missing += [b for b in self.weights.biases if b not in names]
+        if round_trip is not None:
+            missing += [f"{m}.weight" for m in round_trip.modules if f"{m}.weight" not in names]
         if missing:
             raise StreamingUnsupported(f"base checkpoint has no tensor {missing[0]} (renamed weights?)")
         # A tied model's checkpoint stores the embedding once; the output head is written
@@ -114,6 +128,8 @@ class StreamingMerge:
             tensor = self.weights.biases[source]
         else:
             tensor = self.checkpoint.get(source)
+            if self.round_trip is not None and self.round_trip.applies_to(source):
+                tensor = self.round_trip(tensor)
             module = (
                 self.weights.modules.get(source.removesuffix(".weight"))
                 if source.endswith(".weight")

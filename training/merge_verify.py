@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from training.adapters import Adapter
+from training.model import disable_cpu_4bit_repacking
+from training.nf4 import RoundTrip
 
 PROMPTS = (
     "김치찌개를 맛있게 끓이는 방법을 알려 주세요.",
@@ -55,7 +57,14 @@ def _run(model, batch: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tens
     return logits, greedy
 
 
-def verify_merge(base_dir: Path, adapter: Adapter, merged_dir: Path, dtype: torch.dtype) -> dict:
+def verify_merge(
+    base_dir: Path,
+    adapter: Adapter,
+    merged_dir: Path,
+    dtype: torch.dtype,
+    round_trip: RoundTrip | None = None,
+) -> dict:
+    """Compare with base + adapter: the original base, or (NF4 round trip) the 4-bit base as trained."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,7 +74,20 @@ def verify_merge(base_dir: Path, adapter: Adapter, merged_dir: Path, dtype: torc
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     load = {"dtype": dtype, "trust_remote_code": adapter.trust_remote_code}
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, **load).to(device)
+    if round_trip is None:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, **load).to(device)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=round_trip.quant_type,
+            bnb_4bit_use_double_quant=round_trip.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        load_4bit = {**load, "dtype": round_trip.load_dtype, "quantization_config": quantization}
+        base = AutoModelForCausalLM.from_pretrained(base_dir, **load_4bit, device_map={"": device})
+        disable_cpu_4bit_repacking(base)
     reference = PeftModel.from_pretrained(base, adapter.path).eval()
     ref_logits, ref_greedy = _run(reference, batch, pad_id)
     del reference, base

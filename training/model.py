@@ -66,7 +66,6 @@ def quantization_config(q: QuantizationSection, dtype: torch.dtype):
             bnb_4bit_quant_type=q.method,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_blocksize=q.blocksize,
         )
     if q.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -110,7 +109,7 @@ def load_model(cfg: ModelSection, q: QuantizationSection, device: Device, dtype:
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(_load_hint(cfg, "model", e)) from None
     report = verify_quantization(model, q.method)
-    _keep_4bit_layout_trainable(model)
+    disable_cpu_4bit_repacking(model)
     log.info(
         "Loaded %s: %s, %d quantized linear layers, memory footprint %s (16-bit would be %s)",
         cfg.name,
@@ -150,6 +149,7 @@ def verify_quantization(model, method: str) -> dict:
                 "installed and supports this device, and that the model is not already quantized."
             )
         if method in ("nf4", "fp4"):
+            states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
             types = {m.weight.quant_type for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
             if types != {method}:
                 raise ModelLoadError(f"quantization.method is {method}, but the weights are {sorted(types)}")
@@ -171,19 +171,24 @@ def verify_quantization(model, method: str) -> dict:
         "method": method,
         "description": description,
         "quantized_layers": len(quantized),
+        # A merge onto the NF4 round trip of the base reproduces exactly these layers.
+        "quantized_modules": sorted(quantized),
+        # As loaded, not as requested: transformers offers no block size setting (always 64 today).
+        "blocksize": states[0].blocksize if method in ("nf4", "fp4") else None,
         "footprint_bytes": int(model.get_memory_footprint()),
         "fp16_equivalent_bytes": int(full_precision_params * 2),
     }
 
 
-def _keep_4bit_layout_trainable(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during training.
+def disable_cpu_4bit_repacking(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on the exact dequantize-then-matmul path on the CPU.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights into an
-    inference-only layout the first time it runs in eval mode without gradients (the
-    evaluation pass), and does not undo it when training resumes: the next training steps
-    then go through a kernel without autograd, which silently drops gradients (or fails
-    on layers with a bias). The flag it checks is turned off for a model being trained.
+    inference-only layout the first time it runs in eval mode without gradients, and then
+    computes in bf16. It does not undo this when training resumes: the next training steps
+    go through a kernel without autograd, which silently drops gradients (or fails on
+    layers with a bias). Turned off, training is correct, and evaluations and merge checks
+    compute exactly what training computed.
     """
     import bitsandbytes as bnb
 

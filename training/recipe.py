@@ -45,7 +45,6 @@ class QuantizationSection(_Section):
         "GPTQ-quantized (needs CUDA GPTQ kernels).",
     )
     double_quant: bool = True
-    blocksize: Literal[64, 128, 256] = 64
 
 
 class LoraSection(_Section):
@@ -175,6 +174,11 @@ class OutputSection(_Section):
 
 
 class MergeSection(_Section):
+    base: Literal["original", "nf4-roundtrip", "auto"] = Field(
+        "original",
+        description="Fold the adapter into the original weights, into their NF4 round trip (what the 4-bit "
+        "layers computed with in training), or pick the one with the lower validation perplexity",
+    )
     dtype: Dtype = Field("auto", description="auto: the base model's own dtype")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
     verify: bool = True

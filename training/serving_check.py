@@ -12,35 +12,42 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-# Architectures with TGI's own (flash) implementation: tensor parallel, multi-LoRA for some.
-TGI_NATIVE = {
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "gemma",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "granite",
-    "gpt_neox",
-    "falcon",
-    "starcoder2",
-    "gpt_bigcode",
-    "gpt2",
-    "gptj",
-    "phi",
-    "baichuan",
-    "cohere",
-    "dbrx",
-    "deepseek_v2",
-    "deepseek_v3",
-    "opt",
-    "bloom",
-    "mpt",
-}
-# Served by TGI through its transformers backend (no multi-LoRA; sharding via tp_plan only).
-TGI_TRANSFORMERS_BACKEND = {"qwen3", "qwen3_moe", "olmo", "olmo2", "cohere2", "glm", "helium"}
+# model_type values TGI 3.3.7 implements itself (server/text_generation_server/models/__init__.py
+# at tag v3.3.7): these shard over GPUs, and some take LoRA adapters per request.
+TGI_NATIVE = frozenset(
+    {
+        "deepseek_v2",
+        "deepseek_v3",
+        "llama",
+        "llama4",
+        "phi3",
+        "granite",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "cohere",
+        "dbrx",
+        "mistral",
+        "mixtral",
+        "gpt_bigcode",
+        "phi",
+        "phimoe",
+        "baichuan",
+        "falcon",
+        "starcoder2",
+        "qwen2",
+        "opt",
+        "bloom",
+        "mpt",
+        "gpt2",
+        "gpt_neox",
+        "gptj",
+    }
+)
+# Others that TGI serves through its transformers backend (transformers 4.51 inside the image):
+# one GPU only (its docs: tensor parallelism is for the native models), no multi-LoRA.
+TGI_TRANSFORMERS_BACKEND = frozenset({"qwen3", "qwen3_moe", "olmo", "olmo2", "cohere2", "glm", "helium"})
 # Architectures whose TGI model code looks up lm_head.weight even when embeddings are tied.
 _NEEDS_EXPLICIT_LM_HEAD = TGI_NATIVE - {"llama", "qwen2", "gemma", "gemma2", "gemma3", "granite", "phi3"}
 
@@ -94,13 +101,13 @@ def check_serving(model_dir: str | Path, num_shard: int = 1) -> ServingReport:
     if model_type in TGI_NATIVE:
         report.add("architecture", True, f"{model_type} has a native TGI implementation")
     elif model_type in TGI_TRANSFORMERS_BACKEND:
-        report.add(
-            "architecture",
-            False,
-            f"{model_type} runs on TGI's transformers backend: no multi-LoRA, "
-            "and tensor parallelism only through transformers' tp_plan",
-            warn_only=True,
-        )
+        detail = f"{model_type} runs on TGI's transformers backend (no native implementation, no multi-LoRA)"
+        if num_shard > 1:
+            report.add(
+                "architecture", False, detail + ", which does not shard: serve on one GPU or with vLLM"
+            )
+        else:
+            report.add("architecture", False, detail, warn_only=True)
     else:
         report.add("architecture", False, f"{model_type} is not supported by TGI 3.3.7; serve it with vLLM")
 
@@ -180,16 +187,28 @@ def _check_tokenizer(model_dir: Path, report: ServingReport) -> None:
 
 
 def _check_config_keys(config: dict, report: ServingReport) -> None:
-    dtype = config.get("torch_dtype")
+    # TGI does not read the dtype from config.json: it loads float16 unless started with --dtype
+    # (make serve passes the model's own dtype), so this only informs.
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    note = {"bfloat16": " (start TGI with --dtype bfloat16)", "float32": " (TGI serves it in float16)"}
     report.add(
         "dtype",
-        dtype in ("float16", "bfloat16", "float32"),
-        f"torch_dtype {dtype}" + (" (start TGI with --dtype bfloat16)" if dtype == "bfloat16" else ""),
+        dtype is not None,
+        f"{dtype}{note.get(dtype, '')}" if dtype else "not recorded",
+        warn_only=True,
     )
     rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" not in config:
+    # transformers 5 writes rope settings only under rope_parameters; TGI's 4.51 then reads its
+    # defaults (theta 10000, no scaling), which is harmless only when those are the settings.
+    nondefault = isinstance(rope, dict) and (
+        rope.get("rope_theta") not in (None, 10000, 10000.0) or rope.get("rope_type", "default") != "default"
+    )
+    if nondefault and "rope_theta" not in config:
         report.add(
-            "rope", False, "rope_parameters without top-level rope_theta: TGI would use rope_theta=10000"
+            "rope",
+            False,
+            f"rope_theta {rope.get('rope_theta')} only under rope_parameters: TGI's transformers 4.51 would "
+            "use rope_theta=10000; merge again to write it at the top level",
         )
     if config.get("max_position_embeddings") is None:
         report.add("context length", False, "max_position_embeddings missing", warn_only=True)

@@ -87,7 +87,7 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
             )
             continue
         try:
-            checked[key] = TypeAdapter(types[key]).validate_python(value)
+            checked[key] = _validate(types[key], value)
         except ValidationError as e:
             problem = e.errors()[0]["msg"]
             problems.append(f"training.{key}: {problem} (got {value!r})")
@@ -96,6 +96,18 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
     if problems:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(problems))
     return checked
+
+
+def _validate(annotation: Any, value: Any) -> Any:
+    adapter = TypeAdapter(annotation)
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        if not isinstance(value, bool):
+            raise
+        # YAML 1.1 reads `eval_strategy: no` as False; a field that takes words, not
+        # booleans, gets the word back.
+        return adapter.validate_python("no" if value is False else "yes")
 
 
 def build_sft_config(recipe: Recipe, device: Device, dtype_name: str, source: str = "<recipe>") -> SFTConfig:

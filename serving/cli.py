@@ -1,0 +1,226 @@
+"""python -m serving <command>: serve, chat, generate, health, launch-env. The load benchmark: python -m serving.bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from serving.errors import ServingError
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=None, help="server URL (default: $SERVE_URL or http://127.0.0.1:$SERVE_PORT, 8080)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for an answer (default 120)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model id to request (default: the one the server lists)"
+    )
+    parser.add_argument("--adapter", default=None, help="LoRA adapter id (TGI with LORA_ADAPTERS, vLLM LoRA)")
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy decoding")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "serve", help="serve a merged model on this machine's CPU (transformers serve, OpenAI API)"
+    )
+    p.add_argument(
+        "--run", default=os.environ.get("RUN") or "quickstart", help="run name (default: $RUN or quickstart)"
+    )
+    p.add_argument(
+        "--outputs", type=Path, default=Path("outputs"), help="outputs directory (default: outputs)"
+    )
+    p.add_argument(
+        "--model-dir", type=Path, default=None, help="a merged model directory (default: OUTPUTS/RUN/merged)"
+    )
+    p.add_argument("--name", default=None, help="the model id clients use (default: the run name)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument(
+        "--port", type=int, default=int(os.environ.get("SERVE_PORT") or 8080), help="port (0: any free one)"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="tokens per request (default: the recipe's max_length)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+
+    p = sub.add_parser("chat", help="send a chat message (formatted with the model's chat template)")
+    p.add_argument("prompt")
+    p.add_argument(
+        "--system", default=None, help="a system message first (if the template has a place for it)"
+    )
+    _client_args(p)
+    _sampling_args(p)
+
+    p = sub.add_parser("generate", help="continue a raw prompt (no chat template)")
+    p.add_argument("prompt")
+    _client_args(p)
+    _sampling_args(p)
+
+    p = sub.add_parser("health", help="check the server; with --wait, wait until it is ready")
+    p.add_argument("--url", default=None)
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for it")
+
+    p = sub.add_parser(
+        "launch-env", help="TGI/vLLM settings for compose, derived from the merged model (make serve)"
+    )
+    p.add_argument("--backend", choices=["tgi", "vllm"], default=os.environ.get("SERVE_BACKEND") or "tgi")
+    p.add_argument(
+        "--num-shard", type=int, default=None, help="GPUs to shard over (default: $NUM_SHARD or all)"
+    )
+    p.add_argument(
+        "--outputs", type=Path, default=None, help="outputs directory (default: /outputs in containers)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except ServingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.local_server import print_ready, run, settings_for
+
+    model_dir = args.model_dir or args.outputs / args.run / "merged"
+    settings = settings_for(
+        model_dir,
+        served_name=args.name,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        threads=args.threads,
+    )
+    api_key = os.environ.get("API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: listening on {args.host} without API_KEY: anyone who can reach this port may use "
+            "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
+            file=sys.stderr,
+        )
+    print(f"Loading {settings.model_dir} ...", file=sys.stderr, flush=True)
+    run(
+        settings,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        on_ready=print_ready(settings, bool(api_key)),
+    )
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from serving.client import ServingClient
+
+    return ServingClient(args.url, model=args.model, adapter_id=args.adapter, timeout=args.timeout)
+
+
+def _params(args: argparse.Namespace):
+    from serving.params import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = _params(args)
+    with _client(args) as client:
+        chat = args.command == "chat"
+        if chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}
+            ]
+        if args.no_stream:
+            result = client.chat(messages, params) if chat else client.generate(args.prompt, params)
+            print(result.text)
+            finish = result.finish_reason
+        else:
+            finish = None
+            chunks = client.chat_stream(messages, params) if chat else client.stream(args.prompt, params)
+            for chunk in chunks:
+                print(chunk.text, end="", flush=True)
+                finish = chunk.finish_reason or finish
+            print()
+        if finish == "length":
+            print(f"[stopped at max_new_tokens={params.max_new_tokens}]", file=sys.stderr)
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from serving.client import ServingClient
+
+    with ServingClient(args.url) as client:
+        if args.wait > 0:
+            info = client.wait_until_healthy(timeout=args.wait)
+        elif not client.health():
+            print(f"{client.url}: not healthy (no answer, or /health did not answer 200)", file=sys.stderr)
+            return 1
+        else:
+            info = client.info
+    limit = f"{info.max_total_tokens} tokens per request" if info.max_total_tokens else "limits unknown"
+    print(f"{info.url}: {info.name} serving '{info.model}' ({limit})")
+    return 0
+
+
+def _launch_env(args: argparse.Namespace) -> int:
+    from serving.launch import CONTAINER_OUTPUTS, plan_from_env
+
+    outputs = args.outputs or (
+        Path(CONTAINER_OUTPUTS) if Path(CONTAINER_OUTPUTS).is_dir() else Path("outputs")
+    )
+    settings = plan_from_env(args.backend, num_shard=args.num_shard, outputs=outputs, env=dict(os.environ))
+    for warning in settings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"{settings.backend}: '{settings.run}' on {settings.num_shard} GPU(s), {settings.max_total_tokens} tokens per "
+        f"request (input up to {settings.max_input_tokens}), from {settings.context_source}",
+        file=sys.stderr,
+    )
+    print(settings.shell())
+    return 0
+
+
+COMMANDS = {
+    "serve": _serve,
+    "chat": _generate,
+    "generate": _generate,
+    "health": _health,
+    "launch-env": _launch_env,
+}

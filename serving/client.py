@@ -1,0 +1,462 @@
+"""One client for every backend: TGI, vLLM and the local CPU server.
+
+Built on huggingface_hub's InferenceClient, TGI's recommended client (the old
+`text-generation` package is legacy): `generate` and `stream` use TGI's /generate with
+details, and `chat` uses the OpenAI-compatible /v1/chat/completions that all three
+servers answer. vLLM and the local server have no /generate, so there `generate` and
+`stream` use their /v1/completions, which takes a raw prompt the same way.
+
+What the client adds: it finds out which server it talks to and that server's limits,
+checks parameters and prompt length before sending, writes parameters the way each
+backend needs them, retries 429 and 503 with backoff, and raises `serving.errors`
+exceptions that carry the server's own message. InferenceClient's requests go through
+the client's own HTTP transport (see serving.transport for why not the Hub session).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub import InferenceClient
+
+from serving.errors import (
+    InvalidParameterError,
+    LimitExceededError,
+    NotFoundError,
+    ServerError,
+    ServerTimeoutError,
+    ServingError,
+    UnknownAdapterWarning,
+)
+from serving.launch import adapter_ids
+from serving.params import (
+    BACKENDS,
+    SamplingParams,
+    chat_fields,
+    check_for_backend,
+    completion_fields,
+    tgi_generate,
+)
+from serving.server_info import ServerInfo, discover
+from serving.transport import NO_RETRY, RetryPolicy, Transport
+
+Messages = str | Sequence[dict[str, Any]]
+# TGI's words for why generation stopped, in OpenAI's.
+FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop"}
+# Template tokens allowed per chat message when judging, without asking the server, that a
+# chat clearly fits (a text token covers at least one byte). A template longer than this
+# can let an oversized chat through to the server, which then refuses it itself.
+CHAT_TEMPLATE_SLACK = 64
+TGI_NO_ADAPTER = "tgi"  # TGI's chat route treats any other `model` as an adapter id
+
+
+def default_url() -> str:
+    return os.environ.get("SERVE_URL") or f"http://127.0.0.1:{os.environ.get('SERVE_PORT') or 8080}"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation. finish_reason is "stop" (end of text or a stop sequence) or "length"."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    seed: int | None = None
+    raw: Any = dataclasses.field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a stream. `tokens` is how many tokens it holds, where the server says so."""
+
+    text: str
+    tokens: int | None = None
+    finish_reason: str | None = None
+    generated_tokens: int | None = None
+
+
+def _finish(reason: Any) -> str | None:
+    reason = getattr(reason, "value", reason)
+    return FINISH_REASONS.get(reason, reason) if reason else None
+
+
+def _messages(messages: Messages) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    out = [dict(m) for m in messages]
+    if not out or any("role" not in m or "content" not in m for m in out):
+        raise InvalidParameterError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    return out
+
+
+class _HubClient(InferenceClient):
+    """InferenceClient whose requests go through our transport (no Hub token, no offline block)."""
+
+    def __init__(self, transport: Transport) -> None:
+        super().__init__(base_url=transport.base_url)
+        self._transport = transport
+
+    def _inner_post(self, request_parameters, *, stream: bool = False):
+        headers = {k: v for k, v in request_parameters.headers.items() if k.lower() != "authorization"}
+        response = self._transport.request(
+            "POST", request_parameters.url, json_body=request_parameters.json, headers=headers, stream=stream
+        )
+        return self._transport.sse_lines(response) if stream else response.content
+
+
+class ServingClient:
+    """Talk to a served model. Arguments default to SERVE_URL, API_KEY and LORA_ADAPTERS from the environment.
+
+    model: the id to request (default: the one the server lists; TGI serves one model).
+    adapter_id: a LoRA adapter to use on every request (TGI multi-LoRA, vLLM LoRA modules).
+    known_adapters: the adapter ids TGI was started with, so an unknown id can be flagged.
+    check_limits: refuse prompts and max_new_tokens the server would reject, before sending.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        adapter_id: str | None = None,
+        backend: str = "auto",
+        timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        retry: RetryPolicy | None = None,
+        known_adapters: Sequence[str] | None = None,
+        check_limits: bool = True,
+    ) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise InvalidParameterError(f"url must start with http:// or https://, got {self.url!r}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise InvalidParameterError(
+                f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}"
+            )
+        self.transport = Transport(
+            self.url,
+            api_key=api_key if api_key is not None else os.environ.get("API_KEY") or None,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retry=retry or RetryPolicy(),
+        )
+        self._hub = _HubClient(self.transport)
+        self._backend_choice = backend
+        self._info: ServerInfo | None = None
+        self.model = model
+        self.adapter_id = adapter_id
+        env_adapters = adapter_ids(os.environ.get("LORA_ADAPTERS")) or None
+        self.known_adapters = tuple(known_adapters) if known_adapters is not None else env_adapters
+        self.check_limits = check_limits
+        self._warned_unverifiable = False
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> ServingClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the server ---------------------------------------------------------------------
+
+    @property
+    def info(self) -> ServerInfo:
+        """Which server this is and its limits (asked once, then kept)."""
+        if self._info is None:
+            self._info = discover(self.transport, self._backend_choice)
+            self.transport.server_name = self._info.name
+        return self._info
+
+    def health(self) -> bool:
+        """True when the server answers 200 on /health (TGI: all shards ready)."""
+        try:
+            self.transport.request(
+                "GET", "/health", retry=NO_RETRY, timeout=min(self.transport.timeout, 10.0)
+            )
+        except ServingError:
+            return False
+        return True
+
+    def wait_until_healthy(
+        self, timeout: float = 600.0, interval: float = 1.0, on_wait: Callable[[float], None] | None = None
+    ) -> ServerInfo:
+        """Poll /health until it answers 200 (a 13B model can take minutes to load), then describe the server."""
+        started = time.monotonic()
+        while not self.health():
+            waited = time.monotonic() - started
+            if waited + interval > timeout:
+                raise ServerTimeoutError(
+                    f"no healthy server at {self.url} after {waited:.0f} s; check the server's logs "
+                    "(docker compose logs tgi|vllm), or start one with `make serve`",
+                    url=self.url,
+                )
+            if on_wait is not None:
+                on_wait(waited)
+            time.sleep(interval)
+        self._info = None
+        return self.info
+
+    def count_tokens(self, prompt: str | None = None, messages: Messages | None = None) -> int | None:
+        """Tokens in a prompt (or a chat, with its template), counted by the server; None if it cannot."""
+        info = self.info
+        chat = messages is not None
+        try:
+            if info.backend == "tgi":
+                if chat:
+                    out = self.transport.post_json(
+                        "/chat_tokenize", {"model": TGI_NO_ADAPTER, "messages": _messages(messages)}
+                    )
+                    return len(out["tokenize_response"])
+                return len(self.transport.post_json("/tokenize", {"inputs": prompt}))
+            if info.backend in ("vllm", "local"):
+                body = {
+                    "model": info.model,
+                    **({"messages": _messages(messages)} if chat else {"prompt": prompt}),
+                }
+                return int(self.transport.post_json("/tokenize", body)["count"])
+        except NotFoundError:
+            return None
+        except (KeyError, TypeError) as e:
+            raise ServerError(f"{self.url}: unexpected tokenize answer ({e})", url=self.url) from None
+        return None
+
+    # --- generation -----------------------------------------------------------------------
+
+    def generate(
+        self, prompt: str, params: SamplingParams | None = None, *, adapter_id: str | None = None, **kw
+    ) -> Completion:
+        """Continue `prompt` as is (no chat template): TGI /generate, else /v1/completions."""
+        p, adapter = self._prepare("generate", params, kw, adapter_id, prompt=prompt)
+        if self.info.backend == "tgi":
+            out = self._hub.text_generation(
+                prompt, **tgi_generate(p), **({"adapter_id": adapter} if adapter else {})
+            )
+            details = out.details
+            return Completion(
+                text=out.generated_text,
+                finish_reason=_finish(details.finish_reason) if details else None,
+                generated_tokens=details.generated_tokens if details else None,
+                seed=details.seed if details else None,
+                raw=out,
+            )
+        body = {"model": adapter or self._model(), "prompt": prompt, **completion_fields(p)}
+        data = self.transport.post_json("/v1/completions", body)
+        try:
+            choice, usage = data["choices"][0], data.get("usage") or {}
+            return Completion(
+                text=choice["text"],
+                finish_reason=_finish(choice.get("finish_reason")),
+                prompt_tokens=usage.get("prompt_tokens"),
+                generated_tokens=usage.get("completion_tokens"),
+                seed=p.seed,
+                raw=data,
+            )
+        except (KeyError, IndexError, TypeError):
+            raise ServerError(
+                f"{self.url}/v1/completions: unexpected answer {str(data)[:300]}", url=self.url
+            ) from None
+
+    def stream(
+        self, prompt: str, params: SamplingParams | None = None, *, adapter_id: str | None = None, **kw
+    ) -> Iterator[Chunk]:
+        """Like `generate`, token by token as the server produces them."""
+        p, adapter = self._prepare("generate", params, kw, adapter_id, prompt=prompt)
+        if self.info.backend == "tgi":
+            extra = {"adapter_id": adapter} if adapter else {}
+            events = self._hub.text_generation(prompt, stream=True, **tgi_generate(p), **extra)
+            return self._tgi_chunks(events)
+        body = {
+            "model": adapter or self._model(),
+            "prompt": prompt,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **completion_fields(p),
+        }
+        response = self.transport.request("POST", "/v1/completions", json_body=body, stream=True)
+        return self._completion_chunks(self.transport.sse_lines(response))
+
+    def chat(
+        self, messages: Messages, params: SamplingParams | None = None, *, adapter_id: str | None = None, **kw
+    ) -> Completion:
+        """Answer a conversation (a string is one user message), formatted by the model's chat template."""
+        msgs = _messages(messages)
+        p, adapter = self._prepare("chat", params, kw, adapter_id, messages=msgs)
+        out = self._hub.chat_completion(
+            msgs, model=self._chat_model(adapter), **chat_fields(p, self.info.backend)
+        )
+        choice = out.choices[0]
+        usage = out.usage
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=_finish(choice.finish_reason),
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            generated_tokens=usage.completion_tokens if usage else None,
+            seed=p.seed,
+            raw=out,
+        )
+
+    def chat_stream(
+        self, messages: Messages, params: SamplingParams | None = None, *, adapter_id: str | None = None, **kw
+    ) -> Iterator[Chunk]:
+        """Like `chat`, piece by piece as the server produces them."""
+        msgs = _messages(messages)
+        p, adapter = self._prepare("chat", params, kw, adapter_id, messages=msgs)
+        chunks = self._hub.chat_completion(
+            msgs,
+            model=self._chat_model(adapter),
+            stream=True,
+            stream_options={"include_usage": True},
+            **chat_fields(p, self.info.backend),
+        )
+        return self._chat_chunks(chunks)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _model(self) -> str:
+        return self.model or self.info.model
+
+    def _chat_model(self, adapter: str | None) -> str:
+        if self.info.backend == "tgi":
+            return adapter or TGI_NO_ADAPTER
+        return adapter or self._model()
+
+    def _prepare(
+        self,
+        api: str,
+        params: SamplingParams | None,
+        overrides: dict[str, Any],
+        adapter_id: str | None,
+        *,
+        prompt: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> tuple[SamplingParams, str | None]:
+        try:
+            p = dataclasses.replace(params or SamplingParams(), **overrides)
+        except TypeError as e:
+            names = ", ".join(f.name for f in dataclasses.fields(SamplingParams))
+            raise InvalidParameterError(f"{e}; the generation parameters are: {names}") from None
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise InvalidParameterError("prompt must be a non-empty string")
+        info = self.info
+        check_for_backend(p, info.backend, api, max_stop_sequences=info.max_stop_sequences)
+        adapter = adapter_id or self.adapter_id
+        if adapter:
+            self._check_adapter(adapter)
+        if self.check_limits:
+            self._check_limits(p, prompt, messages)
+        return p, adapter
+
+    def _check_adapter(self, adapter: str) -> None:
+        info = self.info
+        if info.backend == "tgi":
+            if self.known_adapters is not None and adapter not in self.known_adapters:
+                warnings.warn(
+                    f"adapter_id {adapter!r} is not among the adapters TGI was started with "
+                    f"({', '.join(self.known_adapters) or 'none'}): TGI answers an unknown adapter id with "
+                    "the base model, without an error",
+                    UnknownAdapterWarning,
+                    stacklevel=4,
+                )
+            elif self.known_adapters is None and not self._warned_unverifiable:
+                self._warned_unverifiable = True
+                warnings.warn(
+                    f"cannot check adapter_id {adapter!r}: TGI does not list its adapters and answers an unknown "
+                    "id with the base model, without an error. Pass known_adapters= (or set LORA_ADAPTERS).",
+                    UnknownAdapterWarning,
+                    stacklevel=4,
+                )
+        elif info.backend == "vllm":
+            if adapter not in info.adapters:
+                served = ", ".join(info.adapters) or "none (start vLLM with --enable-lora --lora-modules)"
+                raise InvalidParameterError(
+                    f"vLLM at {self.url} serves no adapter {adapter!r}; adapters: {served}"
+                )
+        else:
+            raise InvalidParameterError(
+                f"{info.name} at {self.url} serves one merged model; adapter_id needs TGI with LORA_ADAPTERS "
+                "(or vLLM with LoRA modules)"
+            )
+
+    def _check_limits(
+        self, p: SamplingParams, prompt: str | None, messages: list[dict[str, Any]] | None
+    ) -> None:
+        info = self.info
+        total = info.max_total_tokens
+        if total is None:
+            return
+        max_input = info.max_input_tokens or total - 1
+        where = f"{info.name} at {self.url}"
+        if p.max_new_tokens >= total:
+            raise LimitExceededError(
+                f"max_new_tokens={p.max_new_tokens} is more than {where} allows: it takes at most {total} tokens "
+                f"per request, prompt and answer together, so at most {total - 1} new tokens"
+            )
+        if messages is not None:
+            text_bytes = sum(len(json.dumps(m.get("content"), ensure_ascii=False).encode()) for m in messages)
+            bound = text_bytes + CHAT_TEMPLATE_SLACK * (len(messages) + 1)
+        else:
+            bound = len(prompt.encode()) + 8
+        if bound <= max_input and bound + p.max_new_tokens <= total:
+            return
+        n = self.count_tokens(prompt=prompt, messages=messages)
+        if n is None:
+            return
+        if n > max_input:
+            raise LimitExceededError(
+                f"the prompt is {n} tokens and {where} accepts at most {max_input} input tokens; shorten it"
+            )
+        if n + p.max_new_tokens > total:
+            raise LimitExceededError(
+                f"the prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} tokens, "
+                f"over the {total} per request that {where} accepts; lower max_new_tokens to {total - n} "
+                "or shorten the prompt"
+            )
+
+    def _tgi_chunks(self, events) -> Iterator[Chunk]:
+        for event in events:
+            details = event.details
+            yield Chunk(
+                text="" if event.token.special else event.token.text,
+                tokens=1,
+                finish_reason=_finish(details.finish_reason) if details else None,
+                generated_tokens=details.generated_tokens if details else None,
+            )
+
+    def _completion_chunks(self, lines: Iterator[str]) -> Iterator[Chunk]:
+        for line in lines:
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            payload = json.loads(data)
+            choice = (payload.get("choices") or [{}])[0]
+            usage = payload.get("usage") or {}
+            text = choice.get("text") or ""
+            finish = _finish(choice.get("finish_reason"))
+            if text or finish or usage:
+                yield Chunk(text=text, finish_reason=finish, generated_tokens=usage.get("completion_tokens"))
+
+    def _chat_chunks(self, chunks) -> Iterator[Chunk]:
+        for chunk in chunks:
+            choice = chunk.choices[0] if chunk.choices else None
+            text = (choice.delta.content or "") if choice and choice.delta else ""
+            finish = _finish(choice.finish_reason) if choice else None
+            usage = chunk.usage
+            if text or finish or usage:
+                yield Chunk(
+                    text=text,
+                    finish_reason=finish,
+                    generated_tokens=usage.completion_tokens if usage else None,
+                )

@@ -1,0 +1,149 @@
+"""Retries, deadlines, timeouts and error bodies, against real HTTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+
+from serving.client import ServingClient
+from serving.errors import (
+    OverloadedError,
+    RequestRejectedError,
+    ServerError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+)
+from serving.transport import RetryPolicy, parse_error_body
+from tests.serving.fake_tgi import FakeTGI
+
+OVERLOADED = {"error": "Model is overloaded", "error_type": "overloaded"}
+
+
+@pytest.fixture
+def tgi():
+    server = FakeTGI()
+    yield server
+    server.stop()
+
+
+def quick(**kw) -> RetryPolicy:
+    return RetryPolicy(**{"max_attempts": 5, "base_delay": 0.01, "max_delay": 0.05, "deadline": 30, **kw})
+
+
+def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after():
+    policy = RetryPolicy(base_delay=0.5, max_delay=8.0)
+    rng = random.Random(0)
+    for attempt, cap in enumerate([0.5, 1, 2, 4, 8, 8]):
+        waits = [policy.delay(attempt, rng=rng) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap * 0.9 and min(waits) < cap * 0.1  # spread over the whole range
+    assert policy.delay(0, retry_after=3.0, rng=rng) >= 3.0
+    assert policy.delay(0, retry_after=60.0, rng=rng) <= 8.0  # a server cannot park the client forever
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retries_until_the_server_accepts(tgi, status):
+    k = 3
+    tgi.queued.extend(
+        [(status, OVERLOADED if status == 429 else {"error": "unhealthy", "error_type": "healthcheck"}, {})]
+        * k
+    )
+    with ServingClient(tgi.url, retry=quick()) as client:
+        assert client.generate("x", max_new_tokens=2).text == "はい 東京"
+    assert len(tgi.seen("/")) == k + 1
+
+
+def test_gives_up_after_max_attempts_with_the_last_answer(tgi):
+    tgi.queued.extend([(429, OVERLOADED, {})] * 10)
+    with (
+        ServingClient(tgi.url, retry=quick(max_attempts=4)) as client,
+        pytest.raises(OverloadedError) as caught,
+    ):
+        client.generate("x", max_new_tokens=2)
+    assert len(tgi.seen("/")) == 4
+    assert (
+        "gave up after 4 attempts" in str(caught.value)
+        and caught.value.server_message == "Model is overloaded"
+    )
+
+
+def test_overall_deadline_stops_retrying(tgi):
+    # The server asks for 1 s; the deadline is 0.5 s: no second attempt is started.
+    tgi.queued.extend([(429, OVERLOADED, {"retry-after": "1"})] * 10)
+    policy = RetryPolicy(max_attempts=50, base_delay=0.01, max_delay=5, deadline=0.5)
+    with (
+        ServingClient(tgi.url, retry=policy) as client,
+        pytest.raises(ServerTimeoutError, match="0.5 s deadline"),
+    ):
+        client.generate("x", max_new_tokens=2)
+    assert len(tgi.seen("/")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        (500, {"error": "Incomplete generation", "error_type": "incomplete_generation"}, ServerError),
+        (422, {"error": "Input validation error: bad", "error_type": "validation"}, RequestRejectedError),
+    ],
+)
+def test_other_errors_are_not_retried(tgi, status, body, error):
+    tgi.queued.extend([(status, body, {})] * 3)
+    with ServingClient(tgi.url, retry=quick()) as client, pytest.raises(error):
+        client.generate("x", max_new_tokens=2)
+    assert len(tgi.seen("/")) == 1
+
+
+def test_a_server_slower_than_the_timeout_gives_a_timeout_error(tgi):
+    with ServingClient(tgi.url, timeout=0.3) as client:
+        assert client.info.backend == "tgi"
+        tgi.delay = 3.0
+        with pytest.raises(ServerTimeoutError, match="did not answer within 0.3 s"):
+            client.generate("x", max_new_tokens=2)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_server_gives_a_clear_unavailable_error():
+    url = f"http://127.0.0.1:{_closed_port()}"
+    with ServingClient(url) as client:
+        assert client.health() is False
+        with pytest.raises(
+            ServerUnavailableError, match=r"no server answered at .*Is it running\? .*make serve"
+        ):
+            client.chat("x")
+        with pytest.raises(ServerTimeoutError, match="no healthy server"):
+            client.wait_until_healthy(timeout=0.3, interval=0.1)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            '{"error":"Input validation error: x","error_type":"validation"}',
+            ("Input validation error: x", "validation"),
+        ),
+        (
+            '{"error":{"message":"The model `a` does not exist.","type":"NotFoundError","param":"model","code":404}}',
+            ("The model `a` does not exist.", "NotFoundError"),
+        ),
+        ('{"error":{"message":"bad template","http_status_code":422}}', ("bad template", None)),
+        (
+            "{\"detail\":\"Server is pinned to '/m'; requested 'x'.\"}",
+            ("Server is pinned to '/m'; requested 'x'.", None),
+        ),
+        (
+            '{"detail":[{"loc":["body","messages"],"msg":"Field required"}]}',
+            ("messages: Field required", "validation"),
+        ),
+        ("Failed to deserialize the JSON body", ("Failed to deserialize the JSON body", None)),
+        ("", (None, None)),
+    ],
+)
+def test_error_bodies_of_every_backend(body, expected):
+    assert parse_error_body(body) == expected

@@ -1,0 +1,201 @@
+"""Evaluate models of a run side by side: perplexity on the validation split, greedy answers.
+
+Variants (any of):
+  base            the base model, full precision
+  adapter         base + adapter as trained (quantized as in the recipe)
+  merged          outputs/<run>/merged
+  <path>          any merged model directory (e.g. one merged onto the NF4 round trip)
+
+Perplexity counts the same tokens training's loss counted (responses only, for
+instruction and chat data). Greedy answers to the validation prompts are compared with
+the trained model's (base + adapter) and with the reference answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.data import prepare_data
+from training.errors import UserError
+from training.recipe import Recipe, ValidationSplit
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 32
+
+
+@dataclass
+class EvalData:
+    dataset: object  # datasets.Dataset with input_ids (+ assistant_masks)
+    prompts: list[list[dict]]  # chat turns up to the last assistant turn
+    references: list[str]  # the reference answers to those prompts
+    source: str
+
+
+def eval_data(recipe: Recipe, tokenizer, file: str | None = None, prompts: int = 8) -> EvalData:
+    """The recipe's validation split (or `file`), tokenized exactly as for training."""
+    cfg = recipe.data
+    if file is not None:
+        cfg = cfg.model_copy(update={"validation": ValidationSplit(file=file)})
+    if cfg.validation is None:
+        raise UserError(
+            "the recipe has no validation split (data.validation) to evaluate on; add one, or pass --file "
+            "with rows in the recipe's format"
+        )
+    prepared = prepare_data(cfg, tokenizer)
+    chats = [e for e in prepared.eval_examples if e.messages is not None][:prompts]
+    return EvalData(
+        dataset=prepared.eval,
+        prompts=[e.messages[:-1] for e in chats],
+        references=[e.messages[-1]["content"] for e in chats],
+        source=prepared.eval_report.source,
+    )
+
+
+@torch.no_grad()
+def perplexity(model, dataset) -> dict:
+    """exp(mean negative log-likelihood) over the tokens that count toward the loss."""
+    device = next(model.parameters()).device
+    nll, tokens = 0.0, 0
+    for row in dataset:
+        ids = torch.tensor([row["input_ids"]], device=device)
+        mask = torch.tensor([row.get("assistant_masks") or [1] * ids.shape[1]], device=device)
+        labels = ids.masked_fill(mask == 0, -100)
+        counted = int(mask[0, 1:].sum())
+        if counted == 0:
+            continue
+        loss = model(input_ids=ids, labels=labels).loss.float().item()
+        nll += loss * counted
+        tokens += counted
+    mean = nll / max(tokens, 1)
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": tokens}
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[list[dict]]) -> list[str]:
+    device = next(model.parameters()).device
+    answers = []
+    for messages in prompts:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad)
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
+def load_variant(name: str, recipe: Recipe, run_dir: Path):
+    """(label, model) for a variant name or a model directory."""
+    from transformers import AutoModelForCausalLM
+
+    from training.model import compute_dtype, detect_device, load_model
+    from training.tiny_models import resolve_model_name
+
+    device = detect_device()
+    dtype = compute_dtype(recipe.model.dtype, device)
+    placement = {"device_map": {"": 0}} if device.type == "cuda" else {}
+    if name == "base":
+        base = resolve_model_name(recipe.model.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            base,
+            revision=recipe.model.revision,
+            dtype=dtype,
+            trust_remote_code=recipe.model.trust_remote_code,
+            **placement,
+        )
+        return "base", model.eval()
+    if name == "adapter":
+        from peft import PeftModel
+
+        adapter = run_dir / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError(f"{adapter}: no adapter to evaluate; train first")
+        model, _ = load_model(recipe.model, recipe.quantization, device, dtype)
+        label = (
+            "adapter" if recipe.quantization.method == "none" else f"adapter ({recipe.quantization.method})"
+        )
+        return label, PeftModel.from_pretrained(model, adapter).eval()
+    path = run_dir / "merged" if name == "merged" else Path(name)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no model to evaluate (expected a merged model directory)")
+    merge_info = path / "merge.json"
+    base = json.loads(merge_info.read_text()).get("merge_base", "original") if merge_info.is_file() else None
+    label = f"merged ({base})" if base else path.name
+    return label, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
+
+
+def evaluate(recipe: Recipe, variants: list[str], *, file: str | None = None, prompts: int = 8) -> dict:
+    from transformers import AutoTokenizer
+
+    run_dir = recipe.output.run_dir()
+    adapter = run_dir / "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter.is_dir() else run_dir / "merged")
+    data = eval_data(recipe, tokenizer, file=file, prompts=prompts)
+    results: dict[str, dict] = {}
+    for name in variants:
+        label, model = load_variant(name, recipe, run_dir)
+        log.info("Evaluating %s on %d rows of %s", label, len(data.dataset), data.source)
+        results[label] = {
+            **perplexity(model, data.dataset),
+            "answers": greedy_answers(model, tokenizer, data.prompts),
+        }
+        del model
+    trained = next((r["answers"] for label, r in results.items() if label.startswith("adapter")), None)
+    for r in results.values():
+        if not r["answers"]:  # text-format data has no prompts to answer
+            continue
+        n = len(r["answers"])
+        r["exact_match_reference"] = (
+            sum(a == b.strip() for a, b in zip(r["answers"], data.references, strict=True)) / n
+        )
+        if trained is not None:
+            r["agreement_with_trained"] = sum(a == b for a, b in zip(r["answers"], trained, strict=True)) / n
+    return {"source": data.source, "rows": len(data.dataset), "prompts": len(data.prompts), "models": results}
+
+
+def write_report(report: dict, json_path: Path, png_path: Path) -> str:
+    """JSON and a bar chart beside the model; returns the terminal table."""
+    from training.atomic import write_json
+
+    write_json(json_path, report)
+    models = report["models"]
+    lines = [
+        f"Evaluation on {report['rows']} rows of {report['source']} ({report['prompts']} prompts for answers)",
+        f"  {'model':<28}{'perplexity':>12}{'tokens':>9}{'agrees w/ trained':>19}{'exact match':>13}",
+    ]
+    for label, r in models.items():
+        agree, exact = r.get("agreement_with_trained"), r.get("exact_match_reference")
+        lines.append(
+            f"  {label:<28}{r['perplexity']:>12.3f}{r['tokens']:>9}"
+            f"{'' if agree is None else f'{agree:.0%}':>19}{'' if exact is None else f'{exact:.0%}':>13}"
+        )
+    _bar_chart(models, png_path, report["source"])
+    lines.append(f"  -> {json_path}, {png_path}")
+    return "\n".join(lines)
+
+
+def _bar_chart(models: dict, path: Path, source: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(models)
+    values = [models[label]["perplexity"] for label in labels]
+    fig, ax = plt.subplots(figsize=(1.8 * len(labels) + 2, 3.5))
+    bars = ax.bar(labels, values, color="#4C72B0")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"Validation perplexity: {source}", fontsize=10)
+    ax.set_ylim(0, max(values) * 1.15)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
