@@ -13,7 +13,6 @@
 import os
 import secrets
 import sys
-from pathlib import Path
 
 MIN_TOKEN_CHARS = 32
 TOKEN_BYTES = 32  # secrets.token_hex(32): 64 hex characters
@@ -32,8 +31,9 @@ def read_token(environ=os.environ) -> tuple[str, bool]:
         )
     path = environ.get("JUPYTER_TOKEN_FILE")
     token = ""
-    if path and Path(path).is_file():
-        token = Path(path).read_text(encoding="utf-8").strip()
+    if path and os.path.exists(path):  # a file, or a pipe (make notebook passes /dev/fd/N)
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
     if not token:
         return secrets.token_hex(TOKEN_BYTES), True
     if len(token) < MIN_TOKEN_CHARS or any(ch.isspace() for ch in token):
