@@ -1,6 +1,7 @@
 # JupyterLab's security settings for qlora-stack. The image installs this file as
-# /etc/jupyter/jupyter_server_config.py, so every `jupyter lab` in it applies them; on the host
-# `make notebook` passes it with --config.
+# /etc/jupyter/jupyter_server_config.py, so every `jupyter lab` in it applies them (a
+# --config=FILE on the command line would load FILE instead); on the host `make notebook`
+# passes it with --config.
 #
 # The token: read from the file that JUPYTER_TOKEN_FILE names (compose mounts the secret
 # `jupyter_token`, filled from JUPYTER_TOKEN in .env, at /run/secrets/jupyter_token), or, when
