@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.launch import TGI_IMAGE, VLLM_IMAGE
+from serving.images import TGI_IMAGE, VLLM_IMAGE
 from tests.conftest import ROOT
 
 COMPOSE_FILE = ROOT / "compose.yaml"
