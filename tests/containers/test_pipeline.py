@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import time
+import urllib.error
 import urllib.request
 
 import yaml
@@ -188,3 +190,67 @@ def test_serve_cpu_answers_another_container_by_service_name(stack, server):
 def test_serve_cpu_reads_outputs_read_only(stack, server):
     done = stack.compose("exec", "-T", "serve-cpu", "touch", "/outputs/x")
     assert done.returncode != 0 and "Read-only file system" in done.output
+
+
+# --- serve-cpu hardening (issue 7, item 8): checked inside the running container ---------------
+
+PROBE = """
+grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs):' /proc/1/status
+for path in / /workspace /home/app /outputs/quickstart/merged /tmp; do
+  if touch "$path/.probe" 2>/dev/null; then echo "writable $path"; rm -f "$path/.probe"; else echo "read-only $path"; fi
+done
+"""
+
+
+def test_serve_cpu_serves_with_no_capabilities_no_privilege_gain_and_a_read_only_root(stack, server):
+    # It serves like this: the fixture waited for healthy, and it answers now.
+    assert "quickstart" in json.dumps(http(f"{server}/v1/models"))
+    out = stack.compose("exec", "-T", "serve-cpu", "sh", "-c", PROBE).ok().output
+    status = dict(re.findall(r"^(\w+):\s+(\S+)$", out, flags=re.M))
+    # PID 1 (tini, then the server under it) holds no capability, none can be regained
+    # (an empty bounding set: cap_drop ALL) and setuid binaries grant nothing (no-new-privileges).
+    assert status == {"CapPrm": "0" * 16, "CapEff": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1"}, out
+    writable = set(re.findall(r"^writable (\S+)$", out, flags=re.M))
+    read_only = set(re.findall(r"^read-only (\S+)$", out, flags=re.M))
+    # The root filesystem and the model are read-only; /tmp (a tmpfs) is the scratch space.
+    assert writable == {"/tmp"} and read_only == {
+        "/",
+        "/workspace",
+        "/home/app",
+        "/outputs/quickstart/merged",
+    }
+    host_config = stack.api.inspect(stack.container("serve-cpu"))["HostConfig"]
+    assert host_config["ReadonlyRootfs"] is True
+
+
+def status_of(url: str, headers: dict[str, str], body: dict | None = None) -> int:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_serve_cpu_with_an_api_key_refuses_generation_without_a_bearer_token(stack, server):
+    key = secrets.token_hex(16)
+    up = ("up", "-d", "--wait", "--wait-timeout", "600", "--force-recreate", "serve-cpu")
+    chat = {
+        "model": "quickstart",
+        "messages": [{"role": "user", "content": "日本の首都は？"}],
+        "max_tokens": 2,
+    }
+    completion = {"model": "quickstart", "prompt": "日本の首都は", "max_tokens": 2}
+    try:
+        stack.compose(*up, env={"API_KEY": key}).ok()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            assert status_of(f"{server}/v1/chat/completions", headers, chat) == 401, headers
+            assert status_of(f"{server}/v1/completions", headers, completion) == 401, headers
+            assert status_of(f"{server}/v1/models", headers) == 401, headers
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert status_of(f"{server}/v1/chat/completions", bearer, chat) == 200
+        assert status_of(f"{server}/health", {}) == 200  # the healthcheck needs no key
+    finally:
+        # Back to the server as it ships (no key), for any test that comes after this one.
+        stack.compose(*up).ok()
