@@ -47,7 +47,7 @@ CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
 .PHONY: help venv build image train merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint strip-notebooks clean
+	test-containers lint pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -141,14 +141,20 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
-lint: $(STAMP) $(TOOLS_STAMP) ## ruff; hadolint on docker/Dockerfile; docker compose config for every profile; notebooks stripped
-	$(VENV)/bin/ruff check training serving tests bench notebooks docker
+RUFF_PATHS := training serving tests bench notebooks docker
+
+lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; hadolint on docker/Dockerfile; docker compose config for every profile; notebooks stripped
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
+	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
 	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
 	$(PY) -m tests.notebook_outputs check notebooks
+
+pin-images: ## pin the TGI and vLLM images in .env by digest (tag@sha256:...; needs a registry and docker buildx or skopeo)
+	docker/pin-images.sh
 
 strip-notebooks: $(STAMP) ## remove outputs from notebooks/*.ipynb before committing
 	$(PY) -m tests.notebook_outputs strip notebooks

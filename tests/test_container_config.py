@@ -378,7 +378,8 @@ def test_make_in_docker_runs_the_compose_services():
     assert "build train" in train  # the image is rebuilt from this source first (cached)
     merge = make("-n", "merge", *common).stdout
     assert re.search(
-        r"run --rm merge python -m training merge --recipe recipes/quickstart.yaml[\s\\]+--num-shard \d", merge
+        r"run --rm merge python -m training merge --recipe recipes/quickstart.yaml[\s\\]+--num-shard \d",
+        merge,
     )
     notebook = make("-n", "notebook", *common).stdout
     assert "up -d --wait notebook" in notebook
@@ -403,3 +404,68 @@ def test_make_clean_asks_first_and_keeps_everything_without_a_yes(tmp_path):
     assert (tmp_path / "outputs" / "quickstart").is_dir()
     make("clean", project, "YES=1", cwd=tmp_path, check=True)
     assert not (tmp_path / "outputs").exists()
+
+
+# --- docker/pin-images.sh: TGI_IMAGE and VLLM_IMAGE pinned by digest in .env -----------------
+# No registry is reachable here, so `skopeo` is a stand-in on PATH that prints a fixed manifest
+# for the reference it is asked about; the script's part (the digest of the raw manifest, the
+# .env rewrite) runs for real.
+FAKE_SKOPEO = """#!/bin/sh
+[ "$1 $2" = "inspect --raw" ] || { echo "unexpected: $*" >&2; exit 2; }
+case "$3" in *@*) echo "asked for a digest reference: $3" >&2; exit 2;; esac
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","ref":"%s"}' "$3"
+"""
+
+
+def pin_images(tmp_path: Path, env_file: Path, skopeo: bool = True) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if skopeo:
+        (bin_dir / "skopeo").write_text(FAKE_SKOPEO)
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 1\n")  # no buildx: the skopeo path
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return subprocess.run(
+        ["bash", str(ROOT / "docker" / "pin-images.sh"), str(env_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+def expected_digest(tag: str) -> str:
+    import hashlib
+
+    index = '"mediaType":"application/vnd.oci.image.index.v1+json"'
+    manifest = f'{{"schemaVersion":2,{index},"ref":"docker://{tag}"}}'
+    return "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def test_pin_images_writes_tag_at_digest_into_env_and_keeps_everything_else(tmp_path):
+    from serving.images import TGI_IMAGE, VLLM_IMAGE
+
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"HF_TOKEN=hf_x\nTGI_IMAGE={TGI_IMAGE}\nSERVE_PORT=9000\n")
+    env_file.chmod(0o600)
+    done = pin_images(tmp_path, env_file)
+    assert done.returncode == 0, done.stderr
+    tgi = f"{TGI_IMAGE}@{expected_digest(TGI_IMAGE)}"
+    vllm = f"{VLLM_IMAGE}@{expected_digest(VLLM_IMAGE)}"  # not in .env: the default, appended
+    assert env_file.read_text() == f"HF_TOKEN=hf_x\nTGI_IMAGE={tgi}\nSERVE_PORT=9000\nVLLM_IMAGE={vllm}\n"
+    assert env_file.stat().st_mode & 0o777 == 0o600  # .env holds secrets: its mode stays
+    # Pinned already: resolved again from the tag (a stale digest is replaced), same result.
+    env_file.write_text(env_file.read_text().replace(expected_digest(TGI_IMAGE), "sha256:" + "0" * 64))
+    again = pin_images(tmp_path, env_file)
+    assert again.returncode == 0, again.stderr
+    assert f"TGI_IMAGE={tgi}\n" in env_file.read_text() and f"VLLM_IMAGE={vllm} (unchanged)" in again.stdout
+
+
+def test_pin_images_fails_loudly_without_a_registry_tool(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("TGI_IMAGE=ghcr.io/huggingface/text-generation-inference:3.3.7\n")
+    if shutil.which("skopeo", path="/usr/bin:/bin"):
+        pytest.skip("skopeo is installed here")
+    done = pin_images(tmp_path, env_file, skopeo=False)
+    assert done.returncode != 0 and "skopeo" in done.stderr
+    assert env_file.read_text() == "TGI_IMAGE=ghcr.io/huggingface/text-generation-inference:3.3.7\n"
