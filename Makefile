@@ -127,8 +127,13 @@ validate: $(STAMP) ## check RECIPE without loading a model
 tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)
 	$(PY) -m training tiny-model
 
+# The tests choose their own settings: what .env says for your containers (HF_HUB_OFFLINE=0,
+# API_KEY, ports; make exports it, see Serving below) must not reach them. Expanded when the
+# recipe runs, after .env has been read.
+TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
+
 test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
 	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
@@ -180,7 +185,8 @@ clean: ## delete outputs and caches: outputs/, the compose volumes (outputs, hf-
 # override what .env says (write plain KEY=value lines, no quotes).
 ifneq ($(wildcard .env),)
 include .env
-export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+DOTENV_VARS := $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+export $(DOTENV_VARS)
 endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
 RUN ?= $(basename $(notdir $(RECIPE)))
