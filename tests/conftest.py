@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.chdir(ROOT)  # recipes name data/ and recipes/ relative to the project root, as users run them
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, whatever .env says
 
 # Short runs of the tiny models: a few seconds each on two CPU cores.
 FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]

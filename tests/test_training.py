@@ -41,6 +41,12 @@ def test_quickstart_qlora_lowers_eval_loss_and_records_the_run(quickstart_run):
     assert metrics["peak_memory_measure"].startswith("peak bytes of live CPU tensors")
     assert run["versions"]["bitsandbytes"] == "0.50.2" and len(data["fingerprint"]) == 16
     assert json.loads((quickstart_run / "adapter" / "run.json").read_text()) == run
+    # The loss curve of the run, for notebooks and plots: train losses at every logging step.
+    history = run["history"]
+    train_steps = [h["step"] for h in history if "loss" in h]
+    assert train_steps == sorted(train_steps) and len(train_steps) >= metrics["global_step"] // 5
+    assert [h["loss"] for h in history if "loss" in h][-1] == metrics["train_loss_last"]
+    assert any("eval_loss" in h for h in history)
 
 
 def test_gpt_neox_qlora_lowers_eval_loss(neox_run):
@@ -180,6 +186,8 @@ def test_killed_run_resumes_and_finishes_like_a_straight_run(tiny_dir, tmp_path)
     # summation order may differ, so losses agree to far better than 0.02.
     assert b["metrics"]["train_loss_last"] == pytest.approx(a["metrics"]["train_loss_last"], abs=0.02)
     assert b["metrics"]["eval_loss"] == pytest.approx(a["metrics"]["eval_loss"], abs=0.02)
+    # The resumed run's history covers the steps trained before the kill too.
+    assert [h["step"] for h in b["history"] if "loss" in h] == list(range(1, 13))
     assert last_learning_rate(straight) == pytest.approx(last_learning_rate(killed), rel=1e-9)
 
 

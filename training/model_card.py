@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-TGI_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.7"
-VLLM_IMAGE = "vllm/vllm-openai:v0.31.0"
+# The same images compose.yaml runs (its defaults), so the card and `make serve` agree.
+from serving.images import TGI_IMAGE, VLLM_IMAGE
 
 
 def _on_hub(name: str | None) -> bool:

@@ -247,6 +247,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
             "completion_only_loss": recipe.data.loss_on_completion_only,
         },
         "resumed_from": str(checkpoint) if checkpoint else None,
+        "history": _history(trainer.state.log_history),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
     }
     if stop.signum is not None:
@@ -406,6 +407,20 @@ def _metrics(trainer, has_eval: bool) -> dict:
         "eval_loss_start": eval_losses[0] if eval_losses else None,
         "eval_loss": final_eval,
     }
+
+
+# What a loss curve needs from the Trainer's log, one entry per logging or evaluation step.
+HISTORY_KEYS = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+
+
+def _history(log_history: list[dict]) -> list[dict]:
+    """The logged losses of the whole run (a resumed run's log starts at its first step)."""
+    out = []
+    for entry in log_history:
+        row = {k: entry[k] for k in HISTORY_KEYS if isinstance(entry.get(k), (int, float))}
+        if "loss" in row or "eval_loss" in row:
+            out.append(row)
+    return out
 
 
 def _check_same_recipe(paths: RunPaths, recipe: Recipe) -> None:

