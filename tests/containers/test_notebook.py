@@ -114,8 +114,7 @@ def test_a_token_from_env_is_used_and_a_weak_one_is_refused(stack, jupyter):
     assert stack.api.inspect(stack.container("notebook"))["State"]["Running"] is False
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS[:2])
-def test_notebook_runs_top_to_bottom_in_the_container(stack, merged, name):
+def execute_in_container(stack, name: str, env: dict | None = None) -> None:
     out = stack.run(
         "notebook",
         "python",
@@ -123,21 +122,16 @@ def test_notebook_runs_top_to_bottom_in_the_container(stack, merged, name):
         f"notebooks/{name}.ipynb",
         "--out",
         "/workspace/outputs/executed-notebooks",
+        env=env,
     )
     assert out.returncode == 0, out.tail(120)
     assert f"ok notebooks/{name}.ipynb" in out.output
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS[:2])
+def test_notebook_runs_top_to_bottom_in_the_container(stack, merged, name):
+    execute_in_container(stack, name)
 
 
 def test_query_endpoint_notebook_runs_against_serve_cpu(stack, server):
-    name = NOTEBOOKS[2]
-    out = stack.run(
-        "notebook",
-        "python",
-        "tests/containers/execute_notebook.py",
-        f"notebooks/{name}.ipynb",
-        "--out",
-        "/workspace/outputs/executed-notebooks",
-        env={"SERVE_URL": "http://serve-cpu:8080"},
-    )
-    assert out.returncode == 0, out.tail(120)
-    assert f"ok notebooks/{name}.ipynb" in out.output
+    execute_in_container(stack, NOTEBOOKS[2], env={"SERVE_URL": "http://serve-cpu:8080"})
