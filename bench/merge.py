@@ -27,26 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(workdir: Path, hidden: int, intermediate: int, layers: int) -> None:
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from bench.synthetic import random_llama
     from training.tiny_models import ensure_tiny_model
 
     base_dir, adapter_dir = workdir / "base", workdir / "adapter"
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = random_llama(hidden, intermediate, layers, heads=hidden // 64, kv_heads=4)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(base_dir, max_shard_size="2GB")
     model.name_or_path = str(base_dir)  # recorded by peft as the adapter's base model
@@ -55,7 +42,7 @@ def build(workdir: Path, hidden: int, intermediate: int, layers: int) -> None:
     )
     get_peft_model(model, lora).save_pretrained(adapter_dir)
     # The merge copies the adapter's tokenizer into the merged model; any tokenizer serves here.
-    tokenizer_src = ensure_tiny_model("llama", out_dir=workdir / "tiny")
+    tokenizer_src = ensure_tiny_model("llama")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_src / name, adapter_dir / name)
     (workdir / "params.json").write_text(json.dumps({"parameters": params}))

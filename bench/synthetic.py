@@ -35,15 +35,14 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, out: Path) -> None:
+def random_llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int):
+    """A Llama with random weights in bf16, speaking the tiny Llama tokenizer's special ids."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.atomic import building_dir
     from training.tiny_models import ensure_tiny_model
 
-    hidden, intermediate, layers, heads, kv_heads = SHAPES[shape]
-    tokenizer_src = ensure_tiny_model("llama")
+    tiny_config = json.loads((ensure_tiny_model("llama") / "config.json").read_text())
     config = LlamaConfig(
         vocab_size=32000,
         hidden_size=hidden,
@@ -52,21 +51,30 @@ def build_model(shape: str, out: Path) -> None:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
         tie_word_embeddings=False,
+        # So that generation stops where the tokenizer says.
+        **{k: tiny_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
     )
-    # The tiny tokenizer's special ids, so generation stops where the tokenizer says.
-    tiny_config = json.loads((tokenizer_src / "config.json").read_text())
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(config, key, tiny_config[key])
     torch.manual_seed(0)
-    # Initialised where it is fastest: a 7B model takes minutes on a CPU, seconds on a GPU.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Initialised in bf16 (a 7B model in float32 would need 28 GB first), where it is
+    # fastest: a 7B model takes minutes on a CPU, seconds on a GPU.
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(shape: str, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    from training.atomic import building_dir
+    from training.tiny_models import ensure_tiny_model
+
+    model = random_llama(*SHAPES[shape])
+    config, tokenizer_src = model.config, ensure_tiny_model("llama")
     params = sum(p.numel() for p in model.parameters())
     with building_dir(out, replace=True) as tmp:
         model.save_pretrained(tmp, max_shard_size="5GB")
