@@ -158,9 +158,10 @@ COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose
 
 RUFF_PATHS := training serving tests bench notebooks docker
 
-lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; hadolint on docker/Dockerfile; docker compose config for every profile; notebooks stripped
+lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadolint; docker compose config for every profile; notebooks stripped
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
+	$(VENV)/bin/lint-imports --no-cache
 	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \

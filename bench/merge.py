@@ -30,7 +30,7 @@ def build(workdir: Path, hidden: int, intermediate: int, layers: int) -> None:
     from peft import LoraConfig, get_peft_model
 
     from bench.synthetic import random_llama
-    from training.tiny_models import ensure_tiny_model
+    from training.model.tiny import ensure_tiny_model
 
     base_dir, adapter_dir = workdir / "base", workdir / "adapter"
     model = random_llama(hidden, intermediate, layers, heads=hidden // 64, kv_heads=4)
@@ -55,7 +55,7 @@ def child(path: str, *args: str) -> None:
         return
     base_dir, adapter_dir, out_dir = args
     if path == "streaming":
-        from training.merge import MergeSettings, merge_adapter
+        from training.merge.coordinator import MergeSettings, merge_adapter
 
         merge_adapter(adapter_dir, out_dir, MergeSettings(verify=False, max_shard_size="2GB"))
     else:

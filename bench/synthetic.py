@@ -40,7 +40,7 @@ def random_llama(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.tiny_models import ensure_tiny_model
+    from training.model.tiny import ensure_tiny_model
 
     tiny_config = json.loads((ensure_tiny_model("llama") / "config.json").read_text())
     config = LlamaConfig(
@@ -71,7 +71,7 @@ def build_model(shape: str, out: Path) -> None:
     from transformers import GenerationConfig
 
     from training.atomic import building_dir
-    from training.tiny_models import ensure_tiny_model
+    from training.model.tiny import ensure_tiny_model
 
     model = random_llama(*SHAPES[shape])
     config, tokenizer_src = model.config, ensure_tiny_model("llama")
@@ -93,7 +93,7 @@ def build_data(out: Path, rows: int, min_tokens: int, max_tokens: int, seed: int
     from transformers import AutoTokenizer
 
     from training.atomic import write_text
-    from training.tiny_models import ensure_tiny_model
+    from training.model.tiny import ensure_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model("llama"))
     source = [

@@ -65,7 +65,7 @@ def common_overrides(steps: int) -> list[str]:
 
 def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict:
     from training.recipe import load_recipe
-    from training.trainer import run_training
+    from training.train.run import run_training
 
     overrides = [*common_overrides(steps), f"output.dir={out_dir}", *VARIANTS[variant]]
     recipe = load_recipe(recipe_path, overrides)
@@ -104,11 +104,11 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from training.data import prepare_data
-    from training.lora import lora_config
-    from training.model import compute_dtype, detect_device, load_model, load_tokenizer
+    from training.data.prepare import prepare_data
+    from training.model.loading import compute_dtype, detect_device, load_model, load_tokenizer
+    from training.model.lora import lora_config
     from training.recipe import load_recipe
-    from training.trainer import Throughput
+    from training.train.callbacks import Throughput
 
     recipe = load_recipe(recipe_path, common_overrides(steps))
     device = detect_device()
@@ -159,8 +159,8 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
     import torch
     from transformers import AutoConfig
 
+    from training.model.tiny import resolve_model_name
     from training.recipe import load_recipe
-    from training.tiny_models import resolve_model_name
 
     with tempfile.TemporaryDirectory() as out:
         if variant == "tutorial":

@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.params import SamplingParams
@@ -149,13 +152,10 @@ def summarize(samples: list[Sample], concurrency: int, wall: float) -> dict[str,
 
 
 def plot(levels: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     xs = [lv["concurrency"] for lv in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
     metrics = (("ttft_ms", "TTFT", "C0"), ("itl_ms", "ITL", "C1"), ("e2e_ms", "end to end", "C2"))
     for key, label, color in metrics:
         for q, style in (("p50", "-o"), ("p95", "--^")):
@@ -173,7 +173,6 @@ def plot(levels: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def table(levels: list[dict[str, Any]]) -> str:
@@ -220,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
     try:

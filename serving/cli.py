@@ -8,7 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from serving.backends.tgi import CONTAINER_OUTPUTS
+from serving.client import ServingClient
 from serving.errors import ServingError
+from serving.launch_env import plan_from_env, shell
+from serving.params import SamplingParams
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.local_server import print_ready, run, settings_for
+    # Loaded here, not at the top: the local server's stack (transformers serve, uvicorn) takes
+    # seconds to import, which `chat` and `health` should not wait for.
+    from serving.local_server.app import print_ready, run, settings_for
 
     model_dir = args.model_dir or args.outputs / args.run / "merged"
     settings = settings_for(
@@ -139,15 +145,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace):
-    from serving.client import ServingClient
-
+def _client(args: argparse.Namespace) -> ServingClient:
     return ServingClient(args.url, model=args.model, adapter_id=args.adapter, timeout=args.timeout)
 
 
-def _params(args: argparse.Namespace):
-    from serving.params import SamplingParams
-
+def _params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -184,8 +186,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from serving.client import ServingClient
-
     with ServingClient(args.url) as client:
         if args.wait > 0:
             info = client.wait_until_healthy(timeout=args.wait)
@@ -200,8 +200,6 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _launch_env(args: argparse.Namespace) -> int:
-    from serving.launch import CONTAINER_OUTPUTS, plan_from_env
-
     outputs = args.outputs or (
         Path(CONTAINER_OUTPUTS) if Path(CONTAINER_OUTPUTS).is_dir() else Path("outputs")
     )
@@ -213,7 +211,7 @@ def _launch_env(args: argparse.Namespace) -> int:
         f"request (input up to {settings.max_input_tokens}), from {settings.context_source}",
         file=sys.stderr,
     )
-    print(settings.shell())
+    print(shell(settings))
     return 0
 
 

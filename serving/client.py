@@ -26,6 +26,9 @@ from typing import Any
 
 from huggingface_hub import InferenceClient
 
+from serving.backends import BACKENDS, get_backend
+from serving.backends.base import GENERATE_ROUTE, Backend, ServerInfo
+from serving.backends.tgi import adapter_ids
 from serving.errors import (
     InvalidParameterError,
     LimitExceededError,
@@ -35,16 +38,8 @@ from serving.errors import (
     ServingError,
     UnknownAdapterWarning,
 )
-from serving.launch import adapter_ids
-from serving.params import (
-    BACKENDS,
-    SamplingParams,
-    chat_fields,
-    check_for_backend,
-    completion_fields,
-    tgi_generate,
-)
-from serving.server_info import ServerInfo, discover
+from serving.params import SamplingParams
+from serving.server_info import discover
 from serving.transport import NO_RETRY, RetryPolicy, Transport
 
 Messages = str | Sequence[dict[str, Any]]
@@ -54,7 +49,6 @@ FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop"}
 # chat clearly fits (a text token covers at least one byte). A template longer than this
 # can let an oversized chat through to the server, which then refuses it itself.
 CHAT_TEMPLATE_SLACK = 64
-TGI_NO_ADAPTER = "tgi"  # TGI's chat route treats any other `model` as an adapter id
 
 
 def default_url() -> str:
@@ -157,7 +151,7 @@ class ServingClient:
         env_adapters = adapter_ids(os.environ.get("LORA_ADAPTERS")) or None
         self.known_adapters = tuple(known_adapters) if known_adapters is not None else env_adapters
         self.check_limits = check_limits
-        self._warned_unverifiable = False
+        self._warned: set[str] = set()  # each adapter warning once per client
 
     def close(self) -> None:
         self.transport.close()
@@ -177,6 +171,11 @@ class ServingClient:
             self._info = discover(self.transport, self._backend_choice)
             self.transport.server_name = self._info.name
         return self._info
+
+    @property
+    def backend(self) -> Backend:
+        """What the client knows about the server it talks to (serving.backends)."""
+        return get_backend(self.info.backend)
 
     def health(self) -> bool:
         """True when the server answers 200 on /health (TGI: all shards ready)."""
@@ -209,27 +208,13 @@ class ServingClient:
 
     def count_tokens(self, prompt: str | None = None, messages: Messages | None = None) -> int | None:
         """Tokens in a prompt (or a chat, with its template), counted by the server; None if it cannot."""
-        info = self.info
-        chat = messages is not None
+        chat = _messages(messages) if messages is not None else None
         try:
-            if info.backend == "tgi":
-                if chat:
-                    out = self.transport.post_json(
-                        "/chat_tokenize", {"model": TGI_NO_ADAPTER, "messages": _messages(messages)}
-                    )
-                    return len(out["tokenize_response"])
-                return len(self.transport.post_json("/tokenize", {"inputs": prompt}))
-            if info.backend in ("vllm", "local"):
-                body = {
-                    "model": info.model,
-                    **({"messages": _messages(messages)} if chat else {"prompt": prompt}),
-                }
-                return int(self.transport.post_json("/tokenize", body)["count"])
+            return self.backend.count_tokens(self.transport, self.info, prompt, chat)
         except NotFoundError:
             return None
         except (KeyError, TypeError) as e:
             raise ServerError(f"{self.url}: unexpected tokenize answer ({e})", url=self.url) from None
-        return None
 
     # --- generation -----------------------------------------------------------------------
 
@@ -238,9 +223,9 @@ class ServingClient:
     ) -> Completion:
         """Continue `prompt` as is (no chat template): TGI /generate, else /v1/completions."""
         p, adapter = self._prepare("generate", params, kw, adapter_id, prompt=prompt)
-        if self.info.backend == "tgi":
+        if self.backend.raw_route == GENERATE_ROUTE:
             out = self._hub.text_generation(
-                prompt, **tgi_generate(p), **({"adapter_id": adapter} if adapter else {})
+                prompt, **self.backend.raw_fields(p), **({"adapter_id": adapter} if adapter else {})
             )
             details = out.details
             return Completion(
@@ -250,8 +235,8 @@ class ServingClient:
                 seed=details.seed if details else None,
                 raw=out,
             )
-        body = {"model": adapter or self._model(), "prompt": prompt, **completion_fields(p)}
-        data = self.transport.post_json("/v1/completions", body)
+        body = {"model": adapter or self._model(), "prompt": prompt, **self.backend.raw_fields(p)}
+        data = self.transport.post_json(self.backend.raw_route, body)
         try:
             choice, usage = data["choices"][0], data.get("usage") or {}
             return Completion(
@@ -272,18 +257,18 @@ class ServingClient:
     ) -> Iterator[Chunk]:
         """Like `generate`, token by token as the server produces them."""
         p, adapter = self._prepare("generate", params, kw, adapter_id, prompt=prompt)
-        if self.info.backend == "tgi":
+        if self.backend.raw_route == GENERATE_ROUTE:
             extra = {"adapter_id": adapter} if adapter else {}
-            events = self._hub.text_generation(prompt, stream=True, **tgi_generate(p), **extra)
+            events = self._hub.text_generation(prompt, stream=True, **self.backend.raw_fields(p), **extra)
             return self._tgi_chunks(events)
         body = {
             "model": adapter or self._model(),
             "prompt": prompt,
             "stream": True,
             "stream_options": {"include_usage": True},
-            **completion_fields(p),
+            **self.backend.raw_fields(p),
         }
-        response = self.transport.request("POST", "/v1/completions", json_body=body, stream=True)
+        response = self.transport.request("POST", self.backend.raw_route, json_body=body, stream=True)
         return self._completion_chunks(self.transport.sse_lines(response))
 
     def chat(
@@ -292,9 +277,7 @@ class ServingClient:
         """Answer a conversation (a string is one user message), formatted by the model's chat template."""
         msgs = _messages(messages)
         p, adapter = self._prepare("chat", params, kw, adapter_id, messages=msgs)
-        out = self._hub.chat_completion(
-            msgs, model=self._chat_model(adapter), **chat_fields(p, self.info.backend)
-        )
+        out = self._hub.chat_completion(msgs, model=self._chat_model(adapter), **self.backend.chat_fields(p))
         choice = out.choices[0]
         usage = out.usage
         return Completion(
@@ -317,7 +300,7 @@ class ServingClient:
             model=self._chat_model(adapter),
             stream=True,
             stream_options={"include_usage": True},
-            **chat_fields(p, self.info.backend),
+            **self.backend.chat_fields(p),
         )
         return self._chat_chunks(chunks)
 
@@ -327,9 +310,7 @@ class ServingClient:
         return self.model or self.info.model
 
     def _chat_model(self, adapter: str | None) -> str:
-        if self.info.backend == "tgi":
-            return adapter or TGI_NO_ADAPTER
-        return adapter or self._model()
+        return self.backend.chat_model(self._model(), adapter)
 
     def _prepare(
         self,
@@ -348,45 +329,16 @@ class ServingClient:
             raise InvalidParameterError(f"{e}; the generation parameters are: {names}") from None
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
             raise InvalidParameterError("prompt must be a non-empty string")
-        info = self.info
-        check_for_backend(p, info.backend, api, max_stop_sequences=info.max_stop_sequences)
+        self.backend.check_params(p, api, self.info)
         adapter = adapter_id or self.adapter_id
         if adapter:
-            self._check_adapter(adapter)
+            warning = self.backend.check_adapter(adapter, self.info, self.known_adapters, self.url)
+            if warning and warning not in self._warned:
+                self._warned.add(warning)
+                warnings.warn(warning, UnknownAdapterWarning, stacklevel=3)
         if self.check_limits:
             self._check_limits(p, prompt, messages)
         return p, adapter
-
-    def _check_adapter(self, adapter: str) -> None:
-        info = self.info
-        if info.backend == "tgi":
-            if self.known_adapters is not None and adapter not in self.known_adapters:
-                warnings.warn(
-                    f"adapter_id {adapter!r} is not among the adapters TGI was started with "
-                    f"({', '.join(self.known_adapters) or 'none'}): TGI answers an unknown adapter id with "
-                    "the base model, without an error",
-                    UnknownAdapterWarning,
-                    stacklevel=4,
-                )
-            elif self.known_adapters is None and not self._warned_unverifiable:
-                self._warned_unverifiable = True
-                warnings.warn(
-                    f"cannot check adapter_id {adapter!r}: TGI does not list its adapters and answers an unknown "
-                    "id with the base model, without an error. Pass known_adapters= (or set LORA_ADAPTERS).",
-                    UnknownAdapterWarning,
-                    stacklevel=4,
-                )
-        elif info.backend == "vllm":
-            if adapter not in info.adapters:
-                served = ", ".join(info.adapters) or "none (start vLLM with --enable-lora --lora-modules)"
-                raise InvalidParameterError(
-                    f"vLLM at {self.url} serves no adapter {adapter!r}; adapters: {served}"
-                )
-        else:
-            raise InvalidParameterError(
-                f"{info.name} at {self.url} serves one merged model; adapter_id needs TGI with LORA_ADAPTERS "
-                "(or vLLM with LoRA modules)"
-            )
 
     def _check_limits(
         self, p: SamplingParams, prompt: str | None, messages: list[dict[str, Any]] | None

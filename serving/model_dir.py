@@ -22,7 +22,8 @@ class ModelDirError(ServingError):
     """The directory is not a servable merged model; the message says what is missing."""
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None when it is absent; unreadable JSON is an error naming the file."""
     if not path.is_file():
         return None
     try:
@@ -48,7 +49,7 @@ class ModelDir:
                 f"{path}: no such directory. Merge the run first (make merge), or pass the directory "
                 "of a merged model (config.json + *.safetensors + tokenizer)."
             )
-        config = _read_json(path / "config.json")
+        config = read_json(path / "config.json")
         if config is None:
             hint = (
                 " It holds an adapter (adapter_config.json): merge it first (make merge)."
@@ -68,11 +69,11 @@ class ModelDir:
             path.parent / "run.json",
             path.parent / "adapter" / "run.json",
         ):
-            record = _read_json(candidate)
+            record = read_json(candidate)
             if record is not None:
                 record_path = candidate
                 break
-        return cls(path, config, _read_json(path / "tokenizer_config.json") or {}, record, record_path)
+        return cls(path, config, read_json(path / "tokenizer_config.json") or {}, record, record_path)
 
     @property
     def run_name(self) -> str:

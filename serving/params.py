@@ -1,4 +1,4 @@
-"""Generation parameters: checked once, before sending, and written the way each backend wants them.
+"""Generation parameters: checked once, before sending; OpenAI's way of writing them (backends adapt it).
 
 One set of meanings for every server: temperature 0 is greedy decoding, top_p 1.0 means
 no nucleus sampling. The backends disagree on how to say that. TGI's /generate rejects
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from serving.errors import InvalidParameterError
 
-BACKENDS = ("tgi", "vllm", "local", "openai")
 UINT64_MAX = 2**64 - 1
 
 
@@ -89,63 +88,26 @@ def _check(p: SamplingParams) -> None:
         raise InvalidParameterError(f"seed must be a whole number in [0, 2**64), got {p.seed!r}")
 
 
-def check_for_backend(p: SamplingParams, backend: str, api: str, *, max_stop_sequences: int | None) -> None:
-    """Refuse what the target route cannot do, instead of letting it be ignored or rejected later."""
-    if backend == "tgi" and api == "chat" and p.top_k is not None:
-        raise InvalidParameterError(
-            "TGI's /v1/chat/completions has no top_k; leave it unset, or use generate() (TGI /generate)"
-        )
-    if backend == "tgi" and max_stop_sequences is not None and len(p.stop) > max_stop_sequences:
-        raise InvalidParameterError(
-            f"TGI accepts at most {max_stop_sequences} stop sequences (its max_stop_sequences), "
-            f"got {len(p.stop)}"
-        )
-
-
-def tgi_generate(p: SamplingParams) -> dict:
-    """Keyword arguments for InferenceClient.text_generation against TGI's /generate."""
-    kwargs: dict = {"max_new_tokens": p.max_new_tokens, "do_sample": p.sampling, "details": True}
-    if p.sampling:
-        kwargs["temperature"] = p.temperature
-        if p.nucleus:
-            kwargs["top_p"] = p.top_p
-        if p.top_k is not None:
-            kwargs["top_k"] = p.top_k
-    if p.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = p.repetition_penalty
-    if p.stop:
-        kwargs["stop"] = list(p.stop)
-    if p.seed is not None:
-        kwargs["seed"] = p.seed
-    return kwargs
-
-
-def chat_fields(p: SamplingParams, backend: str) -> dict:
-    """Keyword arguments for InferenceClient.chat_completion (OpenAI fields, extras in extra_body)."""
+def openai_chat_fields(p: SamplingParams, *, extras: bool = True) -> dict:
+    """Keyword arguments for InferenceClient.chat_completion: OpenAI's fields, vLLM's extras in extra_body."""
     kwargs: dict = {"max_tokens": p.max_new_tokens, "temperature": p.temperature}
-    extra: dict = {}
     if p.sampling and p.nucleus:
         kwargs["top_p"] = p.top_p
     if p.stop:
         kwargs["stop"] = list(p.stop)
     if p.seed is not None:
         kwargs["seed"] = p.seed
-    if backend == "tgi":
-        if p.repetition_penalty is not None:
-            # TGI's chat route derives repetition_penalty = presence_penalty + 2
-            # (router/src/lib.rs, ChatRequest::try_into_generate in v3.3.7).
-            kwargs["presence_penalty"] = p.repetition_penalty - 2.0
-    else:
-        if p.sampling and p.top_k is not None:
-            extra["top_k"] = p.top_k
-        if p.repetition_penalty is not None:
-            extra["repetition_penalty"] = p.repetition_penalty
+    extra: dict = {}
+    if extras and p.sampling and p.top_k is not None:
+        extra["top_k"] = p.top_k
+    if extras and p.repetition_penalty is not None:
+        extra["repetition_penalty"] = p.repetition_penalty
     if extra:
         kwargs["extra_body"] = extra
     return kwargs
 
 
-def completion_fields(p: SamplingParams) -> dict:
+def openai_completion_fields(p: SamplingParams) -> dict:
     """The body fields of an OpenAI /v1/completions request (vLLM, the local server)."""
     body: dict = {"max_tokens": p.max_new_tokens, "temperature": p.temperature}
     if p.sampling and p.nucleus:

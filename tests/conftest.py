@@ -15,13 +15,17 @@ os.chdir(ROOT)  # recipes name data/ and recipes/ relative to the project root, 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, whatever .env says
 
+# After the settings above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+from training.model.tiny import ARCHITECTURES, ensure_tiny_model  # noqa: E402
+from training.recipe import load_recipe  # noqa: E402
+from training.train.run import run_training  # noqa: E402
+
 # Short runs of the tiny models: a few seconds each on two CPU cores.
 FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from training.tiny_models import ARCHITECTURES, ensure_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-models")
     os.environ["QLORA_TINY_DIR"] = str(folder)
@@ -45,8 +49,6 @@ def neox_tokenizer(tiny_dir):
 
 
 def train_in_process(recipe: str, out_dir: Path, *overrides: str, force: bool = False) -> int:
-    from training.recipe import load_recipe
-    from training.trainer import run_training
 
     loaded = load_recipe(recipe, [f"output.dir={out_dir}", *overrides])
     return run_training(loaded, recipe, force=force)

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from serving.backends.tgi import IMAGE as TGI_IMAGE
+from serving.backends.vllm import IMAGE as VLLM_IMAGE
 from tests.conftest import ROOT
 from tests.notebook_outputs import notebooks, problems
 
@@ -443,8 +445,6 @@ def expected_digest(tag: str) -> str:
 
 
 def test_pin_images_writes_tag_at_digest_into_env_and_keeps_everything_else(tmp_path):
-    from serving.images import TGI_IMAGE, VLLM_IMAGE
-
     env_file = tmp_path / ".env"
     env_file.write_text(f"HF_TOKEN=hf_x\nTGI_IMAGE={TGI_IMAGE}\nSERVE_PORT=9000\n")
     env_file.chmod(0o600)

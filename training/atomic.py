@@ -44,7 +44,7 @@ def temp_dir_beside(target: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
 
 
-def publish_dir(tmp: Path, target: str | os.PathLike, *, replace: bool = False) -> None:
+def move_into_place(tmp: Path, target: str | os.PathLike, *, replace: bool = False) -> None:
     """Move a finished temporary directory to `target`.
 
     With `replace`, an existing target is swapped out first and deleted only after the
@@ -90,7 +90,7 @@ def building_dir(target: str | os.PathLike, *, replace: bool = False) -> Iterato
     tmp = temp_dir_beside(target)
     try:
         yield tmp
-        publish_dir(tmp, target, replace=replace)
+        move_into_place(tmp, target, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

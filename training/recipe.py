@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from training.data.formats import row_format
+from training.data.templates import MODEL_TEMPLATE, resolve_template
 from training.errors import RecipeError
-from training.templates import MODEL_TEMPLATE, resolve_template
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -91,7 +92,7 @@ class ValidationSplit(_Section):
 
 class DataSection(_Section):
     source: str = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
-    format: Literal["text", "instruction", "messages"]
+    format: str = Field(description="text, instruction or messages (training.data.formats)")
     template: str | None = Field(
         None,
         description="Built-in template name (koalpaca, dolly-ja, alpaca), 'model' (the base "
@@ -121,6 +122,12 @@ class DataSection(_Section):
         "that counts toward the loss (response cut away by truncation)",
     )
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        row_format(v)  # raises ValueError naming what is allowed
+        return v
+
     @field_validator("template")
     @classmethod
     def _known_template(cls, v: str | None) -> str | None:
@@ -137,24 +144,25 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> DataSection:
-        if self.format == "text" and self.completion_only_loss:
+        has_response = row_format(self.format).has_response
+        if not has_response and self.completion_only_loss:
             raise ValueError(
-                "completion_only_loss needs a prompt/response split, which format 'text' does not "
+                f"completion_only_loss needs a prompt/response split, which format '{self.format}' does not "
                 "have; use format 'instruction' or 'messages', or set completion_only_loss: false"
             )
-        if self.format != "text" and self.template is None:
+        if has_response and self.template is None:
             raise ValueError(
                 f"format '{self.format}' needs a template: koalpaca, dolly-ja, alpaca, model, or a "
                 "custom string such as '### Q: {instruction}\\n### A: {output}'"
             )
-        if self.template == MODEL_TEMPLATE and self.format == "text":
+        if self.template == MODEL_TEMPLATE and not has_response:
             raise ValueError("template 'model' only applies to formats instruction and messages")
         return self
 
     @property
     def loss_on_completion_only(self) -> bool:
         if self.completion_only_loss is None:
-            return self.format != "text"
+            return row_format(self.format).has_response
         return self.completion_only_loss
 
 

@@ -1,4 +1,4 @@
-"""What a run records about itself: package versions, device, peak memory."""
+"""What a run records about itself (package versions, peak memory, time) and how sizes are shown."""
 
 from __future__ import annotations
 
@@ -46,3 +46,12 @@ def peak_memory_bytes() -> dict[str, int]:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def human_size(n: float) -> str:
+    """Bytes as people read them: 656.6 KB, 1.0 MB, 13.5 GB (units of 1024)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from training.merge.coordinator import MergeSettings, merge_adapter
 
 # The session's server requires this key, so every test also runs through the auth check.
 API_KEY = "test-key"
@@ -23,7 +24,6 @@ API_KEY = "test-key"
 @pytest.fixture(scope="session")
 def merged_model(quickstart_run) -> Path:
     """The quickstart run (tiny Llama, dolly-ja template), merged by the merge step: <run>/merged."""
-    from training.merge import MergeSettings, merge_adapter
 
     merged = quickstart_run / "merged"
     merge_adapter(quickstart_run / "adapter", merged, MergeSettings(verify=False), force=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from serving.bench import main, percentile, summarize
+from serving.bench import Sample, main, percentile, summarize
+from tests.serving.backends.fake_tgi import FakeTGI
 from tests.serving.conftest import API_KEY
-from tests.serving.fake_tgi import FakeTGI
 
 
 def test_percentiles_interpolate():
@@ -68,7 +68,6 @@ def test_errors_are_counted_by_type(tmp_path, capsys):
 
 
 def test_summary_of_a_failed_level_has_no_figures():
-    from serving.bench import Sample
 
     level = summarize([Sample(ok=False, error="ServerTimeoutError")], concurrency=1, wall=1.0)
     assert level["errors"] == {"ServerTimeoutError": 1} and level["ttft_ms"] == {"p50": None, "p95": None}

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.images import TGI_IMAGE, VLLM_IMAGE
+from serving.backends.tgi import IMAGE as TGI_IMAGE
+from serving.backends.tgi import QUANTIZE as TGI_QUANTIZE
+from serving.backends.vllm import IMAGE as VLLM_IMAGE
 from tests.conftest import ROOT
+from training.release import model_card
 
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCUMENTED = json.loads((Path(__file__).parent / "documented_flags.json").read_text(encoding="utf-8"))
@@ -118,7 +121,6 @@ def test_fixed_values_are_allowed_values():
     values = DOCUMENTED["tgi"]["values"]
     raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]["tgi"]
     assert raw["environment"]["USAGE_STATS"] in values["--usage-stats"]
-    from serving.launch import TGI_QUANTIZE
 
     assert set(TGI_QUANTIZE) == set(values["--quantize"])
     assert {"bitsandbytes-nf4", "eetq", "awq", "gptq", "fp8"} <= set(TGI_QUANTIZE)
@@ -303,7 +305,6 @@ def test_server_images_default_to_the_shared_tags_and_take_a_digest_from_env(tmp
 
 
 def test_env_example_and_the_model_card_use_the_same_server_images():
-    from training import model_card
 
     text = (ROOT / ".env.example").read_text(encoding="utf-8")
     settings = dict(line.split("=", 1) for line in text.splitlines() if line[:1].isalpha() and "=" in line)

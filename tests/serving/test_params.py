@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from serving.backends import get_backend
+from serving.backends.base import ServerInfo
 from serving.errors import InvalidParameterError
-from serving.params import SamplingParams, chat_fields, check_for_backend, completion_fields, tgi_generate
+from serving.params import SamplingParams
+
+TGI, VLLM, LOCAL = (get_backend(n) for n in ("tgi", "vllm", "local"))
 
 
 @pytest.mark.parametrize(
@@ -41,7 +45,7 @@ def test_defaults_are_greedy_and_top_p_one_is_no_nucleus():
 
 
 def test_tgi_generate_greedy_has_no_sampling_knobs():
-    assert tgi_generate(SamplingParams(max_new_tokens=5, stop=["。"], seed=1, repetition_penalty=1.1)) == {
+    assert TGI.raw_fields(SamplingParams(max_new_tokens=5, stop=["。"], seed=1, repetition_penalty=1.1)) == {
         "max_new_tokens": 5,
         "do_sample": False,
         "details": True,
@@ -52,7 +56,7 @@ def test_tgi_generate_greedy_has_no_sampling_knobs():
 
 
 def test_tgi_generate_sampling():
-    kwargs = tgi_generate(SamplingParams(temperature=0.8, top_p=0.95, top_k=50))
+    kwargs = TGI.raw_fields(SamplingParams(temperature=0.8, top_p=0.95, top_k=50))
     assert kwargs["do_sample"] is True and (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"]) == (
         0.8,
         0.95,
@@ -61,23 +65,25 @@ def test_tgi_generate_sampling():
 
 
 def test_chat_fields_per_backend():
-    greedy = chat_fields(SamplingParams(max_new_tokens=9), "vllm")
+    greedy = VLLM.chat_fields(SamplingParams(max_new_tokens=9))
     assert greedy == {"max_tokens": 9, "temperature": 0.0}
     p = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.2)
-    assert chat_fields(p, "vllm")["extra_body"] == {"top_k": 20, "repetition_penalty": 1.2}
-    assert chat_fields(p, "local")["top_p"] == 0.9
-    tgi = chat_fields(SamplingParams(temperature=0.7, repetition_penalty=1.2), "tgi")
+    assert VLLM.chat_fields(p)["extra_body"] == {"top_k": 20, "repetition_penalty": 1.2}
+    assert LOCAL.chat_fields(p)["top_p"] == 0.9
+    tgi = TGI.chat_fields(SamplingParams(temperature=0.7, repetition_penalty=1.2))
     assert "extra_body" not in tgi and tgi["presence_penalty"] == pytest.approx(-0.8)
 
 
 def test_completion_fields_for_openai_servers():
-    body = completion_fields(SamplingParams(max_new_tokens=3, temperature=0.5, top_k=4, stop=["x"], seed=2))
+    body = VLLM.raw_fields(SamplingParams(max_new_tokens=3, temperature=0.5, top_k=4, stop=["x"], seed=2))
     assert body == {"max_tokens": 3, "temperature": 0.5, "top_k": 4, "stop": ["x"], "seed": 2}
 
 
 def test_backend_limits():
-    check_for_backend(SamplingParams(temperature=1, top_k=3), "vllm", "chat", max_stop_sequences=None)
+    VLLM.check_params(SamplingParams(temperature=1, top_k=3), "chat", ServerInfo("vllm", "vLLM", "u", "m"))
+    tgi = ServerInfo("tgi", "TGI", "u", "m", max_stop_sequences=4)
     with pytest.raises(InvalidParameterError, match="TGI's /v1/chat/completions has no top_k"):
-        check_for_backend(SamplingParams(temperature=1, top_k=3), "tgi", "chat", max_stop_sequences=4)
+        TGI.check_params(SamplingParams(temperature=1, top_k=3), "chat", tgi)
+    two = ServerInfo("tgi", "TGI", "u", "m", max_stop_sequences=2)
     with pytest.raises(InvalidParameterError, match="at most 2 stop sequences"):
-        check_for_backend(SamplingParams(stop=["a", "b", "c"]), "tgi", "generate", max_stop_sequences=2)
+        TGI.check_params(SamplingParams(stop=["a", "b", "c"]), "generate", two)

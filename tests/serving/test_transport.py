@@ -16,7 +16,7 @@ from serving.errors import (
     ServerUnavailableError,
 )
 from serving.transport import RetryPolicy, parse_error_body
-from tests.serving.fake_tgi import FakeTGI
+from tests.serving.backends.fake_tgi import FakeTGI
 
 OVERLOADED = {"error": "Model is overloaded", "error_type": "overloaded"}
 

@@ -1,0 +1,30 @@
+"""vLLM's OpenAI-compatible server: the second GPU backend (tensor parallelism, LoRA modules).
+
+It lists its model on /v1/models as owned by "vllm" with max_model_len, takes OpenAI's fields
+plus top_k and repetition_penalty, counts tokens on POST /tokenize, and serves LoRA adapters
+it was started with (--enable-lora --lora-modules) as further /v1/models cards with a parent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from serving.backends.base import Backend, ServerInfo
+from serving.errors import InvalidParameterError
+
+IMAGE = "vllm/vllm-openai:v0.33.0"
+
+
+class VLLM(Backend):
+    name = "vllm"
+    title = "vLLM"
+    image = IMAGE
+    owned_by = "vllm"
+    tokenize_route = "/tokenize"
+
+    def check_adapter(
+        self, adapter: str, info: ServerInfo, known: Sequence[str] | None, url: str
+    ) -> str | None:
+        if adapter not in info.adapters:
+            served = ", ".join(info.adapters) or "none (start vLLM with --enable-lora --lora-modules)"
+            raise InvalidParameterError(f"vLLM at {url} serves no adapter {adapter!r}; adapters: {served}")

@@ -1,0 +1,149 @@
+"""The local CPU server: a merged model served by `transformers serve`, under the run's name, on 127.0.0.1.
+
+It runs transformers' own serving app (its model manager, chat and completion handlers and
+FastAPI routes, the code behind the `transformers serve` command) in this process, pinned
+to the merged directory, behind `OpenAIFront`, which gives it the served name, limits and
+API key that the GPU servers have. No GPU, Docker or model hub needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import uvicorn
+from transformers import AutoTokenizer, GenerationConfig
+from transformers.cli.serving.chat_completion import ChatCompletionHandler
+from transformers.cli.serving.completion import CompletionHandler
+from transformers.cli.serving.model_manager import ModelManager
+from transformers.cli.serving.server import build_server
+from transformers.cli.serving.utils import GenerationState
+
+from serving.local_server.front import OpenAIFront
+from serving.model_dir import ModelDir, ModelDirError
+
+
+@dataclass(frozen=True)
+class LocalServerSettings:
+    model_dir: Path
+    served_name: str
+    max_model_len: int
+    context_source: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    # torch's intra-op threads; None: torch's default (one per core). On a CPU shared with
+    # other work, fewer threads than cores can be much faster: every op waits for all of them.
+    threads: int | None = None
+
+
+def settings_for(
+    model_dir: str | Path,
+    *,
+    served_name: str | None = None,
+    max_model_len: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> LocalServerSettings:
+    model = ModelDir.open(model_dir)
+    if "@" in str(model.path.resolve()):
+        # transformers serve reads "name@revision" from the model string.
+        raise ModelDirError(
+            f"{model.path}: transformers serve cannot load a path containing '@'; move the model"
+        )
+    length, source = model.context_length(max_model_len)
+    return LocalServerSettings(
+        model_dir=model.path.resolve(),
+        served_name=served_name or model.run_name,
+        max_model_len=length,
+        context_source=source,
+        device=device,
+        threads=threads,
+    )
+
+
+def build_app(settings: LocalServerSettings, api_key: str | None = None):
+    """transformers' serving app for the pinned model, behind the OpenAI front. Loads the model."""
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    path = str(settings.model_dir)
+    manager = ModelManager(device=settings.device, dtype=settings.dtype, force_model=path)
+    state = GenerationState()
+    app = build_server(
+        manager,
+        ChatCompletionHandler(model_manager=manager, generation_state=state),
+        completion_handler=CompletionHandler(model_manager=manager, generation_state=state),
+        # The front answers 404 on these routes, so their handlers are never reached.
+        response_handler=None,
+        transcription_handler=None,
+        systemone_handler=None,
+        generation_state=state,
+    )
+    defaults = GenerationConfig.from_pretrained(path).to_diff_dict()
+    defaults.pop("transformers_version", None)
+    return OpenAIFront(
+        app,
+        served_name=settings.served_name,
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        generation_defaults=defaults,
+        max_model_len=settings.max_model_len,
+        api_key=api_key,
+    )
+
+
+def run(
+    settings: LocalServerSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until interrupted. `on_ready(url)` runs once the socket listens (port 0: any free port)."""
+
+    # transformers logs every request at warning level, naming the model directory.
+    for name in ("transformers.cli.serving.chat_completion", "transformers.cli.serving.completion"):
+        logging.getLogger(name).addFilter(
+            lambda record: not record.getMessage().startswith("[Request received]")
+        )
+    app = build_app(settings, api_key)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started and on_ready is not None:
+                bound = self.servers[0].sockets[0].getsockname()
+                shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                on_ready(f"http://{shown}:{bound[1]}")
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    Server(config).run()
+
+
+def banner(settings: LocalServerSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:
+    auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
+    body = (
+        f'{{"model": "{settings.served_name}", "messages": [{{"role": "user", "content": "{example}"}}], '
+        '"max_tokens": 32}'
+    )
+    return "\n".join(
+        [
+            f"Serving '{settings.served_name}' ({settings.model_dir}) with transformers serve on the {settings.device}",
+            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
+            f"  limit   {settings.max_model_len} tokens per request, prompt + answer, from {settings.context_source}",
+            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+            f"            -d '{body}'",
+            f'  or      make chat PROMPT="{example}"   (SERVE_URL={url})',
+            "Ctrl-C stops it.",
+        ]
+    )
+
+
+def print_ready(settings: LocalServerSettings, api_key: bool) -> Callable[[str], None]:
+    def _print(url: str) -> None:
+        print(banner(settings, url, api_key=api_key), flush=True)
+
+    return _print

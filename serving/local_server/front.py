@@ -1,0 +1,357 @@
+"""The OpenAI-facing front of the local CPU server: names, limits, sampling and access, around `transformers serve`.
+
+`transformers serve` pinned to a local directory answers only requests whose `model` is
+that exact path, reports `<path>@main` as the model, and lists nothing on /v1/models (it
+lists the Hub cache). Chat UIs and the `openai` package pick a model from /v1/models and
+send its id, so as is, no client could use it without knowing the file path. This ASGI
+middleware puts the run's name in front of it, the way vLLM's --served-model-name does:
+
+- /v1/models lists the served name with its max_model_len (vLLM's field);
+- chat and completion requests naming it (or no model) are routed to the pinned model,
+  any other name is answered 404, and responses carry the served name;
+- sampling follows OpenAI's meaning: temperature > 0 samples even when the model's
+  generation_config says do_sample=false (transformers would silently decode greedily),
+  and vLLM's extra fields top_k and repetition_penalty are accepted;
+- prompt + max_tokens is held to max_model_len (400 otherwise, as vLLM does), and a
+  missing max_tokens means "the rest of the context" instead of transformers' 1024;
+- POST /tokenize counts tokens (vLLM's request and response shape), so clients can
+  check a prompt's length before sending it;
+- an optional API key (Authorization: Bearer), and only these routes plus /health:
+  transformers' /reset and /load_model would let any local process unload the model.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from serving.backends.local import OWNER
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# Checked here, so a bad value is a 400 that says why rather than an error inside transformers.
+SAMPLING_FIELDS = (
+    ("temperature", lambda v: v >= 0, "a number >= 0"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("top_k", lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0 (0: no limit)"),
+    ("repetition_penalty", lambda v: v > 0, "> 0"),
+    ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+def _error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": error_type, "param": param, "code": status}},
+        ensure_ascii=False,
+    ).encode()
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: str = "application/json") -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestError(Exception):
+    def __init__(
+        self, status: int, message: str, error_type: str = "BadRequestError", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.error_type, self.param = status, error_type, param
+
+
+class OpenAIFront:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        served_name: str,
+        tokenizer,
+        generation_defaults: dict[str, Any],
+        max_model_len: int,
+        api_key: str | None = None,
+    ) -> None:
+        self.app = app
+        self.served_name = served_name
+        self.tokenizer = tokenizer
+        self.generation_defaults = generation_defaults
+        self.max_model_len = max_model_len
+        self.api_key = api_key
+        self.created = int(time.time())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            if path == "/health":
+                await self.app(scope, receive, send)
+                return
+            self._authorize(scope)
+            if path == "/v1/models" and method in ("GET", "OPTIONS"):
+                await _respond(send, 200, json.dumps(self.models()).encode())
+            elif path == "/tokenize" and method == "POST":
+                body = await self._json_body(receive)
+                await _respond(send, 200, json.dumps(self.tokenize(body)).encode())
+            elif path in GENERATION_ROUTES and method == "POST":
+                body = self.prepare(path, await self._json_body(receive))
+                await self._forward(scope, body, receive, send)
+            else:
+                raise RequestError(
+                    404,
+                    f"no route {method} {path} on this server; it serves GET /health, GET /v1/models, "
+                    f"POST /v1/chat/completions, POST /v1/completions and POST /tokenize",
+                    "NotFoundError",
+                )
+        except RequestError as e:
+            await _respond(send, e.status, _error_body(e.status, str(e), e.error_type, e.param))
+
+    def _authorize(self, scope: Scope) -> None:
+        if not self.api_key:
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+            raise RequestError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"
+            )
+
+    async def _json_body(self, receive: Receive) -> dict[str, Any]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestError(400, "the client went away before sending the whole request")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes", "PayloadTooLargeError")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        try:
+            body = json.loads(b"".join(chunks) or b"{}")
+        except ValueError as e:
+            raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        return body
+
+    # --- the routes -------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        card = {
+            "id": self.served_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": OWNER,
+            "root": self.served_name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    def _check_model(self, body: dict[str, Any]) -> None:
+        requested = body.pop("model", None)
+        if requested is not None and requested != self.served_name:
+            raise RequestError(
+                404,
+                f"The model `{requested}` does not exist; this server serves `{self.served_name}` "
+                "(see GET /v1/models).",
+                "NotFoundError",
+                "model",
+            )
+
+    def _prompt_ids(self, body: dict[str, Any], route: str) -> list[int]:
+        if route == "/v1/completions" or "prompt" in body:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise RequestError(400, "prompt must be a string", param="prompt")
+            add_special = body.get("add_special_tokens", True)
+            return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError(400, "messages must be a non-empty list of {role, content}", param="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                [_text_message(m) for m in messages],
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                tools=body.get("tools"),
+                tokenize=True,
+                return_dict=True,
+                **(body.get("chat_template_kwargs") or {}),
+            )["input_ids"]
+        except RequestError:
+            raise
+        except Exception as e:  # the template's own raise_exception(...) messages are for the user
+            raise RequestError(
+                400, f"the chat template rejected the messages: {e}", param="messages"
+            ) from None
+        return list(ids)
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._check_model(body)
+        ids = self._prompt_ids(body, "/tokenize")
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    def prepare(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Validate a generation request and rewrite it for transformers serve."""
+        self._check_model(body)
+        prompt_len = len(self._prompt_ids(body, route))
+        if route == "/v1/chat/completions" and body.get("max_completion_tokens") is not None:
+            key = "max_completion_tokens"
+        else:
+            key = "max_tokens"
+        max_tokens = body.get(key)
+        room = self.max_model_len - prompt_len
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+        ):
+            raise RequestError(400, f"{key} must be a whole number >= 1, got {max_tokens!r}", param=key)
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = f" + {max_tokens} for the completion" if max_tokens is not None else ""
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"{prompt_len} in the prompt{asked}. Shorten the prompt or lower {key}.",
+                param=key,
+            )
+        body[key] = max_tokens if max_tokens is not None else room
+        if "generation_config" not in body:
+            body["generation_config"] = json.dumps(self._generation_config(body))
+        return body
+
+    def _generation_config(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The model's generation defaults with the request's sampling choices, OpenAI's way."""
+        for name, ok, allowed in SAMPLING_FIELDS:
+            value = body.get(name)
+            if value is not None and (not _is_number(value) or not ok(value)):
+                raise RequestError(400, f"{name} must be {allowed}, got {value!r}", param=name)
+        config = dict(self.generation_defaults)
+        temperature = body.get("temperature")
+        if temperature is not None:
+            config["do_sample"] = temperature > 0
+            if temperature == 0:
+                body.pop("temperature")  # greedy: transformers would warn that temperature is unused
+                body.pop("top_p", None)
+        for name in ("top_k", "repetition_penalty", "min_p"):
+            if name in body:
+                config[name] = body.pop(name)
+        if config.get("do_sample") and "top_k" not in config:
+            config["top_k"] = 0  # OpenAI and vLLM apply no top-k unless asked; transformers would use 50
+        return config
+
+    # --- forwarding -----------------------------------------------------------------------
+
+    async def _forward(self, scope: Scope, body: dict[str, Any], receive: Receive, send: Send) -> None:
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        delivered = False
+
+        async def replay() -> Message:
+            # The rewritten body first; after that the real channel, on which Starlette's
+            # streaming responses wait for the client to disconnect.
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await self.app({**scope, "headers": headers}, replay, _RenameModel(send, self.served_name))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text_message(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict) or "role" not in message:
+        raise RequestError(400, "each message must be an object with role and content", param="messages")
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: the text parts, joined, as transformers does
+        content = "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return {**message, "content": content if content is not None else ""}
+
+
+class _RenameModel:
+    """Wraps `send`: the served name replaces transformers' internal model id in responses."""
+
+    def __init__(self, send: Send, served_name: str) -> None:
+        self.send = send
+        self.served_name = served_name
+        self.mode = "pass"
+        self.start: Message | None = None
+        self.buffer = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if content_type.startswith(b"application/json"):
+                self.mode, self.start = "json", message
+                return
+            if content_type.startswith(b"text/event-stream"):
+                self.mode = "sse"
+            await self.send(message)
+            return
+        if message["type"] != "http.response.body" or self.mode == "pass":
+            await self.send(message)
+            return
+        self.buffer += message.get("body", b"")
+        more = message.get("more_body", False)
+        if self.mode == "json":
+            if more:
+                return
+            body = self._rename_json(self.buffer)
+            headers = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await self.send({**self.start, "headers": headers})
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        events, _, rest = self.buffer.rpartition(b"\n\n")
+        self.buffer = rest
+        out = b"".join(self._rename_event(e) + b"\n\n" for e in events.split(b"\n\n")) if events else b""
+        if not more and rest:
+            out += self._rename_event(rest)
+            self.buffer = b""
+        await self.send({"type": "http.response.body", "body": out, "more_body": more})
+
+    def _rename_json(self, raw: bytes) -> bytes:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return raw
+        if isinstance(data, dict) and "model" in data:
+            data["model"] = self.served_name
+            return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        return raw
+
+    def _rename_event(self, event: bytes) -> bytes:
+        lines = []
+        for line in event.split(b"\n"):
+            if line.startswith(b"data: {"):
+                line = b"data: " + self._rename_json(line[len(b"data: ") :])
+            lines.append(line)
+        return b"\n".join(lines)

@@ -1,0 +1,227 @@
+"""serving.client against TGI's documented HTTP API, served by a real fake TGI on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from serving.client import ServingClient
+from serving.errors import (
+    AuthenticationError,
+    InvalidParameterError,
+    LimitExceededError,
+    OverloadedError,
+    RequestRejectedError,
+    ServerError,
+    UnknownAdapterWarning,
+)
+from serving.transport import RetryPolicy
+from tests.serving.backends.fake_tgi import MODEL_ID, FakeTGI
+
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05, deadline=10)
+
+
+@pytest.fixture
+def tgi():
+    server = FakeTGI()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(tgi):
+    with ServingClient(tgi.url, retry=FAST_RETRY) as c:
+        yield c
+
+
+def test_detects_tgi_and_reads_its_limits_from_info(client):
+    info = client.info
+    assert (info.backend, info.model) == ("tgi", MODEL_ID)
+    assert (info.max_input_tokens, info.max_total_tokens, info.max_stop_sequences) == (255, 256, 4)
+
+
+def test_offline_mode_does_not_block_the_client(client):
+    # huggingface_hub's own session refuses every URL in offline mode; ours is not the Hub.
+    from huggingface_hub import constants
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.is_offline_mode()
+    assert client.generate("東京は", max_new_tokens=2).text == "はい 東京"
+
+
+def test_greedy_generate_sends_do_sample_false_and_no_sampling_knobs(client, tgi):
+    result = client.generate("日本の 首都 は", max_new_tokens=3)
+    params = tgi.seen("/")[-1].body["parameters"]
+    assert params["do_sample"] is False and params["details"] is True
+    assert not {"temperature", "top_p", "top_k"} & set(params)  # any of them turns sampling on in TGI
+    assert (result.text, result.finish_reason, result.generated_tokens) == ("はい 東京 です", "length", 3)
+
+
+def test_sampling_maps_top_p_one_to_unset(client, tgi):
+    client.generate("x", max_new_tokens=8, temperature=0.7, top_p=1.0, top_k=20, seed=7)
+    params = tgi.seen("/")[-1].body["parameters"]
+    assert params["do_sample"] is True and params["temperature"] == 0.7 and params["top_k"] == 20
+    assert "top_p" not in params  # TGI rejects top_p=1.0; it means "no nucleus sampling" anyway
+    client.generate("x", max_new_tokens=8, temperature=0.7, top_p=0.9)
+    assert tgi.seen("/")[-1].body["parameters"]["top_p"] == 0.9
+
+
+def test_generate_details_end_of_sequence_is_stop(client):
+    result = client.generate("x", max_new_tokens=50, seed=3, temperature=0.5)
+    assert result.finish_reason == "stop" and result.generated_tokens == 4 and result.seed == 3
+
+
+def test_stream_yields_tokens_and_drops_the_special_eos_text(client):
+    chunks = list(client.stream("x", max_new_tokens=50))
+    assert "".join(c.text for c in chunks) == "はい 東京 です 。"
+    assert all(c.tokens == 1 for c in chunks) and len(chunks) == 5
+    assert (chunks[-1].finish_reason, chunks[-1].generated_tokens) == ("stop", 5)
+
+
+def test_chat_uses_tgi_as_model_and_temperature_zero_for_greedy(client, tgi):
+    result = client.chat("こんにちは", max_new_tokens=2)
+    body = tgi.seen("/v1/chat/completions")[-1].body
+    assert body["model"] == "tgi"  # any other name is taken as a LoRA adapter id
+    assert body["temperature"] == 0 and body["messages"] == [{"role": "user", "content": "こんにちは"}]
+    assert "top_p" not in body
+    assert (result.text, result.finish_reason, result.generated_tokens) == ("はい 東京", "length", 2)
+
+
+def test_chat_repetition_penalty_goes_through_presence_penalty(client, tgi):
+    client.chat("x", max_new_tokens=2, repetition_penalty=1.2)
+    assert tgi.seen("/v1/chat/completions")[-1].body["presence_penalty"] == pytest.approx(-0.8)
+
+
+def test_chat_stream_collects_text_and_usage(client):
+    chunks = list(client.chat_stream([{"role": "user", "content": "x"}], max_new_tokens=10))
+    assert "".join(c.text for c in chunks) == "はい 東京 です 。"
+    assert chunks[-1].generated_tokens == 4
+
+
+def test_top_k_on_tgi_chat_is_refused_before_sending(client, tgi):
+    with pytest.raises(InvalidParameterError, match="no top_k"):
+        client.chat("x", temperature=0.5, top_k=5)
+    assert not tgi.seen("/v1/chat/completions")
+
+
+def test_too_many_stop_sequences_refused_with_the_servers_limit(client, tgi):
+    with pytest.raises(InvalidParameterError, match="at most 4 stop sequences"):
+        client.generate("x", stop=["a", "b", "c", "d", "e"])
+    assert not tgi.seen("/")
+
+
+def test_validation_error_json_becomes_request_rejected_with_server_message(tgi, client):
+    tgi.queued.append(
+        (
+            422,
+            {
+                "error": "Input validation error: `temperature` must be strictly positive",
+                "error_type": "validation",
+            },
+            {},
+        )
+    )
+    with pytest.raises(RequestRejectedError) as caught:
+        client.generate("x", max_new_tokens=2)
+    err = caught.value
+    assert (err.status, err.error_type) == (422, "validation")
+    assert err.server_message == "Input validation error: `temperature` must be strictly positive"
+    assert "TGI at http://127.0.0.1" in str(err) and "must be strictly positive" in str(err)
+
+
+def test_generation_error_424_is_a_server_error(tgi, client):
+    tgi.queued.append(
+        (
+            424,
+            {"error": "Request failed during generation: CUDA out of memory", "error_type": "generation"},
+            {},
+        )
+    )
+    with pytest.raises(ServerError, match="CUDA out of memory") as caught:
+        client.chat("x", max_new_tokens=2)
+    assert caught.value.error_type == "generation"
+
+
+def test_error_event_inside_a_stream_is_raised(tgi, client):
+    tgi.stream_error = {"error": "Request failed during generation: boom", "error_type": "generation"}
+    chunks = client.stream("x", max_new_tokens=3)
+    with pytest.raises(ServerError, match="boom"):
+        list(chunks)
+
+
+def test_validation_error_event_after_200_is_a_request_error(client):
+    # TGI validates streamed requests after answering 200, then sends an error event. The
+    # client's own checks would refuse top_k=0, so the request is sent through its transport.
+    response = client.transport.request(
+        "POST", "/", json_body={"inputs": "x", "parameters": {"top_k": 0}, "stream": True}, stream=True
+    )
+    with pytest.raises(RequestRejectedError, match="top_k") as caught:
+        list(client.transport.sse_lines(response))
+    assert caught.value.error_type == "validation"
+
+
+def test_overloaded_after_retries_is_an_overloaded_error(tgi, client):
+    body = {"error": "Model is overloaded", "error_type": "overloaded"}
+    tgi.queued.extend([(429, body, {})] * 5)
+    with pytest.raises(OverloadedError, match="gave up after 3 attempts"):
+        client.generate("x", max_new_tokens=2)
+    assert len(tgi.seen("/")) == 3
+
+
+def test_api_key_is_sent_and_hub_token_is_not(tgi, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_hub_token")
+    tgi.api_key = "s3cret"
+    with ServingClient(tgi.url, api_key="s3cret") as c:
+        c.chat("x", max_new_tokens=1)
+        c.generate("x", max_new_tokens=1)
+    for seen in tgi.seen("/v1/chat/completions") + tgi.seen("/"):
+        assert seen.headers["authorization"] == "Bearer s3cret"
+    with ServingClient(tgi.url) as anonymous, pytest.raises(AuthenticationError, match="401.*API key"):
+        anonymous.chat("x", max_new_tokens=1)
+    assert "hf_secret" not in tgi.requests[-1].headers.get("authorization", "")
+
+
+def test_unknown_adapter_id_warns_that_tgi_falls_back_to_the_base_model(tgi):
+    with ServingClient(tgi.url, known_adapters=["quickstart"]) as c:
+        with pytest.warns(UnknownAdapterWarning, match="base model"):
+            c.chat("x", max_new_tokens=1, adapter_id="quikstart")
+        assert tgi.seen("/v1/chat/completions")[-1].body["model"] == "quikstart"
+        c.generate("x", max_new_tokens=1, adapter_id="quickstart")  # known: no warning
+        assert tgi.seen("/")[-1].body["parameters"]["adapter_id"] == "quickstart"
+
+
+def test_adapter_ids_come_from_lora_adapters(tgi, monkeypatch):
+    monkeypatch.setenv("LORA_ADAPTERS", "quickstart=/outputs/quickstart/adapter,org/other@main")
+    with ServingClient(tgi.url) as c:
+        assert c.known_adapters == ("quickstart", "org/other@main")
+
+
+def test_unverifiable_adapter_id_warns_once(tgi, monkeypatch):
+    monkeypatch.delenv("LORA_ADAPTERS", raising=False)
+    with ServingClient(tgi.url) as c, pytest.warns(UnknownAdapterWarning, match="cannot check") as record:
+        c.chat("x", max_new_tokens=1, adapter_id="a")
+        c.chat("x", max_new_tokens=1, adapter_id="a")
+    assert len(record) == 1
+
+
+def test_prompt_over_max_input_tokens_is_refused_before_generating(tgi, client):
+    prompt = " ".join(["語"] * 300)  # 300 "tokens" for this server
+    with pytest.raises(LimitExceededError, match="300 tokens.*at most 255 input tokens"):
+        client.generate(prompt, max_new_tokens=4)
+    assert tgi.seen("/tokenize") and not tgi.seen("/")
+
+
+def test_prompt_plus_max_new_tokens_over_total_names_the_room_left(tgi, client):
+    prompt = " ".join(["語"] * 200)
+    with pytest.raises(LimitExceededError, match=r"lower max_new_tokens to 56"):
+        client.generate(prompt, max_new_tokens=100)
+    with pytest.raises(LimitExceededError, match="at most 255 new tokens"):
+        client.chat("x", max_new_tokens=256)
+    assert not tgi.seen("/") and not tgi.seen("/v1/chat/completions")
+    assert client.generate(prompt, max_new_tokens=56).text
+
+
+def test_long_chat_is_counted_with_chat_tokenize(tgi, client):
+    with pytest.raises(LimitExceededError):
+        client.chat(" ".join(["語"] * 400), max_new_tokens=4)
+    assert tgi.seen("/chat_tokenize")[-1].body["messages"][0]["role"] == "user"

@@ -1,0 +1,224 @@
+"""The local CPU server (transformers serve behind the OpenAI front) on the merged quickstart model, for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx2
+import openai
+import pytest
+import torch
+
+from serving.cli import main
+from serving.client import ServingClient
+from serving.errors import AuthenticationError, LimitExceededError, NotFoundError, RequestRejectedError
+from tests.conftest import ROOT
+from tests.serving.conftest import API_KEY
+from training.data.templates import BUILTIN_TEMPLATES
+
+INSTRUCTION = "日本で一番長い川は何ですか？"
+CONTEXT = "信濃川は長野県では千曲川と呼ばれています。"
+
+
+def dolly_prompt(instruction: str, input_text: str = "") -> str:
+    """The dolly-ja training format up to the answer, as the README documents it."""
+    return f"ユーザー:{instruction}" + (f"\n入力:{input_text}" if input_text else "") + "\nシステム:"
+
+
+def streamed(text: str) -> str:
+    """Text as a stream shows it. A stream holds back the bytes of a character that is not
+    finished yet, which a full decode shows as U+FFFD; the random tiny model often stops
+    mid-character."""
+    return text.replace("\ufffd", "").rstrip()
+
+
+def greedy(reference, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    model, tokenizer = reference
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+        )
+    new = out[0, len(ids) :]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+@pytest.fixture(scope="module")
+def client(local_server):
+    with ServingClient(local_server.url, api_key=API_KEY) as c:
+        yield c
+
+
+def test_models_lists_the_run_name_and_the_recipes_context_length(client):
+    info = client.info
+    assert (info.backend, info.model) == ("local", "quickstart")
+    assert (info.max_total_tokens, info.max_input_tokens) == (256, 255)  # quickstart: data.max_length 256
+
+
+def test_generate_returns_what_local_greedy_generation_returns(client, merged_reference):
+    prompt = dolly_prompt(INSTRUCTION)
+    expected, n = greedy(merged_reference, merged_reference[1](prompt)["input_ids"], 12)
+    result = client.generate(prompt, max_new_tokens=12)
+    assert result.text == expected
+    assert (result.finish_reason, result.generated_tokens) == ("length" if n == 12 else "stop", n)
+
+
+def test_stream_returns_the_same_text_piece_by_piece(client, merged_reference):
+    prompt = dolly_prompt(INSTRUCTION)
+    expected, n = greedy(merged_reference, merged_reference[1](prompt)["input_ids"], 12)
+    chunks = list(client.stream(prompt, max_new_tokens=12))
+    assert streamed("".join(c.text for c in chunks)) == streamed(expected)
+    assert len([c for c in chunks if c.text]) > 1 and chunks[-1].generated_tokens == n
+
+
+def test_chat_is_formatted_with_the_training_template(client, merged_reference):
+    tokenizer = merged_reference[1]
+    template = BUILTIN_TEMPLATES["dolly-ja"]
+    messages = template.instruction_messages(INSTRUCTION, CONTEXT)  # what training made of this row
+    trained_ids = tokenizer(dolly_prompt(INSTRUCTION, CONTEXT))["input_ids"]  # BOS + the documented format
+    assert client.count_tokens(messages=messages) == len(trained_ids)
+    served = client.transport.post_json("/tokenize", {"messages": messages})["tokens"]
+    assert served == trained_ids
+
+    expected, n = greedy(merged_reference, trained_ids, 10)
+    result = client.chat(messages, max_new_tokens=10)
+    assert (result.text, result.generated_tokens, result.prompt_tokens) == (expected, n, len(trained_ids))
+    assert streamed("".join(c.text for c in client.chat_stream(messages, max_new_tokens=10))) == streamed(
+        expected
+    )
+
+
+def test_the_openai_package_works_knowing_only_the_url(local_server, merged_reference):
+    oai = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key=API_KEY)
+    model_id = oai.models.list().data[0].id
+    assert model_id == "quickstart"
+    expected, _ = greedy(merged_reference, merged_reference[1](dolly_prompt(INSTRUCTION))["input_ids"], 8)
+    reply = oai.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": INSTRUCTION}], max_tokens=8, temperature=0
+    )
+    assert reply.model == "quickstart" and reply.choices[0].message.content == expected
+    stream = oai.chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": INSTRUCTION}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
+    assert streamed("".join(c.choices[0].delta.content or "" for c in stream if c.choices)) == streamed(
+        expected
+    )
+    with pytest.raises(openai.NotFoundError, match="serves `quickstart`"):
+        oai.chat.completions.create(
+            model="/outputs/quickstart/merged", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+def test_temperature_samples_and_a_seed_repeats(client):
+    greedy_text = client.chat(INSTRUCTION, max_new_tokens=8).text
+    sampled = [client.chat(INSTRUCTION, max_new_tokens=8, temperature=1.5, seed=s).text for s in range(3)]
+    # transformers serve alone would decode greedily here: the model's generation_config says do_sample=false.
+    assert any(text != greedy_text for text in sampled)
+    assert client.chat(INSTRUCTION, max_new_tokens=8, temperature=1.5, seed=1).text == sampled[1]
+
+
+def test_extra_sampling_fields_are_accepted(client):
+    result = client.chat(
+        INSTRUCTION, max_new_tokens=4, temperature=0.8, top_p=0.9, top_k=5, repetition_penalty=1.3, seed=0
+    )
+    assert result.generated_tokens == 4
+
+
+def test_limits_are_refused_before_sending_and_enforced_by_the_server(client, local_server):
+    with pytest.raises(LimitExceededError, match="at most 255 new tokens"):
+        client.chat(INSTRUCTION, max_new_tokens=300)
+    long_prompt = "川" * 400
+    with pytest.raises(LimitExceededError, match=r"the prompt is \d+ tokens.*at most 255 input tokens"):
+        client.generate(long_prompt, max_new_tokens=4)
+    unchecked = ServingClient(local_server.url, api_key=API_KEY, check_limits=False)
+    with (
+        unchecked,
+        pytest.raises(RequestRejectedError, match="maximum context length is 256 tokens") as caught,
+    ):
+        unchecked.generate(long_prompt, max_new_tokens=4)
+    assert caught.value.status == 400
+
+
+def test_a_4xx_carries_the_servers_message(client):
+    with pytest.raises(RequestRejectedError) as caught:
+        client.transport.post_json(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}
+        )
+    assert caught.value.status == 422 and "Unexpected fields" in caught.value.server_message
+    with pytest.raises(RequestRejectedError, match=r"top_p must be in \(0, 1\], got 1.5") as caught:
+        client.transport.post_json("/v1/completions", {"prompt": "x", "temperature": 1, "top_p": 1.5})
+    assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
+
+
+def test_unknown_model_and_hidden_admin_routes_are_404(client):
+    with pytest.raises(NotFoundError, match="does not exist; this server serves `quickstart`"):
+        client.transport.post_json("/v1/completions", {"model": "other", "prompt": "x"})
+    with pytest.raises(NotFoundError, match="no route POST /reset"):
+        client.transport.post_json("/reset", {})
+
+
+def test_api_key_is_required_except_for_health(local_server):
+    assert httpx2.get(f"{local_server.url}/health").status_code == 200
+    # Every route but /health: no header, a wrong key, the right key in the wrong scheme.
+    routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/tokenize")]
+    routes.append(("GET", "/v1/models"))
+    body = {
+        "model": "quickstart",
+        "messages": [{"role": "user", "content": "x"}],
+        "prompt": "x",
+        "max_tokens": 1,
+    }
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"}):
+        for method, path in routes:
+            response = httpx2.request(method, f"{local_server.url}{path}", json=body, headers=headers)
+            assert response.status_code == 401, (method, path, headers)
+            assert "Authorization: Bearer" in response.json()["error"]["message"]
+    authorized = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx2.get(f"{local_server.url}/v1/models", headers=authorized).status_code == 200
+    with (
+        ServingClient(local_server.url, api_key="wrong") as c,
+        pytest.raises(AuthenticationError, match="401"),
+    ):
+        c.chat("x", max_new_tokens=1)
+
+
+def test_cli_chat_prints_the_answer(local_server, merged_reference):
+    expected, _ = greedy(merged_reference, merged_reference[1](dolly_prompt(INSTRUCTION))["input_ids"], 8)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "chat",
+            INSTRUCTION,
+            "--url",
+            local_server.url,
+            "--max-new-tokens",
+            "8",
+            "--no-stream",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "API_KEY": API_KEY},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+
+
+def test_cli_health_and_errors(local_server, capsys, monkeypatch):
+
+    monkeypatch.setenv("API_KEY", API_KEY)
+    assert main(["health", "--url", local_server.url]) == 0
+    assert "the local server serving 'quickstart' (256 tokens per request)" in capsys.readouterr().out
+    assert main(["chat", "x", "--url", local_server.url, "--top-p", "1.5"]) == 2
+    assert "error: top_p must be in (0, 1]" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""Publishing: the upload folder, the model card, and push without the Hub."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from training.release.hub import build_upload_folder
+from training.release.model_card import build_card
+
+
+def test_upload_folder_and_card_name_base_model_and_data(quickstart_run, both_bases, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out, _ = both_bases
+    folder = build_upload_folder(quickstart_run, "adapter", "someone/quickstart-lora")
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "run.json"} <= names
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "peft" and "qlora" in card.data.tags
+    assert "tiny://llama" in card.text and "data/ja_dolly.jsonl" in card.text and "dolly-ja" in card.text
+    assert "--lora-adapters quickstart-lora=someone/quickstart-lora" in card.text  # TGI multi-LoRA
+    assert "vllm/vllm-openai" in card.text and "/v1/chat/completions" in card.text
+
+
+def test_card_metadata_names_hub_base_model_and_dataset():
+
+    run = json.loads(json.dumps(SAMPLE_RUN))
+    card = build_card("merged", "me/ko-llama", run, None, None)
+    assert card.data.base_model == "meta-llama/Llama-2-7b-hf"
+    assert card.data.datasets == ["heegyu/open-korean-instructions"]
+    assert "--model-id me/ko-llama --num-shard 1" in card.text
+
+
+def test_push_without_the_hub_leaves_the_folder_ready(quickstart_run, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("hf_not_a_real_token\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "training",
+        "push",
+        "--set",
+        f"output.dir={quickstart_run.parent}",
+        "--what",
+        "adapter",
+        "--repo-id",
+        "someone/x",
+        "--token-file",
+        str(token),
+    ]
+    offline = subprocess.run(cmd, capture_output=True, text=True)
+    assert offline.returncode == 3 and "could not connect to the Hugging Face Hub" in offline.stderr
+    assert "the folder to upload is ready at" in offline.stderr
+    refused = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+    )
+    assert refused.returncode == 3 and "Connection refused" in refused.stderr
+    assert (quickstart_run / "upload" / "adapter" / "README.md").is_file()
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    no_token = subprocess.run([*cmd[:-1], str(empty)], capture_output=True, text=True)
+    assert no_token.returncode == 2 and "is empty" in no_token.stderr
+
+
+SAMPLE_RUN = {
+    "recipe": {
+        "model": {"name": "meta-llama/Llama-2-7b-hf", "revision": None},
+        "quantization": {"method": "nf4", "double_quant": True},
+        "lora": {"r": 64, "alpha": 16, "dropout": 0.1},
+        "data": {
+            "source": "heegyu/open-korean-instructions",
+            "split": "train[:10%]",
+            "format": "text",
+            "template": "koalpaca",
+        },
+    },
+    "model": {"lora_target_modules": ["q_proj", "v_proj"]},
+    "data": {
+        "train": {"rows": 10, "rows_skipped_bad": 0, "rows_over_max_length": 1},
+        "eval": None,
+        "max_length": 2048,
+        "completion_only_loss": False,
+    },
+    "metrics": {
+        "global_step": 100,
+        "epoch": 3.0,
+        "train_loss_first": 2.0,
+        "train_loss_last": 1.0,
+        "eval_loss": None,
+    },
+    "device": {"name": "NVIDIA H100"},
+    "versions": {"transformers": "5.23.0", "peft": "0.21.2", "trl": "1.16.0", "bitsandbytes": "0.50.2"},
+}

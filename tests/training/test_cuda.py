@@ -1,0 +1,51 @@
+"""The same QLoRA path on an NVIDIA GPU: 4-bit layers on the device, bf16 compute, it learns, it merges.
+
+Skipped where no GPU is present (the development and CI machines); run on a GPU machine
+with `pytest -m cuda`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import read_run, train_in_process
+from training.merge.coordinator import MergeSettings, merge_adapter
+from training.model.loading import compute_dtype, detect_device, load_model
+from training.recipe import load_recipe
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
+
+QUICK = "recipes/quickstart.yaml"
+
+
+def test_model_loads_in_4bit_on_the_gpu_with_bf16_compute(tiny_dir):
+    import bitsandbytes as bnb
+
+    recipe = load_recipe(QUICK, [])
+    device = detect_device()
+    assert device.type == "cuda"
+    dtype = compute_dtype(recipe.model.dtype, device)
+    assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    model, _ = load_model(recipe.model, recipe.quantization, device, dtype)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14
+    for layer in layers:
+        assert layer.weight.device.type == "cuda" and layer.weight.quant_state.quant_type == "nf4"
+        assert layer.compute_dtype == dtype
+
+
+def test_qlora_on_the_gpu_lowers_eval_loss_and_merges(tmp_path, tiny_dir):
+
+    assert train_in_process(QUICK, tmp_path) == 0
+    run_dir = tmp_path / "quickstart"
+    run = read_run(run_dir)
+    assert run["compute_dtype"] in ("bfloat16", "float16")
+    assert run["metrics"]["eval_loss"] < run["metrics"]["eval_loss_start"] - 0.1
+    assert run["metrics"]["peak_memory"].get("cuda_allocated", 0) > 0
+    # Verification compares the merged model's logits with base + adapter on the GPU.
+    merge_adapter(run_dir / "adapter", run_dir / "merged", MergeSettings(verify=True))
+    assert (run_dir / "merged" / "model.safetensors").is_file()

@@ -1,0 +1,210 @@
+"""Recipes: every kind of mistake fails before anything loads, naming the file, key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+from training.errors import RecipeError
+from training.model.loading import Device
+from training.recipe import load_recipe, parse_overrides
+from training.train.sft_config import build_sft_config, sft_kwargs
+
+CPU = Device("cpu", "cpu", 1, False)
+GPU = Device("cuda", "NVIDIA H100", 1, True)
+RECIPES = sorted(Path("recipes").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+BASE = """
+model: {name: tiny://llama}
+data: {source: data/ja_dolly.jsonl, format: instruction, template: dolly-ja}
+"""
+
+
+def error_of(tmp_path: Path, text: str = BASE, overrides: list[str] | None = None) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        recipe = load_recipe(path, overrides)
+        build_sft_config(recipe, CPU, "float32", str(path))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_validate(recipe):
+    loaded = load_recipe(recipe)
+    assert loaded.output.run_name == recipe.stem
+    build_sft_config(loaded, CPU, "float32", str(recipe))
+    gpu = sft_kwargs(loaded, GPU, "bfloat16", str(recipe))
+    assert gpu["bf16"] and not gpu["fp16"]
+
+
+def test_seed_recipes_keep_the_settings_they_document():
+    ko = load_recipe("recipes/llama2-7b-ko-instructions.yaml")
+    assert (ko.lora.r, ko.lora.alpha, ko.lora.dropout) == (64, 16, 0.1)
+    assert ko.data.split == "train[:10%]" and ko.data.packing and ko.data.max_length == 2048
+    args = sft_kwargs(ko, GPU, "float16", "ko")
+    assert args["fp16"] and args["optim"] == "paged_adamw_32bit" and args["learning_rate"] == 2e-4
+    assert (args["weight_decay"], args["max_grad_norm"], args["warmup_steps"]) == (0.001, 0.3, 0.03)
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 8
+    assert args["lr_scheduler_type"] == "cosine" and args["num_train_epochs"] == 3
+
+    calm = load_recipe("recipes/open-calm-7b-dolly-ja.yaml")
+    args = sft_kwargs(calm, GPU, "bfloat16", "calm")
+    assert calm.data.validation.fraction == 0.1 and calm.data.max_length == 512
+    assert args["eval_steps"] == 200 and args["save_steps"] == 200 and args["learning_rate"] == 3e-4
+
+
+def test_paged_optimizer_falls_back_to_adamw_on_cpu():
+    ko = load_recipe("recipes/llama2-7b-ko-instructions.yaml")
+    assert build_sft_config(ko, CPU, "float32", "ko").optim == "adamw_torch"
+
+
+def test_unknown_key_names_file_key_and_allowed(tmp_path):
+    msg = error_of(tmp_path, BASE + "lora: {r: 8, alpah: 16}\n")
+    assert "r.yaml" in msg and "lora.alpah" in msg and "did you mean 'alpha'" in msg
+    assert "allowed: r, alpha, dropout" in msg
+
+
+def test_unknown_section(tmp_path):
+    msg = error_of(tmp_path, BASE + "trainer: {max_steps: 3}\n")
+    assert "trainer: unknown key" in msg and "training" in msg
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    msg = error_of(tmp_path, BASE + "lora: {r: many}\nquantization: {method: nf5}\n")
+    assert "lora.r: Input should be a valid integer" in msg and "'many'" in msg
+    assert "quantization.method" in msg and "'nf4', 'fp4', 'int8', 'none' or 'gptq'" in msg
+
+
+def test_missing_required_keys(tmp_path):
+    msg = error_of(tmp_path, "data: {source: x.jsonl}\n")
+    assert "model: required key is missing" in msg and "data.format: required key is missing" in msg
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("data: {source: d.jsonl, format: text, completion_only_loss: true}", "format 'text' does not"),
+        ("data: {source: d.jsonl, format: instruction}", "needs a template"),
+        ("data: {source: d.jsonl, format: text, template: model}", "only applies to formats"),
+        ("data: {source: d.jsonl, format: instruction, template: chatml}", "unknown template 'chatml'"),
+        (
+            "data: {source: d.jsonl, format: instruction, template: 'Q: {question} A: {output}'}",
+            "unknown field",
+        ),
+        (
+            "data: {source: d.jsonl, format: instruction, template: 'Q: {instruction}{output}'}",
+            "put a marker",
+        ),
+        ("data: {source: d.jsonl, format: instruction, template: alpaca, validation: 1.5}", "less than 1"),
+        (
+            "data: {source: d.jsonl, format: instruction, template: alpaca, validation: {fraction: 0.1, file: v.jsonl}}",
+            "exactly one of",
+        ),
+    ],
+)
+def test_impossible_data_combinations(tmp_path, extra, expected):
+    assert expected in error_of(tmp_path, "model: {name: tiny://llama}\n" + extra + "\n")
+
+
+def test_impossible_lora_and_quantization_combinations(tmp_path):
+    assert "include_mlp only applies" in error_of(
+        tmp_path, BASE + "lora: {target_modules: [q_proj], include_mlp: true}\n"
+    )
+    assert "use_dora is not supported on GPTQ" in error_of(
+        tmp_path, BASE + "quantization: {method: gptq}\nlora: {use_dora: true}\n"
+    )
+
+
+def test_training_keys_are_checked_against_sftconfig(tmp_path):
+    msg = error_of(
+        tmp_path,
+        BASE
+        + "training:\n  lerning_rate: 0.1\n  warmup_ratio: 0.1\n  output_dir: /x\n  max_seq_length: 9\n"
+        + "  per_device_train_batch_size: lots\n",
+    )
+    assert "training.lerning_rate: not an option" in msg and "did you mean 'learning_rate'" in msg
+    assert "training.warmup_ratio: no longer exists; use warmup_steps" in msg
+    assert "training.output_dir: set by output.dir" in msg
+    assert "training.max_seq_length: no longer exists; use data.max_length" in msg
+    assert "training.per_device_train_batch_size: Input should be a valid integer" in msg
+
+
+def test_sftconfig_rejects_bad_values_with_its_own_message(tmp_path):
+    msg = error_of(tmp_path, BASE + "training: {lr_scheduler_type: sideways}\n")
+    assert "SFTConfig rejects" in msg and "cosine" in msg
+
+
+def test_eval_strategy_without_validation_split(tmp_path):
+    assert "data.validation is not" in error_of(tmp_path, BASE + "training: {eval_strategy: steps}\n")
+
+
+def test_yaml_learning_rate_string_is_converted(tmp_path):
+    # YAML 1.1 reads 2e-4 (no dot) as a string; the recipe must still mean 0.0002.
+    recipe = load_recipe(write(tmp_path, BASE + "training: {learning_rate: 2e-4}\n"))
+    assert build_sft_config(recipe, CPU, "float32").learning_rate == pytest.approx(2e-4)
+
+
+def test_yaml_no_means_the_word_for_strategy_fields(tmp_path):
+    with_validation = "model: {name: tiny://llama}\ndata: {source: d.jsonl, format: text, validation: 0.1}\n"
+    recipe = load_recipe(
+        write(tmp_path, with_validation), ["training.eval_strategy=no", "training.save_strategy=no"]
+    )
+    args = sft_kwargs(recipe, CPU, "float32")
+    assert args["eval_strategy"] == "no" and args["save_strategy"] == "no"
+    assert "yes is not a valid IntervalStrategy" in error_of(
+        tmp_path, with_validation, ["training.eval_strategy=yes"]
+    )
+
+
+def test_overrides_set_nested_typed_values(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, BASE),
+        [
+            "lora.r=4",
+            "training.max_steps=7",
+            "data.template=Q: {instruction}\nA: {output}",
+            "output.run_name=x",
+        ],
+    )
+    assert recipe.lora.r == 4 and recipe.training["max_steps"] == 7 and recipe.output.run_name == "x"
+    assert recipe.data.template.startswith("Q: ")
+
+
+def test_override_errors(tmp_path):
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        parse_overrides(["lora.r"])
+    with pytest.raises(RecipeError, match="not a section"):
+        load_recipe(write(tmp_path, BASE), ["model.name.x=1"])
+    assert "lora.r: Input should be greater than 0" in error_of(tmp_path, overrides=["lora.r=0"])
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_run_name_must_be_a_plain_name(tmp_path):
+    assert "plain directory name" in error_of(tmp_path, BASE + "output: {run_name: ../escape}\n")
+
+
+def test_validate_command_reports_errors_without_traceback(tmp_path):
+
+    bad = write(tmp_path, BASE + "lora: {r: -1}\n")
+    result = run_cli("validate", "--recipe", str(bad))
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "lora.r" in result.stderr and "Traceback" not in result.stderr
+    ok = run_cli("validate", "--recipe", "recipes/quickstart.yaml")
+    assert ok.returncode == 0 and "ok" in ok.stdout

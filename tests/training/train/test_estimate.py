@@ -1,0 +1,138 @@
+"""The memory estimator against measured peaks (CPU, tiny models), and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.training.train.peak import measure_training_peak
+from training import cli
+from training.recipe import load_recipe
+from training.train.estimate import GiB, estimate, load_config, parse_capacity
+from training.train.memtrack import LiveTensorMemory
+
+LLAMA_7B = "bench/configs/llama-2-7b.json"
+SEED_7B = "recipes/llama2-7b-ko-instructions.yaml"
+
+# The estimate assumes full batches (every row max_length tokens, its worst case). At 64 tokens
+# every row of the shipped data is cut to max_length, so the measured batches are full too; the
+# rows whose response starts beyond token 64 are dropped, hence the dropped-fraction override.
+FULL_BATCHES = ["data.max_length=64", "data.max_dropped_fraction=0.6", "data.validation=null"]
+
+# Stated tolerance: the estimate is within 20% of the measured peak of live tensor bytes.
+# Observed on torch 2.13 / TRL 1.16: within 2% for both models, checkpointing on and off.
+PEAK_TOLERANCE = 0.20
+# What activation checkpointing saves (the activation terms alone) is a smaller, harder number:
+# within 35% (observed: +11% Llama, -8% GPT-NeoX).
+ACTIVATION_TOLERANCE = 0.35
+
+
+def test_live_tensor_memory_counts_what_is_allocated_and_freed():
+    with LiveTensorMemory() as tracker:
+        before = tracker.current.get("cpu", 0)
+        a = torch.empty(1 << 20, dtype=torch.uint8)  # 1 MiB
+        b = a.view(2, -1)  # a view shares the storage: counted once
+        assert tracker.current["cpu"] - before == 1 << 20
+        del a, b
+        assert tracker.current["cpu"] == before
+        c = torch.ones(256, 1024, dtype=torch.float32) * 2  # two 1 MiB tensors, one freed at once
+        del c
+    assert tracker.peak["cpu"] - before >= 2 << 20
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_dir):
+    """Peak of live tensors over 3 real QLoRA steps, per model and checkpointing setting."""
+    found = {}
+    for recipe in ("recipes/quickstart.yaml", "recipes/quickstart-gpt-neox-ko.yaml"):
+        for checkpointing in (True, False):
+            r = load_recipe(recipe, [*FULL_BATCHES, f"training.activation_checkpointing={checkpointing}"])
+            m = measure_training_peak(r, recipe, steps=3)
+            batch = r.training["per_device_train_batch_size"]
+            assert m.tokens_per_step == batch * 64  # full batches, as the estimate assumes
+            found[recipe, checkpointing] = (r, m)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["recipes/quickstart.yaml", "recipes/quickstart-gpt-neox-ko.yaml"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_estimate_is_within_tolerance_of_the_measured_peak(measured, recipe, checkpointing):
+    r, m = measured[recipe, checkpointing]
+    est = estimate(r, load_config(r), device="cpu")
+    assert est.allocated_peak == pytest.approx(m.peak_bytes, rel=PEAK_TOLERANCE), (
+        f"estimated {est.allocated_peak:,} measured {m.peak_bytes:,}"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["recipes/quickstart.yaml", "recipes/quickstart-gpt-neox-ko.yaml"])
+def test_estimate_of_what_checkpointing_saves_matches_the_measurement(measured, recipe):
+    (r_on, on), (r_off, off) = measured[recipe, True], measured[recipe, False]
+    saved = off.peak_bytes - on.peak_bytes
+    predicted = (
+        estimate(r_off, load_config(r_off), device="cpu").allocated_peak
+        - estimate(r_on, load_config(r_on), device="cpu").allocated_peak
+    )
+    assert saved > 0
+    assert predicted == pytest.approx(saved, rel=ACTIVATION_TOLERANCE), (
+        f"predicted {predicted:,} measured {saved:,}"
+    )
+
+
+def estimate_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(["estimate", "--recipe", SEED_7B, "--config", LLAMA_7B, *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def estimate_json(capsys):
+    def run(*args: str) -> dict:
+        code, out, err = estimate_cli(capsys, "--json", *args)
+        assert code == 0, err
+        return json.loads(out)
+
+    return run
+
+
+def test_estimate_of_a_7b_model_on_one_gpu(estimate_json):
+    out = estimate_json("--set", "training.per_device_train_batch_size=1", "--set", "data.max_length=2048")
+    phase = out["phases"][out["peak_phase"]]
+    # 6.5e9 linear weights in 4 bits, plus block constants; the rest in 16 bits.
+    assert 2.9 * GiB < phase["4-bit linear weights"] < 3.2 * GiB
+    assert 5 * GiB < out["total_bytes"] < 12 * GiB
+    assert out["fits"]["h100-80gb"]["fits"]
+    assert out["allocated_peak_other_checkpointing_bytes"] > out["allocated_peak_bytes"]
+    # The paged optimizer's states are on the card but outside PyTorch's allocator.
+    assert "optimizer states (paged_adamw_32bit)" in out["overhead"]
+
+
+def test_sharding_divides_weights_and_states_by_the_gpus(estimate_json):
+    one = estimate_json("--set", "distributed.strategy=fsdp")
+    four = estimate_json("--set", "distributed.strategy=fsdp", "--gpus", "4")
+    w1 = one["phases"]["optimizer step"]["4-bit linear weights"]
+    w4 = four["phases"]["optimizer step"]["4-bit linear weights (1/4 each)"]
+    assert w4 == pytest.approx(w1 / 4, rel=1e-6)
+    assert four["allocated_peak_bytes"] < one["allocated_peak_bytes"]
+    assert "loading" in four["phases"]  # every GPU holds the whole 4-bit model before sharding
+
+
+def test_fit_verdict_for_a_given_card_or_size(capsys):
+    code, out, _ = estimate_cli(capsys, "--gpu-memory", "4GiB")
+    assert code == 0 and "does NOT fit" in out and "where the memory goes" in out
+    code, out, _ = estimate_cli(capsys, "--card", "h100-80gb")
+    assert code == 0 and "h100-80gb" in out and ": fits" in out
+    code, _, err = estimate_cli(capsys, "--card", "tpu-v9")
+    assert code == 2 and "known cards are" in err
+
+
+def test_capacity_units():
+    assert parse_capacity("80GiB") == 80
+    assert parse_capacity("24GB") == pytest.approx(24e9 / GiB)
+    assert parse_capacity("40960MiB") == 40
+    for bad in ("lots", "-3GiB", "12 parsecs"):
+        with pytest.raises(Exception, match="--gpu-memory"):
+            parse_capacity(bad)

@@ -1,0 +1,231 @@
+"""Real 4-bit QLoRA training of the tiny models: it learns, it records, it resumes, it stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import read_run, train_command, train_in_process
+from training.errors import CheckpointError
+from training.train.checkpoints import MARKER, checkpoints
+
+QUICK = "recipes/quickstart.yaml"
+
+
+def test_quickstart_qlora_lowers_eval_loss_and_records_the_run(quickstart_run):
+    run = read_run(quickstart_run)
+    metrics = run["metrics"]
+    assert run["status"] == "complete"
+    assert metrics["eval_loss"] < metrics["eval_loss_start"] - 0.1
+    assert (
+        run["model"]["description"] == "4-bit NF4 + double quant" and run["model"]["quantized_layers"] == 14
+    )
+    assert run["model"]["trainable_parameters"] > 0 and run["compute_dtype"] == "float32"
+    data = run["data"]
+    assert data["train"]["rows"] + data["eval"]["rows"] == 80 and data["train"]["rows_skipped_bad"] == 0
+    assert data["max_length"] == 256 and data["completion_only_loss"] is True and data["packing"] is False
+    assert data["train"]["loss_tokens"] < data["train"]["tokens"]  # prompts are masked out
+    assert metrics["tokens_per_second"] > 0 and metrics["steady_tokens_per_second"] > 0
+    assert metrics["peak_memory"]["process_rss"] > 0
+    # Live tensor bytes at the peak (the quantity the memory estimator predicts): TRL's loss head
+    # tile (tokens x 32768 fp32) alone is over 100 MiB here, far more than the 1 MB of weights.
+    assert 100 * 2**20 < metrics["peak_memory_bytes"] < metrics["peak_memory"]["process_rss"]
+    assert metrics["peak_memory_measure"].startswith("peak bytes of live CPU tensors")
+    assert run["versions"]["bitsandbytes"] == "0.50.2" and len(data["fingerprint"]) == 16
+    assert json.loads((quickstart_run / "adapter" / "run.json").read_text()) == run
+    # The loss curve of the run, for notebooks and plots: train losses at every logging step.
+    history = run["history"]
+    train_steps = [h["step"] for h in history if "loss" in h]
+    assert train_steps == sorted(train_steps) and len(train_steps) >= metrics["global_step"] // 5
+    assert [h["loss"] for h in history if "loss" in h][-1] == metrics["train_loss_last"]
+    assert any("eval_loss" in h for h in history)
+
+
+def test_gpt_neox_qlora_lowers_eval_loss(neox_run):
+    run = read_run(neox_run)
+    assert run["metrics"]["eval_loss"] < run["metrics"]["eval_loss_start"] - 0.1
+    assert run["model"]["lora_target_modules"] == [
+        "dense",
+        "dense_4h_to_h",
+        "dense_h_to_4h",
+        "query_key_value",
+    ]
+    assert run["data"]["packing"] is True and run["data"]["completion_only_loss"] is False
+
+
+def test_adapter_is_plain_peft_with_the_training_chat_template(quickstart_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = quickstart_run / "adapter"
+    files = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "run.json"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "日本の首都は?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<s>ユーザー:日本の首都は?\nシステム:"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir / "llama")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter)
+        tuned_logits = tuned(ids).logits
+        generated = tuned.generate(ids, max_new_tokens=5, do_sample=False)
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-3)  # the adapter changes the model
+    assert generated.shape[1] > ids.shape[1]
+
+
+def test_rerunning_a_complete_run_changes_nothing(quickstart_run, caplog):
+    caplog.set_level(logging.INFO, logger="training")
+    before = (quickstart_run / "run.json").read_text()
+    assert train_in_process(QUICK, quickstart_run.parent) == 0
+    assert (quickstart_run / "run.json").read_text() == before
+    assert "already complete" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_dir, tmp_path_factory) -> Path:
+    """A run stopped by SIGTERM (as `docker compose stop` does) after a few steps."""
+    out = tmp_path_factory.mktemp("sigterm")
+    cmd = train_command(
+        QUICK, out, "training.max_steps=400", "training.save_steps=1000", "training.eval_steps=1000"
+    )
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for line in proc.stderr:
+        if "Trainable parameters" in line:
+            break
+    time.sleep(3)  # a few optimizer steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Run the same command again to resume" in err
+    return out / "quickstart"
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits(interrupted_run):
+    saved = checkpoints(interrupted_run / "checkpoints")
+    assert len(saved) == 1
+    step, path = saved[0]
+    assert 0 < step < 400 and (path / MARKER).is_file() and (path / "optimizer.pt").is_file()
+    run = read_run(interrupted_run)
+    assert run["status"] == "interrupted" and run["global_step"] == step
+    assert not (interrupted_run / "adapter").exists()
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / run.name
+    shutil.copytree(run, target)
+    return target
+
+
+def test_resume_refuses_a_changed_recipe(interrupted_run, tmp_path):
+    copy_run(interrupted_run, tmp_path)
+    with pytest.raises(CheckpointError, match=r"changed: lora.r: 16 -> 8"):
+        train_in_process(QUICK, tmp_path, "lora.r=8", "training.max_steps=400")
+
+
+def test_resume_refuses_a_checkpoint_without_optimizer_state(interrupted_run, tmp_path):
+    run = copy_run(interrupted_run, tmp_path)
+    _, checkpoint = checkpoints(run / "checkpoints")[0]
+    (checkpoint / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks optimizer.pt.*silently restart the optimizer"):
+        train_in_process(QUICK, tmp_path, "training.max_steps=400")
+
+
+def test_half_written_checkpoint_is_skipped_and_run_resumes(interrupted_run, tmp_path):
+    run = copy_run(interrupted_run, tmp_path)
+    step, _ = checkpoints(run / "checkpoints")[0]
+    half = run / "checkpoints" / f"checkpoint-{step + 5}"  # what a kill during a save leaves behind
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"partial")
+    assert train_in_process(QUICK, tmp_path, f"training.max_steps={step + 2}") == 0
+    result = read_run(run)
+    assert result["status"] == "complete" and result["metrics"]["global_step"] == step + 2
+    assert result["resumed_from"].endswith(f"checkpoint-{step}")
+    assert not half.exists()
+
+
+def test_killed_run_resumes_and_finishes_like_a_straight_run(tiny_dir, tmp_path):
+    settings = [
+        "training.max_steps=12",
+        "training.save_steps=4",
+        "training.eval_steps=4",
+        "training.logging_steps=1",
+    ]
+    straight = tmp_path / "straight"
+    assert train_in_process(QUICK, straight, *settings) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_command(QUICK, killed, *settings), stderr=subprocess.DEVNULL)
+    marker = killed / "quickstart" / "checkpoints" / "checkpoint-4" / MARKER
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert marker.exists()
+    assert not (killed / "quickstart" / "adapter").exists()
+
+    assert train_in_process(QUICK, killed, *settings) == 0
+    a, b = read_run(straight / "quickstart"), read_run(killed / "quickstart")
+    assert b["resumed_from"] is not None
+    assert a["metrics"]["global_step"] == b["metrics"]["global_step"] == 12
+    # Tolerance: a resumed run replays the same data order and RNG state; only float
+    # summation order may differ, so losses agree to far better than 0.02.
+    assert b["metrics"]["train_loss_last"] == pytest.approx(a["metrics"]["train_loss_last"], abs=0.02)
+    assert b["metrics"]["eval_loss"] == pytest.approx(a["metrics"]["eval_loss"], abs=0.02)
+    # The resumed run's history covers the steps trained before the kill too.
+    assert [h["step"] for h in b["history"] if "loss" in h] == list(range(1, 13))
+    assert last_learning_rate(straight) == pytest.approx(last_learning_rate(killed), rel=1e-9)
+
+
+def last_learning_rate(out: Path) -> float:
+    state = json.loads(
+        (out / "quickstart" / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text()
+    )
+    return [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h][-1]
+
+
+def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tiny_dir, tmp_path):
+    # A larger adapter makes each save take long enough to be caught in the middle.
+    settings = ["training.max_steps=10", "training.save_steps=2", "training.eval_strategy=no", "lora.r=128"]
+    caught = None
+    for attempt in range(5):
+        out = tmp_path / f"attempt-{attempt}"
+        folder = out / "quickstart" / "checkpoints"
+        proc = subprocess.Popen(train_command(QUICK, out, *settings), stderr=subprocess.DEVNULL)
+        while proc.poll() is None and caught is None:
+            caught = next(
+                (p for step, p in checkpoints(folder) if step >= 4 and not (p / MARKER).exists()), None
+            )
+        proc.kill()
+        proc.wait()
+        if caught is not None and caught.exists() and not (caught / MARKER).exists():
+            break
+        caught = None
+    assert caught is not None, "no save was caught half-written in 5 attempts"
+    step = int(caught.name.split("-")[1])
+
+    assert train_in_process(QUICK, out, *settings) == 0
+    run = read_run(out / "quickstart")
+    assert run["resumed_from"].endswith(f"checkpoint-{step - 2}")
+    assert run["metrics"]["global_step"] == 10
+
+
+def test_force_starts_over(interrupted_run, tmp_path):
+    run = copy_run(interrupted_run, tmp_path)
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=3", force=True) == 0
+    result = read_run(run)
+    assert result["resumed_from"] is None and result["metrics"]["global_step"] == 3

@@ -1,0 +1,77 @@
+"""python -m training <command>: train, validate, estimate, merge, eval, push, check-serving, tiny-model.
+
+One module per verb; each adds its arguments (`add_arguments`) and runs it (`run`). Only the
+chosen verb's module is imported: the verbs import torch, transformers, TRL and bitsandbytes,
+which took 16.6 s here against 0.2 s for `python -m training --help` without them (2 cores,
+measured 2026-11-29), and a mistyped argument should not wait for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from training.errors import UserError
+
+# verb -> (module, help)
+VERBS = {
+    "train": ("training.cli.train", "fine-tune with QLoRA as the recipe says (resumes an interrupted run)"),
+    "validate": (
+        "training.cli.validate",
+        "check a recipe (schema and trainer settings) without loading anything",
+    ),
+    "estimate": (
+        "training.cli.estimate",
+        "predict peak GPU memory per device for a recipe (from the model config; nothing is loaded)",
+    ),
+    "merge": ("training.cli.merge", "fold the LoRA adapter into full weights (streaming, verified, atomic)"),
+    "eval": (
+        "training.cli.evaluate",
+        "perplexity and greedy answers of base, adapter and merged models, side by side",
+    ),
+    "push": ("training.cli.push", "publish the adapter or merged model to the Hugging Face Hub (private)"),
+    "check-serving": (
+        "training.cli.check_serving",
+        "report whether TGI can load and shard a model directory",
+    ),
+    "tiny-model": (
+        "training.cli.tiny_model",
+        "build the tiny offline models (tiny://llama, tiny://gpt-neox, ...)",
+    ),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """Every verb with its help; the arguments of `verb` (its module is imported for them)."""
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(verb).parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    # With several processes, rank 0 tells the story; the others speak only of errors.
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR, format="%(message)s", stream=sys.stderr
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

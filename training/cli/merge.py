@@ -1,0 +1,61 @@
+"""python -m training merge: fold the LoRA adapter into full weights (streaming, verified, atomic)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from training.cli.common import add_recipe_arguments
+from training.merge.adapters import read_adapter
+from training.merge.coordinator import MergeSettings, merge_adapter
+from training.recipe import MergeSection, load_recipe
+from training.run_dir import MERGED, RunDir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument(
+        "--adapter", type=Path, help="adapter directory (default: outputs/<run>/adapter of the recipe)"
+    )
+    p.add_argument("--out", type=Path, help="merged model directory (default: merged/ beside the adapter)")
+    p.add_argument(
+        "--base",
+        choices=["original", "nf4-roundtrip", "auto"],
+        help="weights to fold into: the original ones, their NF4 round trip as seen in training, or the one "
+        "with the lower validation perplexity (default from the recipe: original)",
+    )
+    p.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default: the base model's"
+    )
+    p.add_argument("--max-shard-size", help="largest weight file, e.g. 2GB (default from the recipe)")
+    p.add_argument(
+        "--strategy", choices=["auto", "streaming", "peft"], help="default: streaming where possible"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip comparing logits with base + adapter")
+    p.add_argument(
+        "--num-shard", type=int, default=None, help="GPUs to check TGI sharding for (default: visible GPUs)"
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing merged directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.adapter is None:
+        recipe = load_recipe(args.recipe, args.overrides)
+        adapter_dir = RunDir(recipe.output.run_dir()).adapter
+        section = recipe.merge
+    else:
+        adapter_dir = args.adapter
+        section = MergeSection(**read_adapter(adapter_dir).run.get("recipe", {}).get("merge", {}))
+    out_dir = args.out or adapter_dir.parent / MERGED
+    settings = MergeSettings(
+        base=args.base or section.base,
+        dtype=args.dtype or section.dtype,
+        max_shard_size=args.max_shard_size or section.max_shard_size,
+        verify=section.verify and not args.no_verify,
+        strategy=args.strategy or section.strategy,
+        num_shard=args.num_shard or max(torch.cuda.device_count(), 1),
+    )
+    merge_adapter(adapter_dir, out_dir, settings, force=args.force)
+    return 0

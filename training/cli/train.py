@@ -1,0 +1,108 @@
+"""python -m training train: fine-tune with QLoRA as the recipe says, on one or several processes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import datasets
+import torch
+
+from training.cli.common import add_recipe_arguments
+from training.recipe import Recipe, load_recipe
+from training.train.distributed import ranks, under_launcher
+from training.train.launcher import DEFAULT_PORT, launch, topology
+from training.train.run import run_training
+from training.train.sft_config import check_before_launch
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument(
+        "--force", action="store_true", help="discard an earlier run of this recipe and start over"
+    )
+    machines = p.add_argument_group(
+        "several GPUs and machines (with distributed.strategy ddp, fsdp or deepspeed in the recipe)"
+    )
+    # accelerate's own spellings (--num_machines ...) work too, so commands copied from its docs run.
+    machines.add_argument(
+        "--gpus",
+        "--num-processes",
+        dest="gpus",
+        type=int,
+        metavar="N",
+        help="processes on this machine, one per GPU (default: 1 with strategy none, every visible GPU "
+        "otherwise; on a machine without GPUs, N CPU processes with the gloo backend). More than 1 with "
+        "strategy none trains with ddp.",
+    )
+    machines.add_argument(
+        "--num-machines",
+        "--num_machines",
+        type=int,
+        default=1,
+        metavar="M",
+        help="machines in the run (default 1)",
+    )
+    machines.add_argument(
+        "--machine-rank",
+        "--machine_rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="this machine's number, 0 .. M-1 (default 0)",
+    )
+    machines.add_argument(
+        "--main-process-ip",
+        "--main_process_ip",
+        metavar="ADDR",
+        help="address of machine 0, reachable from all",
+    )
+    machines.add_argument(
+        "--main-process-port",
+        "--main_process_port",
+        type=int,
+        metavar="PORT",
+        help=f"port on machine 0 (default: {DEFAULT_PORT} across machines, any free port on one machine)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if ranks().rank != 0:
+        datasets.disable_progress_bars()  # rank 0 tells the story
+    recipe = load_recipe(args.recipe, args.overrides)
+    if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
+        return run_training(recipe, args.recipe, force=args.force)
+
+    overrides = list(args.overrides)
+    if recipe.distributed.strategy == "none" and ((args.gpus or 1) > 1 or args.num_machines > 1):
+        # Several processes asked for on the command line (make train GPUS=4): DDP is the strategy
+        # that needs no other setting. Every process gets the same override, and recipe.json records it.
+        log.info(
+            "distributed.strategy is none and %s processes were asked for: training with ddp",
+            (args.gpus or 1) * args.num_machines,
+        )
+        overrides.append("distributed.strategy=ddp")
+        recipe = load_recipe(args.recipe, overrides)
+    return _start(recipe, args, overrides)
+
+
+def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> int:
+    cuda = torch.cuda.device_count() > 0
+    # Everything that can be refused without a model (strategy vs hardware, packages, configs) is
+    # refused here, before any process starts.
+    check_before_launch(recipe, args.recipe, cuda=cuda)
+    topo = topology(
+        recipe.distributed.strategy,
+        visible_gpus=torch.cuda.device_count(),
+        gpus=args.gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        main_process_ip=args.main_process_ip,
+        main_process_port=args.main_process_port,
+    )
+    if topo.world_size == 1:
+        return run_training(recipe, args.recipe, force=args.force)
+    train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in overrides)]
+    return launch(recipe, args.recipe, [*train_args, *(["--force"] if args.force else [])], topo)

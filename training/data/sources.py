@@ -1,0 +1,141 @@
+"""Read dataset rows from local files or the Hugging Face Hub, keeping where each row came from.
+
+Local JSON Lines, JSON and CSV are parsed here rather than through `datasets`, because
+pyarrow's schema inference fails on a wrongly typed row with a message that names no
+row; parsing row by row lets a bad row be reported (or skipped) by its line number.
+Parquet is typed already and hub datasets come through `datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.parquet as pq
+from datasets import ReadInstruction
+
+from training.errors import DataError
+
+LOCAL_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+@dataclass
+class SourceRow:
+    where: str  # "data/x.jsonl line 12", used in every message about this row
+    value: Any  # the parsed row (normally a dict)
+    parse_error: str | None = None  # set when the row could not even be parsed
+
+
+def is_local(source: str) -> bool:
+    path = Path(source)
+    return path.exists() or path.suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/"))
+
+
+def read_rows(
+    source: str,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    revision: str | None = None,
+    max_rows: int | None = None,
+) -> list[SourceRow]:
+    if is_local(source):
+        rows = _read_local(Path(source))
+        rows = _apply_split(rows, split, source)
+    else:
+        rows = _read_hub(source, split=split, subset=subset, revision=revision)
+    return rows[:max_rows] if max_rows else rows
+
+
+def _read_local(path: Path) -> list[SourceRow]:
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    kind = LOCAL_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
+    if kind == "jsonl":
+        return _read_jsonl(path)
+    if kind == "json":
+        return _read_json(path)
+    if kind == "csv":
+        return _read_csv(path)
+    return _read_parquet(path)
+
+
+def _read_jsonl(path: Path) -> list[SourceRow]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                rows.append(SourceRow(where, json.loads(line)))
+            except json.JSONDecodeError as e:
+                rows.append(SourceRow(where, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+    return rows
+
+
+def _read_json(path: Path) -> list[SourceRow]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style exports
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or use JSON Lines, one object per line)")
+    return [SourceRow(f"{path} item {i}", row) for i, row in enumerate(data, start=1)]
+
+
+def _read_csv(path: Path) -> list[SourceRow]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # Line numbers count the header as line 1, as a spreadsheet shows them.
+        return [SourceRow(f"{path} line {reader.line_num}", dict(row)) for row in reader]
+
+
+def _read_parquet(path: Path) -> list[SourceRow]:
+
+    table = pq.read_table(path)
+    return [SourceRow(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _apply_split(rows: list[SourceRow], split: str, source: str) -> list[SourceRow]:
+    """Honour split expressions like train[:10%] on a local file (which is all 'train')."""
+    if split == "train":
+        return rows
+
+    try:
+        instruction = ReadInstruction.from_spec(split)
+        (absolute,) = instruction.to_absolute({"train": len(rows)})
+    except (ValueError, KeyError, AssertionError) as e:
+        raise DataError(
+            f"{source}: split {split!r} is not a valid split expression for a local file; use "
+            f"'train', 'train[:100]' or 'train[10%:20%]' ({e})"
+        ) from None
+    return rows[absolute.from_ : absolute.to]
+
+
+def _read_hub(source: str, *, split: str, subset: str | None, revision: str | None) -> list[SourceRow]:
+
+    try:
+        ds = datasets.load_dataset(source, name=subset, split=split, revision=revision)
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "could not load"
+        raise DataError(
+            f"could not load dataset {source!r} (split {split!r}) from the Hugging Face Hub: "
+            f"{type(e).__name__}: {e}\n"
+            "Check the name and split, your network and HF_TOKEN for gated datasets, "
+            "or point data.source at a local .jsonl/.json/.csv/.parquet file."
+        ) from None
+    return [SourceRow(f"{source}[{split}] row {i}", row) for i, row in enumerate(ds, start=1)]

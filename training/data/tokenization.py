@@ -1,0 +1,99 @@
+"""Tokenize examples for TRL and count what the trainer will actually learn from.
+
+TRL's SFTTrainer accepts pre-tokenized datasets (`input_ids`, plus `assistant_masks` for
+response-only loss) and then builds labels, truncates to max_length and packs by itself.
+It also silently drops examples whose response was cut away entirely. Tokenizing here
+lets us count those rows, the truncated rows and the tokens that count toward the loss,
+and stop before training when too much of the data would be wasted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset
+
+from training.data.formats import Example
+
+BATCH = 256
+
+
+@dataclass
+class TokenStats:
+    rows: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    rows_over_max_length: int = 0
+    rows_dropped_no_loss: int = 0
+    longest: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("lengths")
+        d["mean_length"] = round(sum(self.lengths) / len(self.lengths), 1) if self.lengths else 0
+        return d
+
+
+def tokenize_examples(
+    examples: list[Example],
+    tokenizer,
+    *,
+    chat_template: str | None,
+    completion_only: bool,
+    max_length: int,
+    truncates: bool,
+) -> tuple[Dataset, TokenStats]:
+    """Return the dataset TRL trains on and what it contains.
+
+    `truncates`: whether TRL will cut sequences at max_length (always, except with the
+    bfd_split and wrapped packing strategies, which split long sequences instead).
+    """
+    input_ids: list[list[int]] = []
+    masks: list[list[int]] = []
+    for start in range(0, len(examples), BATCH):
+        batch = examples[start : start + BATCH]
+        if batch[0].messages is not None:
+            out = tokenizer.apply_chat_template(
+                [e.messages for e in batch],
+                chat_template=chat_template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=completion_only,
+            )
+            input_ids += out["input_ids"]
+            if completion_only:
+                masks += out["assistant_masks"]
+        else:
+            input_ids += _tokenize_text([e.text for e in batch], tokenizer)
+
+    stats = TokenStats()
+    kept_ids, kept_masks = [], []
+    for i, ids in enumerate(input_ids):
+        mask = masks[i] if completion_only else [1] * len(ids)
+        limit = max_length if truncates else len(ids)
+        # The first token is never a target: each position predicts the next token.
+        counted = sum(mask[1:limit])
+        if counted == 0:
+            stats.rows_dropped_no_loss += 1
+            continue
+        stats.rows += 1
+        stats.tokens += min(len(ids), limit)
+        stats.loss_tokens += counted
+        stats.rows_over_max_length += len(ids) > max_length
+        stats.longest = max(stats.longest, len(ids))
+        stats.lengths.append(len(ids))
+        kept_ids.append(ids)
+        kept_masks.append(mask)
+
+    columns = {"input_ids": kept_ids}
+    if completion_only:
+        columns["assistant_masks"] = kept_masks
+    return Dataset.from_dict(columns), stats
+
+
+def _tokenize_text(texts: list[str], tokenizer) -> list[list[int]]:
+    """Plain text plus EOS, so the model learns where a document ends."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    return [seq if seq and seq[-1] == eos else [*seq, eos] for seq in ids]

@@ -1,0 +1,197 @@
+"""Tiny real models, built offline, so every path runs on any machine without a hub.
+
+`tiny://llama`, `tiny://llama-tied` and `tiny://gpt-neox` in a recipe name models with a
+few layers and random weights, and a byte-level BPE tokenizer trained on the text that
+ships in data/. They are built on first use under $QLORA_TINY_DIR (default
+outputs/tiny-models) and are identical on every machine: same data, same seed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GenerationConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from training.atomic import building_dir
+from training.data.templates import BUILTIN_TEMPLATES
+from training.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+SCHEME = "tiny://"
+ARCHITECTURES = ("llama", "llama-tied", "gpt-neox")
+SEED = 0
+VOCAB_SIZE = 2048
+# Wider than transformers' default of 0.02: with frozen random norms and output head, a
+# 64-wide model at 0.02 cannot produce logits much above 1, so no LoRA could lower the
+# loss far below ln(vocab). At 0.1 a short QLoRA run visibly learns.
+INIT_SCALE = 0.1
+
+
+def tiny_dir() -> Path:
+    return Path(os.environ.get("QLORA_TINY_DIR", "outputs/tiny-models"))
+
+
+def default_data_dir() -> Path:
+    here = Path("data")
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "data"
+
+
+def resolve_model_name(name: str) -> str:
+    """Map tiny://ARCH to its directory, building it if needed; other names pass through."""
+    if not name.startswith(SCHEME):
+        return name
+    arch = name.removeprefix(SCHEME)
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"unknown tiny model {name!r}; available: {', '.join(SCHEME + a for a in ARCHITECTURES)}"
+        )
+    return str(ensure_tiny_model(arch))
+
+
+def ensure_tiny_model(arch: str, out_dir: Path | None = None, data_dir: Path | None = None) -> Path:
+    target = (out_dir or tiny_dir()) / arch
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{arch}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same model
+        if not (target / "config.json").is_file():
+            build_tiny_model(arch, target, data_dir or default_data_dir())
+    return target
+
+
+def build_tiny_model(arch: str, target: Path, data_dir: Path) -> None:
+
+    log.info("Building tiny model %s in %s (tokenizer trained on %s)", arch, target, data_dir)
+    neox = arch == "gpt-neox"
+    tokenizer = train_tokenizer(data_dir, neox=neox)
+    torch.manual_seed(SEED)
+    model = _gpt_neox(tokenizer) if neox else _llama(tokenizer, tied=arch == "llama-tied")
+    with building_dir(target, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).save_pretrained(tmp)
+
+
+def _llama(tokenizer, *, tied: bool):
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tied,
+        initializer_range=INIT_SCALE,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _gpt_neox(tokenizer):
+
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=INIT_SCALE,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+def corpus(data_dir: Path) -> Iterator[str]:
+    """Every string in the shipped datasets, plus the built-in templates' markers."""
+    files = sorted(data_dir.glob("*.jsonl"))
+    if not files:
+        raise ModelLoadError(f"{data_dir}: no .jsonl files to train the tiny tokenizer on")
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield from _strings(json.loads(line))
+    for template in BUILTIN_TEMPLATES.values():
+        yield from (s for s in vars(template).values() if isinstance(s, str))
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def train_tokenizer(data_dir: Path, *, neox: bool):
+
+    if neox:  # GPT-NeoX (Polyglot-ko, OpenCALM): one <|endoftext|> for BOS/EOS, no BOS added
+        specials = {
+            "bos": "<|endoftext|>",
+            "eos": "<|endoftext|>",
+            "unk": "<|endoftext|>",
+            "pad": "<|padding|>",
+        }
+    else:  # Llama: BOS added in front of every text
+        specials = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
+    special_list = list(dict.fromkeys([specials["unk"], specials["bos"], specials["eos"], specials["pad"]]))
+
+    tk = Tokenizer(models.BPE(unk_token=specials["unk"]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special_list,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(corpus(data_dir), trainer)
+    if not neox:
+        bos_id = tk.token_to_id(specials["bos"])
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{specials['bos']} $A",
+            pair=f"{specials['bos']} $A {specials['bos']} $B",
+            special_tokens=[(specials["bos"], bos_id)],
+        )
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=specials["bos"],
+        eos_token=specials["eos"],
+        unk_token=specials["unk"],
+        pad_token=specials["pad"],
+        model_max_length=2048,
+    )

@@ -1,0 +1,108 @@
+"""Publish an adapter or a merged model to the Hugging Face Hub, private by default.
+
+The folder that is uploaded is built first, beside the run (outputs/<run>/upload/<what>/):
+the model files, their records (run.json, merge.json, eval.json) and a generated model
+card. When the Hub cannot be reached, that folder is still there, complete, to upload
+later, and the command says so instead of failing somewhere in the upload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from training.atomic import building_dir
+from training.errors import UserError
+from training.release.model_card import build_card
+
+log = logging.getLogger(__name__)
+
+WHAT = ("adapter", "merged")
+
+
+class HubUnreachable(UserError):
+    """The upload folder is ready, but the Hub could not be reached."""
+
+
+def build_upload_folder(run_dir: Path, what: str, repo_id: str) -> Path:
+    source = run_dir / what
+    if not source.is_dir():
+        hint = "make train" if what == "adapter" else "make merge"
+        raise UserError(f"{source}: nothing to publish yet ({hint} first)")
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise UserError(f"{run_file}: the run record is missing; the model card is written from it")
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    merge = _read(source / "merge.json")
+    evaluation = _read(run_dir / "eval.json")
+    target = run_dir / "upload" / what
+    with building_dir(target, replace=True) as tmp:
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        if evaluation is not None:
+            (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+        build_card(what, repo_id, run, merge, evaluation).save(tmp / "README.md")
+    return target
+
+
+def read_token(token_file: str | None) -> str:
+    """The Hub token, from a file (a compose secret), never from the command line."""
+    path = token_file or os.environ.get("HF_TOKEN_PATH")
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UserError(f"cannot read the Hub token from {path}: {e.strerror}") from None
+        if not token:
+            raise UserError(f"the Hub token file {path} is empty")
+        return token
+
+    token = get_token()
+    if not token:
+        raise UserError(
+            "no Hugging Face token: pass --token-file PATH (a file holding the token), set HF_TOKEN_PATH, "
+            "or log in with `hf auth login`"
+        )
+    return token
+
+
+def default_repo_id(run_name: str, what: str) -> str:
+    return f"{run_name}-lora" if what == "adapter" else run_name
+
+
+def push(run_dir: Path, what: str, *, repo_id: str | None, private: bool, token_file: str | None) -> str:
+    """Build the upload folder, then upload it. Returns the repository URL."""
+    token = read_token(token_file)
+    name = repo_id or default_repo_id(run_dir.name, what)
+    folder = build_upload_folder(run_dir, what, name)
+    log.info("Upload folder ready: %s", folder)
+
+    api = HfApi(token=token)
+    try:
+        if "/" not in name:
+            name = f"{api.whoami()['name']}/{name}"
+        url = api.create_repo(name, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            folder_path=folder, repo_id=name, commit_message=f"Upload {what} of run {run_dir.name}"
+        )
+    except HfHubHTTPError as e:
+        raise UserError(f"the Hub refused the upload to {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - offline mode, DNS, refused connections, timeouts
+        raise HubUnreachable(
+            f"could not connect to the Hugging Face Hub ({type(e).__name__}: {e}). Nothing was uploaded; "
+            f"the folder to upload is ready at {folder}. Run the same command again when the Hub is "
+            "reachable (unset HF_HUB_OFFLINE if it is set)."
+        ) from None
+    log.info("Published %s to %s (%s)", what, url, "private" if private else "public")
+    return str(url)
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

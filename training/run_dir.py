@@ -1,0 +1,83 @@
+"""The one place that names what a run leaves in outputs/<run>/.
+
+outputs/<run>/
+  recipe.json         the resolved recipe the run started with (checked on resume)
+  checkpoints/        checkpoint-N/ with a completion marker; the newest complete one resumes
+  adapter/            the finished peft adapter + tokenizer (chat_template) + run.json
+  run.json            what the run did: data counts, losses, speed, memory, versions
+  merged/             the merged model (safetensors, tokenizer, merge.json)
+  eval.json, eval.png the comparison of base, adapter and merged models
+  upload/<what>/      the folder `python -m training push` uploads
+
+The servers read outputs/<run>/merged/ (and its merge.json) without importing this
+module (serving depends on nothing in training); serving.model_dir names the same files,
+and a test holds the two to the same names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ADAPTER = "adapter"
+MERGED = "merged"
+RUN_RECORD = "run.json"
+MERGE_RECORD = "merge.json"
+ARTIFACTS = (ADAPTER, MERGED)  # what can be published or evaluated by name
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def recipe_json(self) -> Path:
+        return self.path / "recipe.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / RUN_RECORD
+
+    @property
+    def merged(self) -> Path:
+        return self.path / MERGED
+
+    @property
+    def merge_json(self) -> Path:
+        return self.merged / MERGE_RECORD
+
+    @property
+    def eval_json(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def eval_png(self) -> Path:
+        return self.path / "eval.png"
+
+    def artifact(self, what: str) -> Path:
+        """adapter/ or merged/."""
+        if what not in ARTIFACTS:
+            raise ValueError(f"unknown artifact {what!r}; one of {', '.join(ARTIFACTS)}")
+        return self.path / what
+
+    def upload(self, what: str) -> Path:
+        return self.path / "upload" / what
+
+    def is_trained(self) -> bool:
+        """A finished training run: the adapter and its record are in place (written last)."""
+        return (self.adapter / "adapter_config.json").is_file() and (self.adapter / RUN_RECORD).is_file()

@@ -1,0 +1,263 @@
+"""Run a recipe: QLoRA fine-tuning with TRL's SFTTrainer, resumable, interruptible, recorded.
+
+On one process or several (one per GPU, started by training.train.launcher), with the same
+outputs (training.run_dir names them). A run is a short sequence of named steps:
+settings are checked, an earlier run is found (finished: nothing to do; interrupted: resume
+from its newest complete checkpoint), the trainer is built, it trains, and the adapter and
+run.json are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.atomic import move_into_place, remove_stale_partials, write_json
+from training.errors import CheckpointError, RecipeError
+from training.model.loading import compute_dtype, detect_device
+from training.recipe import Recipe
+from training.run_dir import ADAPTER, RUN_RECORD, RunDir
+from training.runinfo import now, peak_memory_bytes
+from training.train import checkpoints as ckpt
+from training.train.builder import build_trainer
+from training.train.callbacks import GracefulStop, Throughput
+from training.train.distributed import (
+    Ranks,
+    barrier,
+    from_main,
+    gather_to_all,
+    max_over_ranks,
+    process_group_environment,
+    ranks,
+)
+from training.train.hardware import hardware_notes
+from training.train.memtrack import track_peak
+from training.train.record import log_summary, loss_metrics, run_record
+from training.train.sft_config import RESUMABLE_CHANGES, build_sft_config, save_total_limit
+
+log = logging.getLogger(__name__)
+
+
+def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
+    """Train, resuming where an earlier run of the same recipe stopped. Returns an exit code.
+
+    Under a launcher every process runs this. Rank 0 alone writes and deletes run files;
+    the others wait for it at barriers, resume from the checkpoint it chose, and take part in
+    the collective steps (training, evaluation, saving).
+    """
+    started = time.time()
+    run = RunDir(recipe.output.run_dir())
+    world = ranks()
+    _join_process_group(recipe, world, source)
+    device = detect_device()
+    dtype = compute_dtype(recipe.model.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    sft_args = build_sft_config(recipe, device, dtype_name, source)  # refuses bad settings before loading
+    for note in hardware_notes(recipe, recipe.training, cuda=device.type == "cuda"):
+        log.warning("Note: %s", note)
+    check_shared_storage(run.path, world, sft_args.device)
+
+    if _finished_already(run, recipe, world, force=force):
+        return 0
+    checkpoint = _resume_point(run, recipe, world)
+
+    stop, throughput = GracefulStop(world), Throughput()
+    built = build_trainer(
+        recipe,
+        sft_args,
+        device,
+        dtype,
+        callbacks=[ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput],
+    )
+    trainer = built.trainer
+    stop.install()
+    # The peak the memory estimator predicts (python -m training estimate), measured the same way.
+    tracking = track_peak(device.type, enabled=not sft_args.torch_compile)
+    try:
+        with tracking as measured_peak:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.uninstall()
+
+    record = run_record(
+        recipe,
+        source,
+        built,
+        device=device,
+        dtype_name=dtype_name,
+        world=world,
+        checkpoint=checkpoint,
+        started=started,
+    )
+    if stop.signum is not None:
+        return _stopped(trainer, run, record, stop.signum, world)
+
+    metrics = loss_metrics(trainer, built.data.eval is not None)
+    metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
+    if world.world_size > 1:
+        # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
+        tps = metrics.get("tokens_per_second")
+        metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
+    record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
+    _save_adapter(trainer, run, record, world)
+    if world.is_main:
+        log_summary(record, run)
+    return 0
+
+
+def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
+    if world.world_size > 1 and recipe.distributed.strategy == "none":
+        raise RecipeError(
+            f"{source}: started as one of {world.world_size} processes, but distributed.strategy is none; "
+            "set it to ddp, fsdp or deepspeed"
+        )
+    if world.world_size > 1:
+        os.environ.update(process_group_environment(recipe))
+
+
+def _finished_already(run: RunDir, recipe: Recipe, world: Ranks, *, force: bool) -> bool:
+    """--force starts over; otherwise a complete run is left as it is."""
+    if world.is_main and force and run.path.exists():
+        log.info("--force: removing the earlier run in %s", run.path)
+        shutil.rmtree(run.path)
+    barrier()
+    if run.is_trained():
+        log.info(
+            "Run '%s' is already complete: %s. Pass --force (make train FORCE=1) to train it again.",
+            recipe.output.run_name,
+            run.adapter,
+        )
+        return True
+    return False
+
+
+def _resume_point(run: RunDir, recipe: Recipe, world: Ranks) -> Path | None:
+    """The newest complete checkpoint of an interrupted run of this recipe, the same on every rank."""
+    found = None
+    if world.is_main:
+        remove_stale_partials(run.path, ADAPTER)
+        found = ckpt.latest_complete(run.checkpoints)
+    barrier()  # incomplete checkpoints are gone before anyone looks
+    chosen = from_main(str(found) if found else None)
+    checkpoint = Path(chosen) if chosen else None
+    if checkpoint is not None:
+        ckpt.check_resumable(checkpoint, recipe.distributed.strategy, world.world_size)
+        _check_same_recipe(run, recipe)
+        log.info("Resuming from %s", checkpoint)
+    elif world.is_main:
+        write_json(run.recipe_json, recipe.to_dict())
+    return checkpoint
+
+
+def _stopped(trainer, run: RunDir, record: dict, signum: int, world: Ranks) -> int:
+    """A signal stopped training after a checkpoint: record where, and exit 128 + signal."""
+    if world.is_main:
+        saved = ckpt.latest_complete(run.checkpoints, remove_incomplete=False)
+        record.update(
+            status="interrupted", signal=signum, checkpoint=str(saved), global_step=trainer.state.global_step
+        )
+        write_json(run.run_json, record)
+        log.warning(
+            "Stopped at step %d; checkpoint saved in %s. Run the same command again to resume.",
+            trainer.state.global_step,
+            saved,
+        )
+    return 128 + signum
+
+
+def _memory_metrics(measured_peak, world: Ranks) -> dict:
+    peaks = gather_to_all(peak_memory_bytes())
+    tensor_peaks = gather_to_all(measured_peak.bytes)
+    metrics = {
+        # Tensor memory at its peak on the busiest device (the number to compare with the estimate).
+        "peak_memory_bytes": None if None in tensor_peaks else max(tensor_peaks),
+        "peak_memory_measure": measured_peak.measure,
+        "peak_memory": peaks[0],
+    }
+    if world.world_size > 1:
+        metrics["peak_memory_bytes_per_rank"] = tensor_peaks
+        metrics["peak_memory_per_rank"] = peaks
+    return metrics
+
+
+def _save_adapter(trainer, run: RunDir, record: dict, world: Ranks) -> None:
+    """Build the adapter beside its place and rename it when complete.
+
+    Every rank calls save_model (FSDP gathers the sharded LoRA weights for it) with the same
+    path, so the path is fixed rather than a fresh temporary name per process; stale copies
+    from a killed run were removed at start-up.
+    """
+    tmp = run.path / f".{ADAPTER}.partial-save"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(tmp))
+    barrier()  # every rank's part is written
+    if world.is_main:
+        try:
+            # The Trainer pickles its arguments beside the weights; run.json records them instead,
+            # and a published artifact should hold nothing that runs code when loaded.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            write_json(tmp / RUN_RECORD, record)
+            move_into_place(tmp, run.adapter, replace=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_json(run.run_json, record)
+    barrier()  # no rank reports success before the adapter is in place
+
+
+def check_shared_storage(run_dir: Path, world: Ranks, device: torch.device | str) -> None:
+    """Across machines, every rank must see the same outputs/ (checkpoints are written by all ranks)."""
+    if not world.several_machines:
+        return
+    probe = run_dir / f".shared-storage-check-{from_main(secrets.token_hex(8))}"
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("rank 0 wrote this\n", encoding="utf-8")
+    barrier()
+    blind = max_over_ranks(0 if probe.is_file() else 1, device)
+    barrier()
+    if world.is_main:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise CheckpointError(
+            f"{run_dir} is not the same folder on every machine: a file rank 0 wrote there is missing on "
+            "another machine. Checkpoints are written by every process and resumed by all, so output.dir "
+            "must be on storage shared by all machines (NFS, a cluster filesystem) at the same path."
+        )
+
+
+def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
+    """Refuse to resume a checkpoint with a recipe that changes what the checkpoint means."""
+    if not run.recipe_json.is_file():
+        return
+    before = json.loads(run.recipe_json.read_text(encoding="utf-8"))
+    changed = [
+        f"{key}: {old!r} -> {new!r}"
+        for key, old, new in _diff(before, recipe.to_dict())
+        if not key.startswith("output.")  # where the run lives, not what it does
+        and not (key.startswith("training.") and key.split(".", 1)[1] in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{run.path} holds checkpoints of a different recipe (changed: {'; '.join(changed)}). "
+            "Resume with the original recipe, pass --force to start over, or set output.run_name to a new name."
+        )
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
