@@ -60,7 +60,7 @@ def test_explicit_limits_are_checked_against_the_model(merged_model):
 def test_shards_must_divide_the_attention_heads(merged_model, backend):
     assert plan_merged(merged_model, backend, num_shard=2).num_shard == 2
     with pytest.raises(
-        LaunchError, match="4 attention heads and 2 key/value heads do not divide over 3 GPUs.*one of 1, 2"
+        LaunchError, match="2 attention heads and 2 key/value heads do not divide over 3 GPUs.*one of 1, 2"
     ):
         plan_merged(merged_model, backend, num_shard=3)
     with pytest.raises(LaunchError, match="NUM_SHARD must be >= 1"):

@@ -37,7 +37,7 @@ ARCHITECTURES = ("llama", "llama-tied", "gpt-neox")
 SEED = 0
 VOCAB_SIZE = 2048
 # Wider than transformers' default of 0.02: with frozen random norms and output head, a
-# 64-wide model at 0.02 cannot produce logits much above 1, so no LoRA could lower the
+# 128-wide model at 0.02 cannot produce logits much above 1, so no LoRA could lower the
 # loss far below ln(vocab). At 0.1 a short QLoRA run visibly learns.
 INIT_SCALE = 0.1
 
@@ -96,10 +96,10 @@ def _llama(tokenizer, *, tied: bool):
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,  # head_dim 64: a head size every serving engine's kernels take
         num_key_value_heads=2,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
@@ -115,10 +115,10 @@ def _gpt_neox(tokenizer):
 
     config = GPTNeoXConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
+        hidden_size=128,
+        intermediate_size=512,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,  # head_dim 64, as for Llama
         max_position_embeddings=2048,
         rotary_pct=0.5,
         use_parallel_residual=True,

@@ -264,7 +264,7 @@ def test_gptq_base_is_refused(tmp_path, tiny_dir):
 def test_check_serving_rejects_heads_not_divisible_by_shards(quickstart_run, tmp_path):
     merged = tmp_path / "merged"
     merge_adapter(quickstart_run / "adapter", merged, MergeSettings(verify=False))
-    assert check_serving(merged, num_shard=2).ok  # 4 heads, 2 kv heads
+    assert check_serving(merged, num_shard=2).ok  # 2 heads, 2 kv heads
     report = check_serving(merged, num_shard=4)
     assert not report.ok and "num_key_value_heads=2" in report.format()
     result = subprocess.run(
@@ -275,7 +275,7 @@ def test_check_serving_rejects_heads_not_divisible_by_shards(quickstart_run, tmp
     assert (
         result.returncode == 1
         and "FAIL sharding" in result.stdout
-        and "num_attention_heads=4" in result.stdout
+        and "num_attention_heads=2" in result.stdout
     )
 
 
