@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ from serving.backends.tgi import CONTAINER_OUTPUTS
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.launch_env import plan_from_env, shell
-from serving.params import SamplingParams
+from serving.params import AUTO_MAX_NEW_TOKENS, SamplingParams
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,10 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
         "--url", default=None, help="server URL (default: $SERVE_URL or http://127.0.0.1:$SERVE_PORT, 8080)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for an answer (default 120)"
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an answer (default 120; retries of 429/503 never shorten it)",
     )
     parser.add_argument(
         "--model", default=None, help="model id to request (default: the one the server lists)"
@@ -29,7 +33,13 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"most tokens to generate (default: what the server's context leaves after the prompt, "
+        f"at most {AUTO_MAX_NEW_TOKENS})",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy decoding")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -165,10 +175,15 @@ def _generate(args: argparse.Namespace) -> int:
     params = _params(args)
     with _client(args) as client:
         chat = args.command == "chat"
+        messages = None
         if chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": args.prompt}
             ]
+        auto = None
+        if params.max_new_tokens is None:  # chosen here, so that a cut-off answer can say why
+            auto = client.answer_length(prompt=None if chat else args.prompt, messages=messages)
+            params = dataclasses.replace(params, max_new_tokens=auto.tokens)
         if args.no_stream:
             result = client.chat(messages, params) if chat else client.generate(args.prompt, params)
             print(result.text)
@@ -181,7 +196,8 @@ def _generate(args: argparse.Namespace) -> int:
                 finish = chunk.finish_reason or finish
             print()
         if finish == "length":
-            print(f"[stopped at max_new_tokens={params.max_new_tokens}]", file=sys.stderr)
+            limit = auto.describe() if auto else f"max_new_tokens={params.max_new_tokens}"
+            print(f"[stopped at {limit}]", file=sys.stderr)
     return 0
 
 
