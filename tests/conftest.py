@@ -24,6 +24,36 @@ from training.train.run import run_training  # noqa: E402
 FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
 
 
+# Written by Python and pytest themselves, or by the developer's setup (make venv, make lint).
+_NOT_THE_TESTS = {".git", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", ".venv-tools"}
+
+
+def _checkout_state() -> dict[str, int]:
+    """Every file and folder two levels deep in the checkout, files with their modification time."""
+    state = {}
+    for top in os.scandir(ROOT):
+        if top.name in _NOT_THE_TESTS or top.name.endswith(".egg-info"):
+            continue
+        state[top.name] = top.stat().st_mtime_ns if top.is_file() else 0
+        if top.is_dir(follow_symlinks=False):
+            for entry in os.scandir(top.path):
+                if entry.name not in _NOT_THE_TESTS:
+                    name = f"{top.name}/{entry.name}"
+                    state[name] = entry.stat().st_mtime_ns if entry.is_file() else 0
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _tests_leave_the_checkout_alone():
+    """A test writes under tmp_path, never into the checkout (a .env written here by a test would
+    become the developer's settings for every later make)."""
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    written = sorted(name for name in after.keys() | before.keys() if after.get(name) != before.get(name))
+    assert not written, f"the test changed the checkout {ROOT}: {written}; write under tmp_path instead"
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
 
