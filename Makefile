@@ -58,16 +58,20 @@ CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
 .PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint pin-images strip-notebooks clean
+	test-containers lint lock pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every package the venv, the image and CI install is pinned by requirements.lock (make lock), a
+# constraints file: it fixes the versions of whatever pyproject.toml asks for, and nothing more.
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,dev]' -c $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
@@ -108,7 +112,7 @@ pipeline: ## train RECIPE, merge it (replacing an earlier merged model) and serv
 	$(MAKE) --no-print-directory serve
 
 $(NB_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]'
+	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]' -c $(LOCK)
 	@touch $@
 
 # Jupyter refuses to run as root without --allow-root; asked before the packages are installed.
@@ -186,6 +190,32 @@ lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadoli
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
 	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
 	$(PY) -m tests.notebook_outputs check notebooks
+
+# The lock is universal (uv --universal): one file for every platform and Python >= LOCK_PYTHON,
+# resolved against PyPI, whose torch is the CUDA build; torch's CUDA libraries are pinned with
+# markers and only installed where that torch asks for them. torch itself is pinned by its public
+# version (2.13.0), which a CPU build (2.13.0+cpu, from the PyTorch CPU index or a --find-links
+# folder) satisfies too. No hashes: the CUDA and CPU wheels of torch differ. Extras that cannot
+# share one environment with the rest (e.g. an engine pinning another transformers) go in
+# LOCK_APART and get a requirements-<extra>.lock of their own, from their requirements alone.
+LOCK_PYTHON ?= 3.11
+LOCK_APART ?=
+LOCK_EXTRAS = $(shell $(PYTHON) -c 'import sys, tomllib; \
+	extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	print(" ".join(e for e in extras if e not in sys.argv[1:]))' $(LOCK_APART))
+UV_COMPILE = UV_PYTHON_DOWNLOADS=never $(TOOLS_VENV)/bin/uv pip compile --no-config --quiet --universal \
+	--python-version $(LOCK_PYTHON) --custom-compile-command "make lock"
+
+lock: $(TOOLS_STAMP) ## re-resolve requirements.lock from pyproject.toml (every extra; needs PyPI; commit the result)
+	$(UV_COMPILE) pyproject.toml $(foreach e,$(LOCK_EXTRAS),--extra $(e)) -o $(LOCK)
+	@for extra in $(LOCK_APART); do \
+	  $(PYTHON) -c 'import sys, tomllib; \
+	    print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' \
+	    "$$extra" | $(UV_COMPILE) - -o "requirements-$$extra.lock"; done
+	@if grep -Eq '^torch==[^ ;]*\+' $(LOCK) requirements-*.lock 2>/dev/null; then \
+	  echo "make lock: torch resolved to a local build (+cpu/+cu...): uv saw a PyTorch index or find-links; \
+	the lock must name PyPI's version, which both builds satisfy" >&2; exit 1; fi
+	@echo "$(LOCK): $$(grep -c '^[a-z0-9]' $(LOCK)) packages pinned for extras: $(LOCK_EXTRAS)"
 
 pin-images: ## pin the TGI and vLLM images in .env by digest (tag@sha256:...; needs a registry and docker buildx or skopeo)
 	docker/pin-images.sh
