@@ -28,30 +28,27 @@ FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
 _NOT_THE_TESTS = {".git", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", ".venv-tools"}
 
 
-def _checkout_state() -> dict[str, int]:
-    """Every file and folder two levels deep in the checkout, files with their modification time."""
-    state = {}
+def _checkout_entries() -> set[str]:
+    """Every file and folder two levels deep in the checkout."""
+    entries = set()
     for top in os.scandir(ROOT):
         if top.name in _NOT_THE_TESTS or top.name.endswith(".egg-info"):
             continue
-        state[top.name] = top.stat().st_mtime_ns if top.is_file() else 0
+        entries.add(top.name)
         if top.is_dir(follow_symlinks=False):
-            for entry in os.scandir(top.path):
-                if entry.name not in _NOT_THE_TESTS:
-                    name = f"{top.name}/{entry.name}"
-                    state[name] = entry.stat().st_mtime_ns if entry.is_file() else 0
-    return state
+            entries |= {f"{top.name}/{e.name}" for e in os.scandir(top.path) if e.name not in _NOT_THE_TESTS}
+    return entries
 
 
 @pytest.fixture(autouse=True)
 def _tests_leave_the_checkout_alone():
     """A test writes under tmp_path, never into the checkout (a .env written here by a test would
-    become the developer's settings for every later make)."""
-    before = _checkout_state()
+    become the developer's settings for every later make). Files created or deleted count; edits
+    do not, so that a developer may edit while the tests run."""
+    before = _checkout_entries()
     yield
-    after = _checkout_state()
-    written = sorted(name for name in after.keys() | before.keys() if after.get(name) != before.get(name))
-    assert not written, f"the test changed the checkout {ROOT}: {written}; write under tmp_path instead"
+    changed = sorted(before ^ _checkout_entries())
+    assert not changed, f"the test created or deleted in the checkout {ROOT}: {changed}; use tmp_path"
 
 
 @pytest.fixture(scope="session")
