@@ -25,12 +25,17 @@ PYTEST_ARGS ?=
 GPUS ?= 1
 LAUNCH ?=
 CARD ?=
+# The model's config.json for make estimate without the Hub, e.g. CONFIG=bench/configs/llama-2-7b.json
+CONFIG ?=
 NOTEBOOK_PORT ?= 8888
 # make clean without asking: YES=1
 YES ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
+# Train on the CPU a recipe predicted to be too slow or too large for it: ALLOW_CPU=1
+ALLOW_CPU ?=
+TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
 # Docker Compose v2 and hadolint for `make lint` (pins: tests/containers/tools.txt).
@@ -53,16 +58,20 @@ CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
 .PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint pin-images strip-notebooks clean
+	test-containers lint lock pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every package the venv, the image and CI install is pinned by requirements.lock (make lock), a
+# constraints file: it fixes the versions of whatever pyproject.toml asks for, and nothing more.
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,dev]' -c $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
@@ -79,13 +88,13 @@ image: .env
 
 build: $(NEEDS) ## build the image from docker/Dockerfile (RUNTIME=docker) or the virtual environment (local)
 
-train: $(NEEDS) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
+train: $(NEEDS) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over; ALLOW_CPU=1: see README)
 ifeq ($(RUNTIME),docker)
 	$(CHECK_RECIPE)
-	$(COMPOSE) run --rm train python -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) \
+	$(COMPOSE) run --rm train python -m training train --recipe $(RECIPE) $(TRAIN_ARGS) \
 	  --gpus $(GPUS) $(LAUNCH)
 else
-	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) --gpus $(GPUS) $(LAUNCH)
+	$(PY) -m training train --recipe $(RECIPE) $(TRAIN_ARGS) --gpus $(GPUS) $(LAUNCH)
 endif
 
 merge: $(NEEDS) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
@@ -103,10 +112,22 @@ pipeline: ## train RECIPE, merge it (replacing an earlier merged model) and serv
 	$(MAKE) --no-print-directory serve
 
 $(NB_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]'
+	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]' -c $(LOCK)
 	@touch $@
 
-notebook: $(if $(filter docker,$(RUNTIME)),image,$(NB_STAMP)) ## JupyterLab on 127.0.0.1:NOTEBOOK_PORT (8888); token from .env (JUPYTER_TOKEN) or random
+# Jupyter refuses to run as root without --allow-root; asked before the packages are installed.
+NOTEBOOK_ALLOW_ROOT ?=
+ifneq ($(filter notebook,$(MAKECMDGOALS)),)
+ifneq ($(RUNTIME),docker)
+ifeq ($(shell id -u),0)
+ifneq ($(NOTEBOOK_ALLOW_ROOT),1)
+$(error make notebook: you are root, and JupyterLab refuses to run as root (code in the notebooks would run with root's rights). Run it as a normal user, in its container (RUNTIME=docker, non-root), or allow root: make notebook NOTEBOOK_ALLOW_ROOT=1)
+endif
+endif
+endif
+endif
+
+notebook: $(if $(filter docker,$(RUNTIME)),image,$(NB_STAMP)) ## JupyterLab on 127.0.0.1:NOTEBOOK_PORT (8888); token from .env (JUPYTER_TOKEN) or random; root: NOTEBOOK_ALLOW_ROOT=1
 ifeq ($(RUNTIME),docker)
 # The outputs volume is mounted inside the project mount: a missing outputs/ would be
 # created by the engine as root.
@@ -119,7 +140,7 @@ else
 	@token_file=; if [ -n "$${JUPYTER_TOKEN:-}" ]; then exec 3< <(printf '%s' "$$JUPYTER_TOKEN"); token_file=/dev/fd/3; fi; \
 	env -u JUPYTER_TOKEN JUPYTER_TOKEN_FILE=$$token_file NOTEBOOK_PORT=$(NOTEBOOK_PORT) \
 	  $(VENV)/bin/jupyter lab --config=docker/jupyter_server_config.py --ip=127.0.0.1 \
-	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks
+	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks$(if $(filter 1,$(NOTEBOOK_ALLOW_ROOT)), --allow-root)
 endif
 
 eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
@@ -128,8 +149,9 @@ eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
 
-estimate: $(STAMP) ## predict peak GPU memory per device for RECIPE on GPUS GPUs (CARD=h100-80gb)
-	$(PY) -m training estimate --recipe $(RECIPE) $(SET_ARGS) --gpus $(GPUS) $(if $(CARD),--card $(CARD))
+estimate: $(STAMP) ## predict peak GPU memory per device for RECIPE on GPUS GPUs (CARD=h100-80gb; offline: CONFIG=config.json)
+	$(PY) -m training estimate --recipe $(RECIPE) $(SET_ARGS) --gpus $(GPUS) $(if $(CARD),--card $(CARD)) \
+	  $(if $(CONFIG),--config $(CONFIG))
 
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)
@@ -169,6 +191,32 @@ lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadoli
 	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
 	$(PY) -m tests.notebook_outputs check notebooks
 
+# The lock is universal (uv --universal): one file for every platform and Python >= LOCK_PYTHON,
+# resolved against PyPI, whose torch is the CUDA build; torch's CUDA libraries are pinned with
+# markers and only installed where that torch asks for them. torch itself is pinned by its public
+# version (2.13.0), which a CPU build (2.13.0+cpu, from the PyTorch CPU index or a --find-links
+# folder) satisfies too. No hashes: the CUDA and CPU wheels of torch differ. Extras that cannot
+# share one environment with the rest (e.g. an engine pinning another transformers) go in
+# LOCK_APART and get a requirements-<extra>.lock of their own, from their requirements alone.
+LOCK_PYTHON ?= 3.11
+LOCK_APART ?=
+LOCK_EXTRAS = $(shell $(PYTHON) -c 'import sys, tomllib; \
+	extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	print(" ".join(e for e in extras if e not in sys.argv[1:]))' $(LOCK_APART))
+UV_COMPILE = UV_PYTHON_DOWNLOADS=never $(TOOLS_VENV)/bin/uv pip compile --no-config --quiet --universal \
+	--python-version $(LOCK_PYTHON) --custom-compile-command "make lock"
+
+lock: $(TOOLS_STAMP) ## re-resolve requirements.lock from pyproject.toml (every extra; needs PyPI; commit the result)
+	$(UV_COMPILE) pyproject.toml $(foreach e,$(LOCK_EXTRAS),--extra $(e)) -o $(LOCK)
+	@for extra in $(LOCK_APART); do \
+	  $(PYTHON) -c 'import sys, tomllib; \
+	    print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' \
+	    "$$extra" | $(UV_COMPILE) - -o "requirements-$$extra.lock"; done
+	@if grep -Eq '^torch==[^ ;]*\+' $(LOCK) requirements-*.lock 2>/dev/null; then \
+	  echo "make lock: torch resolved to a local build (+cpu/+cu...): uv saw a PyTorch index or find-links; \
+	the lock must name PyPI's version, which both builds satisfy" >&2; exit 1; fi
+	@echo "$(LOCK): $$(grep -c '^[a-z0-9]' $(LOCK)) packages pinned for extras: $(LOCK_EXTRAS)"
+
 pin-images: ## pin the TGI and vLLM images in .env by digest (tag@sha256:...; needs a registry and docker buildx or skopeo)
 	docker/pin-images.sh
 
@@ -193,10 +241,16 @@ clean: ## delete outputs and caches: outputs/, the compose volumes (outputs, hf-
 # 127.0.0.1:$(SERVE_PORT) and serving outputs/$(RUN)/merged under the id $(RUN).
 #
 # compose reads .env; make reads it too and exports it, so that make's defaults below do not
-# override what .env says (write plain KEY=value lines, no quotes).
+# override what .env says (write plain KEY=value lines, no quotes). .env holds defaults: a
+# variable set in the environment (HF_HUB_OFFLINE=1 make ...) or on the command line
+# (make ... HF_HUB_OFFLINE=1) wins, as it does for docker compose. make's `include` alone would
+# let the file override the environment, so the environment's values are put back after it.
 ifneq ($(wildcard .env),)
-include .env
 DOTENV_VARS := $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+DOTENV_FROM_ENV := $(foreach v,$(DOTENV_VARS),$(if $(filter environment,$(origin $(v))),$(v)))
+$(foreach v,$(DOTENV_FROM_ENV),$(eval DOTENV_SAVED_$(v) := $$(value $(v))))
+include .env
+$(foreach v,$(DOTENV_FROM_ENV),$(eval $(v) := $$(DOTENV_SAVED_$(v))))
 export $(DOTENV_VARS)
 endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).

@@ -24,6 +24,33 @@ from training.train.run import run_training  # noqa: E402
 FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
 
 
+# Written by Python and pytest themselves, or by the developer's setup (make venv, make lint).
+_NOT_THE_TESTS = {".git", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", ".venv-tools"}
+
+
+def _checkout_entries() -> set[str]:
+    """Every file and folder two levels deep in the checkout."""
+    entries = set()
+    for top in os.scandir(ROOT):
+        if top.name in _NOT_THE_TESTS or top.name.endswith(".egg-info"):
+            continue
+        entries.add(top.name)
+        if top.is_dir(follow_symlinks=False):
+            entries |= {f"{top.name}/{e.name}" for e in os.scandir(top.path) if e.name not in _NOT_THE_TESTS}
+    return entries
+
+
+@pytest.fixture(autouse=True)
+def _tests_leave_the_checkout_alone():
+    """A test writes under tmp_path, never into the checkout (a .env written here by a test would
+    become the developer's settings for every later make). Files created or deleted count; edits
+    do not, so that a developer may edit while the tests run."""
+    before = _checkout_entries()
+    yield
+    changed = sorted(before ^ _checkout_entries())
+    assert not changed, f"the test created or deleted in the checkout {ROOT}: {changed}; use tmp_path"
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
 

@@ -66,6 +66,29 @@ def load_variant(name: str, recipe: Recipe, run: RunDir):
     return label, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
 
 
+def agreement_notes(report: dict) -> list[str]:
+    """What the agreement column compares, so that it does not seem to contradict the merge's check.
+
+    The merge verifies a model merged onto the original weights against the original base +
+    adapter in full precision; the trained model here runs on the 4-bit base, whose rounding of
+    the base weights alone can change greedy answers.
+    """
+    reference = report.get("agreement_reference")
+    if reference is None:
+        return []
+    notes = [f"agrees w/ trained: greedy answers identical to those of '{reference}', the model as trained"]
+    quantized = reference != "adapter"
+    for label in report["models"]:
+        if label == "merged (original)" and quantized:
+            notes.append(
+                f"'{label}' holds the adapter folded into the original full-precision weights: make merge "
+                "verified it against that base + adapter, not against the 4-bit base training used, so "
+                f"its answers can differ from '{reference}' (merge.base: nf4-roundtrip reproduces the "
+                "4-bit model; README: Merging)"
+            )
+    return notes
+
+
 def evaluate(recipe: Recipe, variants: list[str], *, file: str | None = None, prompts: int = 8) -> dict:
     run = RunDir(recipe.output.run_dir())
     tokenizer = AutoTokenizer.from_pretrained(run.adapter if run.adapter.is_dir() else run.merged)
@@ -92,7 +115,13 @@ def evaluate(recipe: Recipe, variants: list[str], *, file: str | None = None, pr
         )
         if trained is not None:
             r["agreement_with_trained"] = sum(a == b for a, b in zip(r["answers"], trained, strict=True)) / n
-    return {"source": data.source, "rows": len(data.dataset), "prompts": len(data.prompts), "models": results}
+    return {
+        "source": data.source,
+        "rows": len(data.dataset),
+        "prompts": len(data.prompts),
+        "agreement_reference": next((label for label in results if label.startswith("adapter")), None),
+        "models": results,
+    }
 
 
 def write_report(report: dict, json_path: Path, png_path: Path) -> str:
@@ -109,6 +138,7 @@ def write_report(report: dict, json_path: Path, png_path: Path) -> str:
             f"  {label:<28}{r['perplexity']:>12.3f}{r['tokens']:>9}"
             f"{'' if agree is None else f'{agree:.0%}':>19}{'' if exact is None else f'{exact:.0%}':>13}"
         )
+    lines += [f"  note: {note}" for note in agreement_notes(report)]
     _bar_chart(models, png_path, report["source"])
     lines.append(f"  -> {json_path}, {png_path}")
     return "\n".join(lines)
