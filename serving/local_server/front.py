@@ -12,6 +12,8 @@ middleware puts the run's name in front of it, the way vLLM's --served-model-nam
 - sampling follows OpenAI's meaning: temperature > 0 samples even when the model's
   generation_config says do_sample=false (transformers would silently decode greedily),
   and vLLM's extra fields top_k and repetition_penalty are accepted;
+- requests for log-probabilities (logprobs, top_logprobs, echo) are refused with 400:
+  transformers serve would ignore them and answer without;
 - prompt + max_tokens is held to max_model_len (400 otherwise, as vLLM does), and a
   missing max_tokens means "the rest of the context" instead of transformers' 1024;
 - POST /tokenize counts tokens (vLLM's request and response shape), so clients can
@@ -47,6 +49,9 @@ SAMPLING_FIELDS = (
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
 )
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# Token log-probabilities (chat: logprobs/top_logprobs; completions: logprobs, and echo, which
+# returns the prompt's): transformers serve computes none of them.
+LOGPROB_FIELDS = ("logprobs", "top_logprobs", "echo")
 
 
 def _error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
@@ -217,6 +222,7 @@ class OpenAIFront:
     def prepare(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         """Validate a generation request and rewrite it for transformers serve."""
         self._check_model(body)
+        _refuse_logprobs(body)
         prompt_len = len(self._prompt_ids(body, route))
         if route == "/v1/chat/completions" and body.get("max_completion_tokens") is not None:
             key = "max_completion_tokens"
@@ -279,6 +285,18 @@ class OpenAIFront:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await self.app({**scope, "headers": headers}, replay, _RenameModel(send, self.served_name))
+
+
+def _refuse_logprobs(body: dict[str, Any]) -> None:
+    """transformers serve ignores these fields with a log line; a client counting on them must know."""
+    asked = [f for f in LOGPROB_FIELDS if body.get(f) not in (None, False)]
+    if asked:
+        raise RequestError(
+            400,
+            f"this server (transformers serve) computes no log-probabilities: {', '.join(asked)} cannot be "
+            "answered. vLLM returns them (SERVE_BACKEND=vllm), e.g. for lm-eval's multiple-choice tasks",
+            param=asked[0],
+        )
 
 
 def _is_number(value: Any) -> bool:

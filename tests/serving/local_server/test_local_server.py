@@ -158,6 +158,25 @@ def test_a_4xx_carries_the_servers_message(client):
     assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
 
 
+def test_logprob_requests_are_refused_not_answered_without(client):
+    # lm-eval's log-likelihood request (local-completions), and the chat form of the same question.
+    requests = [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 1, "echo": True}, "logprobs, echo"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 1, "echo": True}, ": echo cannot"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            "logprobs",
+        ),
+    ]
+    for route, body, named in requests:
+        with pytest.raises(RequestRejectedError, match="computes no log-probabilities") as caught:
+            client.transport.post_json(route, body)
+        assert caught.value.status == 400 and named in caught.value.server_message
+    # Asking for none is still fine.
+    client.transport.post_json("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": None})
+
+
 def test_unknown_model_and_hidden_admin_routes_are_404(client):
     with pytest.raises(NotFoundError, match="does not exist; this server serves `quickstart`"):
         client.transport.post_json("/v1/completions", {"model": "other", "prompt": "x"})
