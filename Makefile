@@ -28,6 +28,10 @@ CARD ?=
 NOTEBOOK_PORT ?= 8888
 # make clean without asking: YES=1
 YES ?=
+# make eval: lm-eval tasks (comma-separated; default the recipe's eval.tasks, "none" for none) and
+# the models to compare (default base, adapter and merged), e.g. EVAL_MODELS="merged http://127.0.0.1:8080"
+TASKS ?=
+EVAL_MODELS ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
@@ -62,7 +66,7 @@ help: ## list the verbs
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,dev,eval]'
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
@@ -122,8 +126,9 @@ else
 	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks
 endif
 
-eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
-	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+eval: $(STAMP) ## perplexity, answers and lm-eval scores (TASKS=kobest) of base, adapter, merged, servers (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS) $(if $(TASKS),--tasks $(TASKS)) \
+	  $(foreach m,$(EVAL_MODELS),--model $(m))
 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
