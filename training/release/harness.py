@@ -131,7 +131,7 @@ def _require_hub(names: list[str]) -> None:
     from huggingface_hub import constants
 
     if datasets_config.HF_HUB_OFFLINE:
-        return  # offline on purpose: data cached by an earlier run loads; missing data fails in seconds
+        return  # offline on purpose: cached data loads; missing data fails as the task loads, without retries
     try:
         urllib.request.urlopen(
             urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT
