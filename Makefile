@@ -161,7 +161,7 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
-RUFF_PATHS := training serving tests bench notebooks docker
+RUFF_PATHS := training serving tests bench notebooks docker eval
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadolint; docker compose config for every profile; notebooks stripped
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
