@@ -30,6 +30,10 @@ CONFIG ?=
 NOTEBOOK_PORT ?= 8888
 # make clean without asking: YES=1
 YES ?=
+# make eval: lm-eval tasks (comma-separated; default the recipe's eval.tasks, "none" for none) and
+# the models to compare (default base, adapter and merged), e.g. EVAL_MODELS="merged http://127.0.0.1:8080"
+TASKS ?=
+EVAL_MODELS ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
@@ -71,7 +75,7 @@ LOCK := requirements.lock
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]' -c $(LOCK)
+	$(PY) -m pip install --quiet -e '.[serve,dev,eval]' -c $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
@@ -143,8 +147,9 @@ else
 	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks$(if $(filter 1,$(NOTEBOOK_ALLOW_ROOT)), --allow-root)
 endif
 
-eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
-	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+eval: $(STAMP) ## perplexity, answers and lm-eval scores (TASKS=kobest) of base, adapter, merged, servers (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS) $(if $(TASKS),--tasks $(TASKS)) \
+	  $(foreach m,$(EVAL_MODELS),--model $(m))
 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
@@ -178,7 +183,7 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
-RUFF_PATHS := training serving tests bench notebooks docker
+RUFF_PATHS := training serving tests bench notebooks docker eval
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadolint; docker compose config for every profile; notebooks stripped
 	$(VENV)/bin/ruff check $(RUFF_PATHS)

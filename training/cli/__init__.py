@@ -30,7 +30,7 @@ VERBS = {
     "merge": ("training.cli.merge", "fold the LoRA adapter into full weights (streaming, verified, atomic)"),
     "eval": (
         "training.cli.evaluate",
-        "perplexity and greedy answers of base, adapter and merged models, side by side",
+        "perplexity, greedy answers and lm-eval scores of base, adapter, merged models and servers, side by side",
     ),
     "push": ("training.cli.push", "publish the adapter or merged model to the Hugging Face Hub (private)"),
     "check-serving": (
