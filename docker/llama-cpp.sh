@@ -61,6 +61,7 @@ build_wheel() {
     sdist=$(fetch_sdist)
     say "building llama-cpp-python $version from $sdist_name (about 640 CPU-seconds; flags: $flags)"
     tmp=$(mktemp -d "$cache/.wheel.XXXXXX")
+    chmod 755 "$tmp"  # mktemp makes it private; the cache may serve other users (CI, containers)
     started=$(date +%s)
     CMAKE_ARGS="$flags" CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
       "$PYTHON" -m pip wheel --quiet --no-deps --no-cache-dir "$sdist" -w "$tmp" >&2
@@ -78,6 +79,7 @@ extract_converter() {
   if [ ! -f "$dir/convert_hf_to_gguf.py" ]; then
     sdist=$(fetch_sdist)
     tmp=$(mktemp -d "$cache/.converter.XXXXXX")
+    chmod 755 "$tmp"
     top=llama_cpp_python-$version/vendor/llama.cpp
     tar -xzf "$sdist" -C "$tmp" --strip-components=3 \
       "$top/convert_hf_to_gguf.py" "$top/conversion" "$top/gguf-py" "$top/LICENSE"
