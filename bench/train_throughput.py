@@ -183,7 +183,10 @@ def measure(variant: str, recipe: str, steps: int) -> dict:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
