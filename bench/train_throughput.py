@@ -47,6 +47,11 @@ VARIANTS = {
     "recipe+packing+liger": ["data.packing=true", "training.use_liger_kernel=true"],
     "recipe-checkpointing": ["training.activation_checkpointing=false"],
     "recipe+packing-checkpointing": ["data.packing=true", "training.activation_checkpointing=false"],
+    "recipe+packing+liger-checkpointing": [
+        "data.packing=true",
+        "training.use_liger_kernel=true",
+        "training.activation_checkpointing=false",
+    ],
     "recipe+compile": ["training.torch_compile=true"],
 }
 DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
