@@ -402,7 +402,14 @@ def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("Makefile", ".env.example", "pyproject.toml", "compose.yaml", "compose.cpu.yaml"):
+    for name in (
+        "Makefile",
+        ".env.example",
+        "pyproject.toml",
+        "requirements.lock",
+        "compose.yaml",
+        "compose.cpu.yaml",
+    ):
         shutil.copy(ROOT / name, project)
     return project
 
