@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--outputs", type=Path, default=Path("outputs"), help="outputs directory (default: outputs)"
     )
     p.add_argument(
-        "--model-dir", type=Path, default=None, help="a merged model directory (default: OUTPUTS/RUN/merged)"
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="a merged model directory (default: OUTPUTS/RUN/merged); llamacpp serves its run's gguf/ export",
     )
     p.add_argument("--name", default=None, help="the model id clients use (default: the run name)")
     p.add_argument(
@@ -159,9 +162,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend == "llamacpp":
         from serving import llamacpp_server
 
+        outputs, run = args.outputs, args.run
+        if args.model_dir is not None:  # a run's merged/ folder: its GGUF exports sit beside it
+            outputs, run = args.model_dir.parent.parent, args.model_dir.parent.name
         settings = llamacpp_server.settings_for(
-            outputs=args.outputs,
-            run=args.run,
+            outputs=outputs,
+            run=run,
             quant=args.quant,
             gguf=args.gguf,
             served_name=args.name,
