@@ -8,10 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from serving.backends.tgi import CONTAINER_OUTPUTS
+from serving.backends.base import LaunchError
+from serving.backends.tgi import CONTAINER_OUTPUTS, parse_lora_adapters
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.launch_env import plan_from_env, shell
+from serving.launcher import BACKEND_CHOICES, VENV, Choice, banner, choose, run_vllm_cpu, vllm_python
+from serving.model_dir import ModelDir
 from serving.params import SamplingParams
 
 
@@ -44,7 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "serve", help="serve a merged model on this machine's CPU (transformers serve, OpenAI API)"
+        "serve",
+        help="serve a merged model on this machine's CPU: vLLM's engine when it can run it, else transformers serve",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="auto (default): vLLM on the CPU when it can run the model, else the local server (saying why); "
+        "vllm: vLLM or an error; local: transformers serve",
+    )
+    p.add_argument(
+        "--choose-backend",
+        action="store_true",
+        help="print the backend `auto` picks for this model and machine (vllm or local), the reason on stderr, and exit",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve this peft adapter too, as model NAME (vLLM; repeatable; --model-dir is then the base model). "
+        "Default: LORA_ADAPTERS (name=dir,...) over LORA_BASE_MODEL",
     )
     p.add_argument(
         "--run", default=os.environ.get("RUN") or "quickstart", help="run name (default: $RUN or quickstart)"
@@ -68,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per request (default: the recipe's max_length)",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    p.add_argument("--device", default="cpu", help="local server: cpu (default), cuda, cuda:1, or auto")
+    p.add_argument(
+        "--threads", type=int, default=None, help="local server: torch CPU threads (default: one per core)"
+    )
 
     p = sub.add_parser("chat", help="send a chat message (formatted with the model's chat template)")
     p.add_argument("prompt")
@@ -115,18 +141,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Loaded here, not at the top: the local server's stack (transformers serve, uvicorn) takes
-    # seconds to import, which `chat` and `health` should not wait for.
-    from serving.local_server.app import print_ready, run, settings_for
-
-    model_dir = args.model_dir or args.outputs / args.run / "merged"
-    settings = settings_for(
-        model_dir,
-        served_name=args.name,
-        max_model_len=args.max_model_len,
-        device=args.device,
-        threads=args.threads,
-    )
+    adapters = _adapters(args.lora)
+    base = os.environ.get("LORA_BASE_MODEL") if adapters and not args.lora else None
+    model = ModelDir.open(args.model_dir or base or args.outputs / args.run / "merged")
+    choice = choose("vllm" if adapters and args.backend == "auto" else args.backend, model)
+    if args.choose_backend:
+        if choice.reason:
+            print(f"vLLM cannot serve {model.path} on this machine: {choice.reason}", file=sys.stderr)
+        print("vllm" if choice.backend == "vllm-cpu" else "local")
+        return 0
+    if choice.backend == "vllm-cpu" and args.backend == "auto" and not adapters and vllm_python() is None:
+        choice = Choice("local", f"vLLM's CPU build is not installed (`make vllm-venv` creates {VENV.name})")
     api_key = os.environ.get("API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -134,6 +159,37 @@ def _serve(args: argparse.Namespace) -> int:
             "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
             file=sys.stderr,
         )
+    if choice.backend == "vllm-cpu":
+        if args.threads or args.device != "cpu":
+            print("warning: --threads and --device apply to the local server, not vLLM", file=sys.stderr)
+        length, source = model.context_length(args.max_model_len)
+        name = args.name or (model.path.name if adapters else model.run_name)
+        return run_vllm_cpu(
+            model,
+            served_name=name,
+            max_model_len=length,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            adapters=adapters,
+            on_ready=banner(model, name, length, source, adapters, api_key=bool(api_key)),
+        )
+    if choice.reason:
+        print(
+            f"vLLM cannot serve {model.path} on this machine: {choice.reason}; serving it with the local server",
+            file=sys.stderr,
+        )
+    # Loaded here, not at the top: the local server's stack (transformers serve, uvicorn) takes
+    # seconds to import, which `chat` and `health` should not wait for.
+    from serving.local_server.app import print_ready, run, settings_for
+
+    settings = settings_for(
+        model.path,
+        served_name=args.name,
+        max_model_len=args.max_model_len,
+        device=args.device,
+        threads=args.threads,
+    )
     print(f"Loading {settings.model_dir} ...", file=sys.stderr, flush=True)
     run(
         settings,
@@ -143,6 +199,19 @@ def _serve(args: argparse.Namespace) -> int:
         on_ready=print_ready(settings, bool(api_key)),
     )
     return 0
+
+
+def _adapters(given: list[str]) -> list[tuple[str, Path]]:
+    """--lora NAME=DIR, or LORA_ADAPTERS (name=dir,...) when LORA_BASE_MODEL names the base."""
+    spec = ",".join(given) or (os.environ.get("LORA_ADAPTERS") if os.environ.get("LORA_BASE_MODEL") else "")
+    if not spec:
+        return []
+    adapters = []
+    for name, path in parse_lora_adapters(spec):
+        if path is None:
+            raise LaunchError(f"adapter {name!r}: on the CPU, name a local adapter directory: {name}=DIR")
+        adapters.append((name, Path(path)))
+    return adapters
 
 
 def _client(args: argparse.Namespace) -> ServingClient:
