@@ -13,7 +13,7 @@ from serving.backends.tgi import CONTAINER_OUTPUTS, parse_lora_adapters
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.launch_env import plan_from_env, shell
-from serving.launcher import BACKEND_CHOICES, VENV, Choice, banner, choose, run_vllm_cpu, vllm_python
+from serving.launcher import BACKEND_CHOICES, banner, choose, run_vllm_cpu
 from serving.model_dir import ModelDir
 from serving.params import SamplingParams
 
@@ -144,14 +144,12 @@ def _serve(args: argparse.Namespace) -> int:
     adapters = _adapters(args.lora)
     base = os.environ.get("LORA_BASE_MODEL") if adapters and not args.lora else None
     model = ModelDir.open(args.model_dir or base or args.outputs / args.run / "merged")
-    choice = choose("vllm" if adapters and args.backend == "auto" else args.backend, model)
+    choice = choose(args.backend, model, adapters=adapters, installed=not args.choose_backend)
     if args.choose_backend:
         if choice.reason:
             print(f"vLLM cannot serve {model.path} on this machine: {choice.reason}", file=sys.stderr)
         print("vllm" if choice.backend == "vllm-cpu" else "local")
         return 0
-    if choice.backend == "vllm-cpu" and args.backend == "auto" and not adapters and vllm_python() is None:
-        choice = Choice("local", f"vLLM's CPU build is not installed (`make vllm-venv` creates {VENV.name})")
     api_key = os.environ.get("API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(

