@@ -10,6 +10,7 @@ recognises it at a URL.
 from __future__ import annotations
 
 from serving.backends.base import Backend
+from serving.backends.llamacpp import LlamaCpp
 from serving.backends.local import LocalServer
 from serving.backends.openai import OpenAICompatible
 from serving.backends.tgi import TGI
@@ -18,7 +19,7 @@ from serving.backends.vllm_cpu import VLLMCPU
 from serving.errors import InvalidParameterError
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (TGI(), VLLM(), VLLMCPU(), LocalServer(), OpenAICompatible())
+    b.name: b for b in (TGI(), VLLM(), VLLMCPU(), LocalServer(), LlamaCpp(), OpenAICompatible())
 }
 
 

@@ -11,21 +11,9 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
-from training.errors import UserError
+from training.merge.safetensors_dtypes import dtype_of
 from training.merge.safetensors_writer import write_streaming
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from training.model.hub_files import weight_files
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -38,26 +26,22 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """The tensors of a model directory's *.safetensors files, read one at a time.
+    """The tensors of a model directory's weights, read one at a time.
 
-    Each read opens the file anew: safetensors memory-maps it, and pages of a mapping
-    that stays open stay resident, so reading a whole model through open handles would
-    grow the process to the model's size.
+    The files are those transformers loads (the index's shards, else model.safetensors), not
+    every *.safetensors in the folder. Each read opens the file anew: safetensors memory-maps
+    it, and pages of a mapping that stays open stay resident, so reading a whole model through
+    open handles would grow the process to the model's size.
     """
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            pickled = sorted(p.name for p in model_dir.glob("*.bin"))
-            hint = f" (only pickled weights: {pickled[:3]})" if pickled else ""
-            raise UserError(f"{model_dir}: no *.safetensors weights{hint}")
         self.tensors: dict[str, TensorInfo] = {}
-        for file in files:
+        for file in weight_files(model_dir):
             with safe_open(file, framework="pt") as handle:
                 for name in handle.keys():
                     piece = handle.get_slice(name)
-                    shape, dtype = tuple(piece.get_shape()), SAFETENSORS_DTYPES[piece.get_dtype()]
+                    shape, dtype = tuple(piece.get_shape()), dtype_of(piece.get_dtype(), file, name)
                     self.tensors[name] = TensorInfo(file, shape, dtype)
 
     def get(self, name: str) -> torch.Tensor:
