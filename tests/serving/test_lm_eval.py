@@ -25,7 +25,7 @@ def test_the_local_server_is_refused_for_loglikelihood_tasks(local_server, merge
         score_server(local_server.url, merged_model, select_tasks([TASK]), api_key=API_KEY)
     message = str(caught.value)
     assert f"{TASK} score answers by their log-likelihood" in message
-    assert "computes no log-probabilities" in message  # the server's own answer, passed on
+    assert "returns no log-probabilities" in message  # the server's own answer, passed on
     assert "vLLM can" in message
 
 
