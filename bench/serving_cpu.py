@@ -1,4 +1,4 @@
-"""The CPU servers side by side on one merged model: vLLM's CPU engine against the local server.
+"""The CPU servers side by side on one merged model: vLLM's CPU engine, llama.cpp and the local server.
 
 Starts each server with `python -m serving serve` on the same model (one after the other, each waited
 for), keeps them all up, and loads them in turn with `python -m serving.bench`, interleaved: for each
@@ -12,7 +12,7 @@ and each server's tokens/s over each local variant's, a ratio taken within each 
     python bench/serving_cpu.py -n 4 -c 1,4 --max-new-tokens 8 --rounds 1   # a functional run
 
 Variants: vllm (eager, the default start), vllm-compiled (VLLM_CPU_ARGS=--no-enforce-eager),
-local, local-1thread (--threads 1). Raw results: bench/results/serving-cpu-<time>/<variant>/r<round>-c<level>/.
+local, local-1thread (--threads 1), llamacpp (the f32 GGUF export), llamacpp-q4_k_m. Raw results: bench/results/serving-cpu-<time>/<variant>/r<round>-c<level>/.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ VARIANTS = {
     "vllm-compiled": (["--backend", "vllm"], {"VLLM_CPU_ARGS": "--no-enforce-eager"}),
     "local": (["--backend", "local"], {}),
     "local-1thread": (["--backend", "local", "--threads", "1"], {}),
+    # llama.cpp's server on the run's GGUF exports (make export QUANT=f32,q4_k_m first): f32 computes
+    # what the merged model does, q4_k_m is what llama.cpp users usually run.
+    "llamacpp": (["--backend", "llamacpp", "--quant", "f32"], {}),
+    "llamacpp-q4_k_m": (["--backend", "llamacpp", "--quant", "q4_k_m"], {}),
 }
 START_TIMEOUT = 900
 
