@@ -28,7 +28,7 @@ from training.run_dir import ADAPTER, RUN_RECORD, RunDir
 from training.runinfo import now, peak_memory_bytes
 from training.train import checkpoints as ckpt
 from training.train.builder import build_trainer
-from training.train.callbacks import GracefulStop, Throughput
+from training.train.callbacks import GracefulStop
 from training.train.distributed import (
     Ranks,
     barrier,
@@ -42,6 +42,7 @@ from training.train.hardware import hardware_notes
 from training.train.memtrack import track_peak
 from training.train.record import log_summary, loss_metrics, run_record
 from training.train.sft_config import RESUMABLE_CHANGES, build_sft_config, save_total_limit
+from training.train.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
