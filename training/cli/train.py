@@ -120,5 +120,8 @@ def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> in
     if topo.world_size == 1:
         return run_training(recipe, args.recipe, force=args.force, measure_memory=args.measure_memory)
     train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in overrides)]
-    train_args += [*(["--force"] if args.force else []), *(["--measure-memory"] if args.measure_memory else [])]
+    train_args += [
+        *(["--force"] if args.force else []),
+        *(["--measure-memory"] if args.measure_memory else []),
+    ]
     return launch(recipe, args.recipe, train_args, topo)
