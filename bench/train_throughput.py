@@ -72,6 +72,9 @@ VARIANTS = {
     "recipe+packing+liger": Variant(("data.packing=true", "training.use_liger_kernel=true")),
     "recipe-checkpointing": Variant(("training.activation_checkpointing=false",)),
     "recipe+packing-checkpointing": Variant(("data.packing=true", "training.activation_checkpointing=false")),
+    "recipe+packing+liger-checkpointing": Variant(
+        ("data.packing=true", "training.use_liger_kernel=true", "training.activation_checkpointing=false")
+    ),
     "recipe+checkpointing": Variant(("training.activation_checkpointing=true",)),
     "recipe+random-batches": Variant(("training.train_sampling_strategy=random",)),
     "recipe+trl-loss-head": Variant(trl_loss_head=True),
@@ -305,11 +308,17 @@ def measure(variant: str, recipe: str, steps: int) -> dict:
     """One run in a fresh process; the parent imports no torch, so the child's peak RSS is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
         cmd = [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name]
-        usage = run_child(
-            cmd, {**os.environ, "PYTHONPATH": str(ROOT)}, variant, " ".join(cmd[:-1] + ["/tmp/r.json"])
-        )
+        usage = run_child(cmd, child_env(), variant, " ".join(cmd[:-1] + ["/tmp/r.json"]))
         result = json.loads(Path(result_file.name).read_text())
     return with_rss(result, usage)
+
+
+def child_env() -> dict:
+    """This checkout first on the path, anything the caller put there after it."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def run_child(cmd: list[str], env: dict, variant: str, rerun: str, log: Path | None = None):
@@ -416,7 +425,7 @@ def main() -> None:
     peer_data = args.json.parent / "peer-data"
     if venvs:
         cmd = [sys.executable, __file__, "--render-for-peers", args.recipe, str(args.steps), str(peer_data)]
-        subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+        subprocess.run(cmd, cwd=ROOT, env=child_env(), check=True)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(args.repeats):

@@ -224,11 +224,17 @@ class ServingClient:
         return get_backend(self.info.backend)
 
     def health(self) -> bool:
-        """True when the server answers 200 on /health (TGI: all shards ready)."""
+        """True when the server answers 200 on /health (TGI: all shards ready), or, for a server
+        without /health (llama.cpp's), when it describes itself on /v1/models."""
         try:
             self.transport.request(
                 "GET", "/health", retry=NO_RETRY, timeout=min(self.transport.timeout, 10.0)
             )
+        except NotFoundError:
+            try:
+                self._info = discover(self.transport, self._backend_choice)
+            except ServingError:
+                return False
         except ServingError:
             return False
         return True

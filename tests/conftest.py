@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, whatever .env says
 
 # After the settings above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+from training.merge.coordinator import MergeSettings, merge_adapter  # noqa: E402
 from training.model.tiny import ARCHITECTURES, ensure_tiny_model  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
 from training.train.run import run_training  # noqa: E402
@@ -115,3 +117,22 @@ def neox_run(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     assert train_in_process("recipes/quickstart-gpt-neox-ko.yaml", out) == 0
     return out / "quickstart-gpt-neox-ko"
+
+
+def export_cli(merged: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m training export --merged MERGED ...`, as users run it."""
+    return run_cli("export", "--merged", str(merged), *args)
+
+
+def exported_run(source_run: Path, out: Path, quants: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """A copy of a trained run, merged (merge.json with its recipe) and exported to GGUF by the CLI."""
+    run = out / source_run.name
+    shutil.copytree(source_run / "adapter", run / "adapter")
+    merge_adapter(run / "adapter", run / "merged", MergeSettings(verify=False))
+    return run, export_cli(run / "merged", "--quant", quants)
+
+
+@pytest.fixture(scope="session")
+def quickstart_gguf(quickstart_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quickstart run (tiny Llama, dolly-ja) merged and exported as f32, q8_0 and q4_k_m, once."""
+    return exported_run(quickstart_run, tmp_path_factory.mktemp("gguf"), "f32,q8_0,q4_k_m")

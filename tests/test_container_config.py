@@ -26,7 +26,7 @@ from tests.notebook_outputs import notebooks, problems
 
 SECRETS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY", "jupyter_token": "JUPYTER_TOKEN"}
 APP_SERVICES = ("train", "merge", "notebook")
-LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu")
+LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu", "serve-llamacpp")
 GPU_SERVICES = ("train", "merge", "notebook", "tgi", "vllm")
 # Services the CI starts under Podman, whose API compose treats as older than Docker Engine 25.
 STARTED_IN_CI = ("train", "merge", "notebook", "serve-cpu")
@@ -92,7 +92,7 @@ def test_train_merge_notebook_share_outputs_and_cache_and_read_data_and_recipes_
     assert services[name]["image"].endswith("qlora-stack:latest}")  # ${QLORA_IMAGE:-qlora-stack:latest}
 
 
-@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu"])
+@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu", "serve-llamacpp"])
 def test_servers_read_outputs_read_only(services, name):
     assert mounts(services[name])["/outputs"] == "outputs:ro"
 
@@ -212,6 +212,15 @@ def test_dockerfile_takes_no_secret_and_runs_as_a_numeric_non_root_user():
     assert users == ["${USER_UID}:${USER_GID}"]
     assert "--allow-root" not in text
     assert "/etc/jupyter/jupyter_server_config.py" in text
+
+
+def test_the_llamacpp_image_builds_its_wheel_with_the_projects_script_and_runs_as_non_root():
+    text = (ROOT / "docker" / "llamacpp.Dockerfile").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(ARG|ENV)\s+\S*(TOKEN|SECRET|PASSWORD|API_KEY)", text, flags=re.M | re.I)
+    assert re.findall(r"^USER\s+(\S+)", text, flags=re.M) == ["65534:65534"]
+    assert "docker/llama-cpp.sh wheel" in text and "--mount=type=cache" in text  # built once, then cached
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert "g++" not in final and "cmake" not in final  # no compiler in the image that serves
 
 
 # --- docker/jupyter_server_config.py: the token policy ----------------------------------------
@@ -393,7 +402,14 @@ def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("Makefile", ".env.example", "pyproject.toml", "compose.yaml", "compose.cpu.yaml"):
+    for name in (
+        "Makefile",
+        ".env.example",
+        "pyproject.toml",
+        "requirements.lock",
+        "compose.yaml",
+        "compose.cpu.yaml",
+    ):
         shutil.copy(ROOT / name, project)
     return project
 

@@ -12,6 +12,8 @@ middleware puts the run's name in front of it, the way vLLM's --served-model-nam
 - sampling follows OpenAI's meaning: temperature > 0 samples even when the model's
   generation_config says do_sample=false (transformers would silently decode greedily),
   and vLLM's extra fields top_k and repetition_penalty are accepted;
+- requests for log-probabilities (logprobs, top_logprobs, echo) are refused with 400:
+  transformers serve would ignore them and answer without;
 - prompt + max_tokens is held to max_model_len (400 otherwise, as vLLM does), and a
   missing max_tokens means "the rest of the context" instead of transformers' 1024;
 - POST /tokenize counts tokens (vLLM's request and response shape), so clients can

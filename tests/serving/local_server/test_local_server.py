@@ -161,6 +161,17 @@ def test_a_4xx_carries_the_servers_message(client):
     assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
 
 
+def test_lm_evals_loglikelihood_request_is_refused_not_answered_without(client):
+    # lm-eval's local-completions asks for the prompt's log-probabilities (logprobs + echo); an answer
+    # without them would score every choice alike, so the server must refuse it.
+    with pytest.raises(RequestRejectedError, match="returns no log-probabilities") as caught:
+        client.transport.post_json(
+            "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 1, "echo": True}
+        )
+    assert caught.value.status == 400
+    client.transport.post_json("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": None})
+
+
 def test_unknown_model_and_hidden_admin_routes_are_404(client):
     with pytest.raises(NotFoundError, match="does not exist; this server serves `quickstart`"):
         client.transport.post_json("/v1/completions", {"model": "other", "prompt": "x"})
