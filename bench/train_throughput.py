@@ -1,19 +1,26 @@
-"""Training throughput: a recipe run against the plain QLoRA recipe users copy from tutorials.
+"""Training throughput: a recipe run against the plain QLoRA recipe users copy from tutorials, and the peers.
 
 The tutorial recipe: the same 4-bit model and LoRA, `prepare_model_for_kbit_training`,
 text rendered with the same template, `transformers.Trainer` with
 `DataCollatorForLanguageModeling(mlm=False)` (pads each batch, loss on every token, no
-packing). Against it: the recipe as shipped, and the recipe with packing. Same model, data,
-batch size and number of steps; each run in a fresh process, runs interleaved
-(A B C A B C ...) so machine noise hits every variant alike. Reported: data tokens
-(padding excluded) per second of training after its first step (which also pays for
-kernel selection and compilation), peak memory (process RSS; peak CUDA memory allocated
-on a GPU), ratios to the tutorial recipe, and on a GPU the model FLOPs utilisation (MFU).
+packing). Against it: the recipe as shipped, variants of it, and LLaMA-Factory and axolotl
+(bench/peers: each installed by this script into a virtual environment of its own from pinned
+versions, configured to the same model, rendered text, LoRA, batch, length and steps). Each
+run in a fresh process, runs interleaved (A B C A B C ...) so machine noise hits every
+variant alike. Reported: data tokens (padding excluded) per second of training after its
+first step (which also pays for kernel selection and compilation), timed by the same
+callback for all (training/train/throughput.py), peak memory (process RSS; peak CUDA memory
+allocated on a GPU), ratios to the tutorial recipe, and on a GPU the model FLOPs utilisation (MFU).
 
     python bench/train_throughput.py                               # quickstart recipe, CPU
     python bench/train_throughput.py --recipe recipes/x.yaml --steps 30 --repeats 3
+    python bench/train_throughput.py --variants tutorial,recipe,llamafactory,axolotl --repeats 5
     python bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps 8 --repeats 1 \
         --variants tutorial,recipe,recipe+packing,recipe+liger,recipe+packing+liger
+
+The peers' environments go to ~/.cache/qlora-stack/bench-venvs (--peer-venv-root), built on
+first use (a few minutes and 2-8 GB each); --peer-venv NAME=DIR uses an existing one after
+checking its pinned version.
 
 MFU counts model FLOPs the way PaLM's appendix does, 6 N + 12 L h s per token (N: the
 parameters of every matmul including the output head; L layers, h hidden size, s the mean
@@ -33,26 +40,48 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from peers import PEERS, command, default_venv_root, ensure_venv, installed_versions
+
 ROOT = Path(__file__).resolve().parent.parent
-# Recipe overrides per variant; "tutorial" is the plain Trainer recipe built below.
+
+
+@dataclass(frozen=True)
+class Variant:
+    overrides: tuple[str, ...] = ()
+    measure_memory: bool = False  # as `train --measure-memory`: count live CPU tensors
+    trl_loss_head: bool = False  # TRL's chunked loss head on the CPU too, instead of training.train.loss
+
+
+# The CPU defaults each switched back, one at a time and all together: what each one buys.
+BEFORE_CPU_DEFAULTS = Variant(
+    ("training.activation_checkpointing=true", "training.train_sampling_strategy=random"),
+    measure_memory=True,
+    trl_loss_head=True,
+)
+# "tutorial" is the plain Trainer recipe built below; the peers (bench/peers) are not recipe runs.
 VARIANTS = {
-    "tutorial": [],
-    "recipe": [],
+    "tutorial": Variant(),
+    "recipe": Variant(),
     # TRL packs best-fit-decreasing into padding-free batches (one row of concatenated
     # sequences, position ids restarting per sequence): packing is the padding-free option.
-    "recipe+packing": ["data.packing=true"],
-    "recipe+liger": ["training.use_liger_kernel=true"],
-    "recipe+packing+liger": ["data.packing=true", "training.use_liger_kernel=true"],
-    "recipe-checkpointing": ["training.activation_checkpointing=false"],
-    "recipe+packing-checkpointing": ["data.packing=true", "training.activation_checkpointing=false"],
-    "recipe+packing+liger-checkpointing": [
-        "data.packing=true",
-        "training.use_liger_kernel=true",
-        "training.activation_checkpointing=false",
-    ],
-    "recipe+compile": ["training.torch_compile=true"],
+    "recipe+packing": Variant(("data.packing=true",)),
+    "recipe+liger": Variant(("training.use_liger_kernel=true",)),
+    "recipe+packing+liger": Variant(("data.packing=true", "training.use_liger_kernel=true")),
+    "recipe-checkpointing": Variant(("training.activation_checkpointing=false",)),
+    "recipe+packing-checkpointing": Variant(("data.packing=true", "training.activation_checkpointing=false")),
+    "recipe+packing+liger-checkpointing": Variant(
+        ("data.packing=true", "training.use_liger_kernel=true", "training.activation_checkpointing=false")
+    ),
+    "recipe+checkpointing": Variant(("training.activation_checkpointing=true",)),
+    "recipe+random-batches": Variant(("training.train_sampling_strategy=random",)),
+    "recipe+trl-loss-head": Variant(trl_loss_head=True),
+    "recipe+measure-memory": Variant(measure_memory=True),
+    "recipe+before-cpu-defaults": BEFORE_CPU_DEFAULTS,
+    "recipe+compile": Variant(("training.torch_compile=true",)),
+    **{name: Variant() for name in PEERS},
 }
 DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
 # Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, in TFLOP/s.
@@ -70,11 +99,17 @@ def common_overrides(steps: int) -> list[str]:
 
 def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict:
     from training.recipe import load_recipe
+    from training.train import builder
     from training.train.run import run_training
 
-    overrides = [*common_overrides(steps), f"output.dir={out_dir}", *VARIANTS[variant]]
+    chosen = VARIANTS[variant]
+    if chosen.trl_loss_head:
+        from trl import SFTTrainer
+
+        builder.QLoRASFTTrainer = SFTTrainer  # what the stack built before its CPU loss head
+    overrides = [*common_overrides(steps), f"output.dir={out_dir}", *chosen.overrides]
     recipe = load_recipe(recipe_path, overrides)
-    assert run_training(recipe, recipe_path) == 0
+    assert run_training(recipe, recipe_path, measure_memory=chosen.measure_memory) == 0
     metrics = json.loads((recipe.output.run_dir() / "run.json").read_text())["metrics"]
     return {
         "tokens": metrics["tokens_trained"],
@@ -113,7 +148,7 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
     from training.model.loading import compute_dtype, detect_device, load_model, load_tokenizer
     from training.model.lora import lora_config
     from training.recipe import load_recipe
-    from training.train.callbacks import Throughput
+    from training.train.throughput import Throughput
 
     recipe = load_recipe(recipe_path, common_overrides(steps))
     device = detect_device()
@@ -160,6 +195,93 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
     }
 
 
+def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
+    """The recipe's rows as this stack renders them, split into prompt and response, and its settings.
+
+    Written for the peers: rendered.jsonl + dataset_info.json (LLaMA-Factory, alpaca columns),
+    segments.jsonl (axolotl input_output) and settings.json. Each row's prompt and response,
+    tokenized on their own without added special tokens (as both tools do), must give exactly
+    this stack's token ids and loss mask; otherwise the comparison would not be like for like.
+    """
+    from transformers import AutoConfig
+
+    from training.data.prepare import prepare_data
+    from training.model.loading import compute_dtype, detect_device, load_tokenizer
+    from training.model.lora import AUTO_TARGETS
+    from training.model.tiny import resolve_model_name
+    from training.recipe import load_recipe
+    from training.train.estimate import cpu_activation_checkpointing
+
+    recipe = load_recipe(recipe_path, common_overrides(int(steps)))
+    tokenizer = load_tokenizer(recipe.model)
+    prepared = prepare_data(recipe.data, tokenizer)
+    if "assistant_masks" not in prepared.train.column_names:
+        raise SystemExit(
+            f"{recipe_path}: the peers need a prompt/response split (format instruction or messages)"
+        )
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (
+        open(folder / "rendered.jsonl", "w", encoding="utf-8") as pairs,
+        open(folder / "segments.jsonl", "w", encoding="utf-8") as segments,
+    ):
+        for row, (ids, mask) in enumerate(
+            zip(prepared.train["input_ids"], prepared.train["assistant_masks"], strict=True)
+        ):
+            start = mask.index(1) if 1 in mask else len(mask)
+            if any(m == 0 for m in mask[start:]):
+                raise SystemExit(
+                    f"{recipe_path}: row {row} has several responses; the peers take one per row"
+                )
+            prompt = tokenizer.decode(ids[:start])
+            response = tokenizer.decode(ids[start:])
+            again = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt, response)]
+            if again[0] + again[1] != ids:
+                raise SystemExit(
+                    f"{recipe_path}: row {row}: prompt and response do not tokenize back to its ids"
+                )
+            pairs.write(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+            parts = [{"label": False, "text": prompt}, {"label": True, "text": response}]
+            segments.write(json.dumps({"segments": parts}, ensure_ascii=False) + "\n")
+    info = {
+        "rendered": {"file_name": "rendered.jsonl", "columns": {"prompt": "prompt", "response": "response"}}
+    }
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+
+    device = detect_device()
+    model_dir = resolve_model_name(recipe.model.name)
+    config = AutoConfig.from_pretrained(model_dir)
+    lora, training = recipe.lora, recipe.training
+    if lora.target_modules == "auto":
+        auto = AUTO_TARGETS[config.model_type]
+        targets = auto["attention"] + (auto["mlp"] if lora.include_mlp else [])
+    else:
+        targets = list(lora.target_modules)
+    if device.type == "cpu":
+        checkpointing = cpu_activation_checkpointing(recipe, config)
+    else:
+        checkpointing = bool(training.get("activation_checkpointing", True))
+    settings = {
+        "model_dir": str(model_dir),
+        "double_quant": recipe.quantization.double_quant,
+        "lora_r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "lora_targets": targets,
+        "max_length": recipe.data.max_length,
+        "batch": training.get("per_device_train_batch_size", 8),
+        "learning_rate": float(training.get("learning_rate", 2e-4)),
+        "lr_scheduler_type": str(training.get("lr_scheduler_type", "linear")),
+        "warmup_steps": training.get("warmup_steps", 0),
+        "steps": int(steps),
+        "activation_checkpointing": checkpointing,  # as the recipe trains on this machine
+        "dtype": str(compute_dtype(recipe.model.dtype, device)).removeprefix("torch."),
+        "cuda": device.type == "cuda",
+        "rows": len(prepared.train),
+    }
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+
+
 def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
     import torch
     from transformers import AutoConfig
@@ -185,23 +307,48 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
 def measure(variant: str, recipe: str, steps: int) -> dict:
     """One run in a fresh process; the parent imports no torch, so the child's peak RSS is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status != 0:
-            raise SystemExit(
-                f"{variant} run failed (status {status}); run it alone to see why: "
-                f"python {__file__} --child {variant} {recipe} {steps} /tmp/r.json"
-            )
+        cmd = [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name]
+        usage = run_child(cmd, child_env(), variant, " ".join(cmd[:-1] + ["/tmp/r.json"]))
         result = json.loads(Path(result_file.name).read_text())
+    return with_rss(result, usage)
+
+
+def child_env() -> dict:
+    """This checkout first on the path, anything the caller put there after it."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def run_child(cmd: list[str], env: dict, variant: str, rerun: str, log: Path | None = None):
+    with open(log or os.devnull, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        where = f"its log: {log}" if log else f"run it alone to see why: {rerun}"
+        raise SystemExit(f"{variant} run failed (status {status}); {where}")
+    return usage
+
+
+def measure_peer(name: str, venv: Path, peer_data: Path, steps: int) -> dict:
+    """One run of a peer in its own environment, timed by the same callback, its RSS measured the same way."""
+    settings = json.loads((peer_data / "settings.json").read_text())
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+        cmd, env = command(PEERS[name], venv, settings, peer_data, Path(work))
+        result_file = Path(work) / "result.json"
+        log = peer_data / f"{name}.log"  # kept: the last run's log, for when a run fails
+        usage = run_child(cmd, {**env, "PEER_RESULT": str(result_file)}, name, " ".join(cmd), log)
+        figures = json.loads(result_file.read_text())
+    result = {
+        "tokens": figures["tokens_trained"],
+        "seconds": figures["train_seconds"],
+        "steady_tokens_per_second": figures["steady_tokens_per_second"],
+    }
+    return with_rss(result, usage)
+
+
+def with_rss(result: dict, usage) -> dict:
     result["peak_rss_bytes"] = usage.ru_maxrss * 1024
     # After the first step where the run had more than one; the whole run otherwise.
     result["tokens_per_second"] = result["steady_tokens_per_second"] or result["tokens"] / result["seconds"]
@@ -236,10 +383,35 @@ def main() -> None:
         help="the GPU's dense bf16 peak, for MFU (default: known GPUs)",
     )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "train_throughput.json")
+    parser.add_argument(
+        "--peer-venv-root",
+        type=Path,
+        default=default_venv_root(),
+        help="where the peers' environments are built on first use (default %(default)s)",
+    )
+    parser.add_argument(
+        "--peer-venv",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="use an existing environment for a peer (its pinned version is checked), e.g. axolotl=/opt/ax",
+    )
+    parser.add_argument(
+        "--peer-python",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON",
+        help="interpreter to build a peer's environment from (default: python3.11 for llamafactory, "
+        "python3.12 for axolotl, from PATH)",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--render-for-peers", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.render_for_peers:
+        render_for_peers(*args.render_for_peers)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -249,11 +421,20 @@ def main() -> None:
             "and the list starts with tutorial (the baseline of the ratios)"
         )
 
+    venvs = peer_venvs(parser, args, [v for v in variants if v in PEERS])
+    peer_data = args.json.parent / "peer-data"
+    if venvs:
+        cmd = [sys.executable, __file__, "--render-for-peers", args.recipe, str(args.steps), str(peer_data)]
+        subprocess.run(cmd, cwd=ROOT, env=child_env(), check=True)
+
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for i in range(args.repeats):
         for variant in variants:
             t = time.perf_counter()
-            runs[variant].append(measure(variant, args.recipe, args.steps))
+            if variant in PEERS:
+                runs[variant].append(measure_peer(variant, venvs[variant], peer_data, args.steps))
+            else:
+                runs[variant].append(measure(variant, args.recipe, args.steps))
             r = runs[variant][-1]
             memory = r.get("peak_cuda_bytes") or r["peak_rss_bytes"]
             print(
@@ -288,6 +469,7 @@ def main() -> None:
         "recipe": args.recipe,
         "steps": args.steps,
         "repeats": args.repeats,
+        "peers": {name: installed_versions(venv) for name, venv in venvs.items()},
         "results": summary,
         "runs": runs,
     }
@@ -304,6 +486,30 @@ def main() -> None:
             f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}"
         )
     print(f"-> {args.json}")
+
+
+def peer_venvs(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]
+) -> dict[str, Path]:
+    """Each peer's environment: the one given with --peer-venv (checked), else built from the pins."""
+    given, pythons = {}, {}
+    for flag, pairs, into in (
+        ("--peer-venv", args.peer_venv, given),
+        ("--peer-python", args.peer_python, pythons),
+    ):
+        for pair in pairs:
+            name, _, value = pair.partition("=")
+            if name not in PEERS or not value:
+                parser.error(f"{flag} {pair!r}: give NAME=PATH with NAME one of {', '.join(PEERS)}")
+            into[name] = value
+    venvs = {}
+    for name in names:
+        if name in given:
+            venvs[name] = ensure_venv(PEERS[name], Path(given[name]), given=True)
+        else:
+            venv = args.peer_venv_root / f"{name}-{PEERS[name].pinned_version}"
+            venvs[name] = ensure_venv(PEERS[name], venv, given=False, python=pythons.get(name))
+    return venvs
 
 
 if __name__ == "__main__":

@@ -77,10 +77,12 @@ def neox_tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir / "gpt-neox")
 
 
-def train_in_process(recipe: str, out_dir: Path, *overrides: str, force: bool = False) -> int:
+def train_in_process(
+    recipe: str, out_dir: Path, *overrides: str, force: bool = False, measure_memory: bool = False
+) -> int:
 
     loaded = load_recipe(recipe, [f"output.dir={out_dir}", *overrides])
-    return run_training(loaded, recipe, force=force)
+    return run_training(loaded, recipe, force=force, measure_memory=measure_memory)
 
 
 def train_command(recipe: str, out_dir: Path, *overrides: str) -> list[str]:
@@ -104,7 +106,8 @@ def read_run(run_dir: Path) -> dict:
 def quickstart_run(tiny_dir, tmp_path_factory) -> Path:
     """The quickstart recipe (tiny Llama, dolly-ja, 4-bit QLoRA), trained once for the session."""
     out = tmp_path_factory.mktemp("runs")
-    assert train_in_process("recipes/quickstart.yaml", out) == 0
+    # Measuring memory as `train --measure-memory` does, so the run records its tensor peak too.
+    assert train_in_process("recipes/quickstart.yaml", out, measure_memory=True) == 0
     return out / "quickstart"
 
 

@@ -25,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="discard an earlier run of this recipe and start over"
     )
     p.add_argument(
+        "--measure-memory",
+        action="store_true",
+        help="on the CPU, count live tensors for run.json's peak_memory_bytes, the figure `python -m training "
+        "estimate` predicts (a Python call per operator: it slows small models severalfold; GPUs always report it)",
+    )
+    p.add_argument(
         "--allow-cpu",
         action="store_true",
         help="train on the CPU even when the recipe is predicted to be too slow or too large for it "
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         datasets.disable_progress_bars()  # rank 0 tells the story
     recipe = load_recipe(args.recipe, args.overrides)
     if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
-        return run_training(recipe, args.recipe, force=args.force)
+        return run_training(recipe, args.recipe, force=args.force, measure_memory=args.measure_memory)
 
     overrides = list(args.overrides)
     if recipe.distributed.strategy == "none" and ((args.gpus or 1) > 1 or args.num_machines > 1):
@@ -112,6 +118,10 @@ def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> in
         main_process_port=args.main_process_port,
     )
     if topo.world_size == 1:
-        return run_training(recipe, args.recipe, force=args.force)
+        return run_training(recipe, args.recipe, force=args.force, measure_memory=args.measure_memory)
     train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in overrides)]
-    return launch(recipe, args.recipe, [*train_args, *(["--force"] if args.force else [])], topo)
+    train_args += [
+        *(["--force"] if args.force else []),
+        *(["--measure-memory"] if args.measure_memory else []),
+    ]
+    return launch(recipe, args.recipe, train_args, topo)

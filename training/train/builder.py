@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from trl import SFTTrainer
 
 from training.data.prepare import PreparedData, prepare_data
 from training.model.loading import load_model, load_tokenizer
 from training.model.lora import lora_config
 from training.recipe import Recipe
 from training.train.distributed import ranks, shards_weights
+from training.train.estimate import cpu_activation_checkpointing
+from training.train.loss import QLoRASFTTrainer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,17 @@ def build_trainer(recipe: Recipe, sft_args, device, dtype, *, callbacks=()) -> B
         sharded=shards_weights(recipe),
         local_rank=world.local_rank if world.world_size > 1 else None,
     )
-    trainer = SFTTrainer(
+    if device.type == "cpu":
+        checkpointing = cpu_activation_checkpointing(recipe, model.config)
+        # TRL still reads the old name; TrainingArguments mirrors them only when it is built.
+        sft_args.activation_checkpointing = sft_args.gradient_checkpointing = checkpointing
+        log.info(
+            "Activation checkpointing: %s",
+            "on"
+            if checkpointing
+            else "off (the CPU default where memory allows: recomputing costs a third of a step)",
+        )
+    trainer = QLoRASFTTrainer(
         model=model,
         args=sft_args,
         train_dataset=data.train,

@@ -1,10 +1,9 @@
-"""The Trainer callbacks a run installs: graceful stop on SIGTERM/Ctrl-C, and throughput."""
+"""The graceful stop a run installs: SIGTERM/Ctrl-C finish the step and save a checkpoint."""
 
 from __future__ import annotations
 
 import logging
 import signal
-import time
 from typing import Any
 
 from transformers import TrainerCallback
@@ -56,44 +55,3 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-class Throughput(TrainerCallback):
-    """Tokens per second of this session (a resumed run counts only what it trained itself).
-
-    `steady_tokens_per_second` leaves out the first optimizer step, which also pays for
-    CUDA kernel selection, allocator growth and torch.compile: on a short run it is the
-    figure that predicts a long one.
-    """
-
-    def __init__(self) -> None:
-        self.start_time = self.end_time = 0.0
-        self.start_tokens = self.end_tokens = 0
-        self.warm: tuple[float, int] | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start_time, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-        return control
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.warm is None:
-            self.warm = (time.perf_counter(), state.num_input_tokens_seen)
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.end_time, self.end_tokens = time.perf_counter(), state.num_input_tokens_seen
-        return control
-
-    def as_dict(self) -> dict:
-        seconds = self.end_time - self.start_time
-        tokens = self.end_tokens - self.start_tokens
-        result = {
-            "train_seconds": round(seconds, 2),
-            "tokens_trained": int(tokens),
-            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
-            "steady_tokens_per_second": None,
-        }
-        if self.warm is not None and self.end_time > self.warm[0] and self.end_tokens > self.warm[1]:
-            steady = (self.end_tokens - self.warm[1]) / (self.end_time - self.warm[0])
-            result["steady_tokens_per_second"] = round(steady, 1)
-        return result

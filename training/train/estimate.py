@@ -12,9 +12,11 @@ count (CUDA context, NCCL buffers, allocator slack) to say whether a card is big
                inputs and output; the MLP's gate, up and activation; each norm's fp32 input.
                The 4-bit base layers save nothing (their backward needs only the weights).
                With activation checkpointing only each layer's input is kept, and one layer
-               at a time is recomputed in the backward pass.
-  output head  TRL computes the loss in chunks without full logits; its tile buffer is
-               min(tokens, 4096) x 32768 in the compute dtype, plus an fp32 input gradient.
+               at a time is recomputed in the backward pass. On the CPU it is off by default
+               where the peak without it stays small (cpu_activation_checkpointing).
+  output head  on GPUs TRL computes the loss in chunks without full logits; its tile buffer
+               is min(tokens, 4096) x 32768 in the compute dtype, plus an fp32 input gradient.
+               On the CPU: fp32 log-probabilities of the scored positions (training.train.loss).
 
 The peak is the largest of the moments where these meet: the loss head's backward, the
 backward of one (recomputed) layer, the optimizer step, and, with FSDP or ZeRO-3, the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -78,12 +81,14 @@ def card_capacity(name: str) -> float:
     return CARDS[key]
 
 
-# TRL's chunked loss head (trl/kernels/chunked_logprob.py): a [token chunk, vocab chunk] tile.
+# TRL's chunked loss head on GPUs (trl/kernels/chunked_logprob.py): a [token chunk, vocab chunk] tile.
 HEAD_TOKEN_CHUNK = 4096
 HEAD_VOCAB_CHUNK = 32768
-# Live [token chunk, vocab] fp32 temporaries of the head's torch fallback on devices without
-# Triton (the CPU), counted from its code; on GPUs a Triton kernel works inside the tile.
-CPU_HEAD_TEMPORARIES = 7.25
+
+# On the CPU, activation checkpointing is off by default while the estimated peak without it
+# stays under this share of the machine's memory: recomputing every layer costs about a third
+# of a step, and the memory it saves is only worth that where memory is short.
+CPU_UNCHECKPOINTED_SHARE = 0.25
 
 # Outside torch's allocator, approximate: CUDA context with cuBLAS workspaces (0.3-0.6 GiB on
 # recent GPUs with lazy module loading), NCCL communicator buffers, and the allocator's
@@ -274,7 +279,7 @@ def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: i
     strategy = recipe.distributed.strategy if gpus > 1 else "none"
     if strategy in ("fsdp", "deepspeed") and "optim" not in training:
         optim = "adamw_torch"
-    return Setup(
+    setup = Setup(
         device=device,
         gpus=gpus,
         compute=compute,
@@ -299,6 +304,30 @@ def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: i
         fsdp_offload=recipe.distributed.fsdp.cpu_offload,
         dora=lora.use_dora,
     )
+    if device == "cpu" and "activation_checkpointing" not in training:
+        unchecked = _estimate("", shape, replace(setup, checkpointing=False)).allocated_peak
+        memory = physical_memory()
+        setup = replace(setup, checkpointing=not memory or unchecked > CPU_UNCHECKPOINTED_SHARE * memory)
+    return setup
+
+
+def cpu_activation_checkpointing(recipe: Recipe, config) -> bool:
+    """Whether a CPU run checkpoints activations: as the recipe says, else only where memory needs it.
+
+    Off unless the estimated peak without it exceeds CPU_UNCHECKPOINTED_SHARE of this machine's
+    memory; architectures the estimator does not know keep it on.
+    """
+    try:
+        return resolve_setup(recipe, Shape.from_config(config), device="cpu").checkpointing
+    except RecipeError:
+        return bool(check_training_keys(recipe.training, "<recipe>").get("activation_checkpointing", True))
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -575,17 +604,20 @@ def _kept_activations(shape: Shape, s: Setup, layer_bytes: float) -> list[Term]:
 
 def _head(shape: Shape, s: Setup) -> list[Term]:
     scored = s.batch * (s.seq - 1)  # every position with a label, the worst case
-    chunk = min(scored, HEAD_TOKEN_CHUNK)
     h, d = shape.hidden, s.compute
-    terms = [
+    if s.device == "cpu":
+        # training.train.loss: fp32 logits of the scored positions; the backward holds the saved
+        # log-softmax, its gradient and the logits' gradient.
+        return [
+            Term("loss head: hidden states of scored tokens", d * scored * h),
+            Term("loss head: log-softmax and its gradients (fp32)", 3 * 4 * scored * shape.vocab),
+        ]
+    chunk = min(scored, HEAD_TOKEN_CHUNK)
+    return [
         Term("loss head: hidden states of scored tokens", d * scored * h),
         Term("loss head: tile buffer", chunk * HEAD_VOCAB_CHUNK * d, f"{chunk} x {HEAD_VOCAB_CHUNK}"),
         Term("loss head: input gradient (fp32)", 4 * scored * h + (d * scored * h if d != 4 else 0)),
     ]
-    if s.device == "cpu":
-        temporaries = CPU_HEAD_TEMPORARIES * chunk * min(shape.vocab, HEAD_VOCAB_CHUNK) * 4
-        terms.append(Term("loss head: temporaries (no Triton)", temporaries))
-    return terms
 
 
 def _largest_dequantized(shape: Shape, s: Setup) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from training.errors import RecipeError
 from training.model.hub_files import cached_model_dir, dataset_cached, hub_cache, hub_offline, probe
 from training.model.tiny import SCHEME, resolve_model_name
 from training.recipe import Recipe
-from training.train.estimate import estimate, human
+from training.train.estimate import cpu_activation_checkpointing, estimate, human, physical_memory
 from training.train.sft_config import check_training_keys
 
 log = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ def cpu_problems(recipe: Recipe) -> list[str]:
     accumulation = int(training.get("gradient_accumulation_steps", 1))
     tokens = batch * accumulation * recipe.data.max_length
     weights = linear_weights(config, recipe.model.trust_remote_code)
-    per_weight = 6 if training.get("activation_checkpointing", True) else 4
+    per_weight = 6 if cpu_activation_checkpointing(recipe, config) else 4
     rate = matmul_flops_per_second()
     seconds = per_weight * weights * tokens / rate
     problems = []
@@ -136,7 +135,7 @@ def cpu_problems(recipe: Recipe) -> list[str]:
         peak = estimate(recipe, config, device="cpu").total
     except RecipeError:  # an architecture the estimator does not know: the time alone decides
         peak = None
-    memory = _physical_memory()
+    memory = physical_memory()
     if peak is not None and memory and peak > memory:
         problems.append(
             f"training on the CPU needs about {human(peak)} for its tensors (python -m training estimate "
@@ -163,13 +162,6 @@ def matmul_flops_per_second(n: int = 1024, repeats: int = 3) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - started)
     return 2 * n**3 / best
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _duration(seconds: float) -> str:

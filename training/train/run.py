@@ -28,7 +28,7 @@ from training.run_dir import ADAPTER, RUN_RECORD, RunDir
 from training.runinfo import now, peak_memory_bytes
 from training.train import checkpoints as ckpt
 from training.train.builder import build_trainer
-from training.train.callbacks import GracefulStop, Throughput
+from training.train.callbacks import GracefulStop
 from training.train.distributed import (
     Ranks,
     barrier,
@@ -42,12 +42,17 @@ from training.train.hardware import hardware_notes
 from training.train.memtrack import track_peak
 from training.train.record import log_summary, loss_metrics, run_record
 from training.train.sft_config import RESUMABLE_CHANGES, build_sft_config, save_total_limit
+from training.train.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
 
-def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
+def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_memory: bool = False) -> int:
     """Train, resuming where an earlier run of the same recipe stopped. Returns an exit code.
+
+    `measure_memory` counts live CPU tensors for run.json's peak_memory_bytes on the CPU. It
+    costs a Python call per operator, which more than halved the quickstart's speed when it was
+    always on; GPUs always report their allocator's peak, which costs nothing.
 
     Under a launcher every process runs this. Rank 0 alone writes and deletes run files;
     the others wait for it at barriers, resume from the checkpoint it chose, and take part in
@@ -80,7 +85,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False) -> int:
     trainer = built.trainer
     stop.install()
     # The peak the memory estimator predicts (python -m training estimate), measured the same way.
-    tracking = track_peak(device.type, enabled=not sft_args.torch_compile)
+    tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
     try:
         with tracking as measured_peak:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

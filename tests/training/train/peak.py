@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from training.model.loading import compute_dtype, detect_device
 from training.recipe import recipe_from_dict
 from training.train.builder import build_trainer
-from training.train.callbacks import Throughput
 from training.train.memtrack import track_peak
 from training.train.sft_config import build_sft_config
+from training.train.throughput import Throughput
 
 
 @dataclass(frozen=True)

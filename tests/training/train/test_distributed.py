@@ -92,6 +92,7 @@ def test_ddp_run_resumes_on_two_processes_and_finishes(ddp_interrupted, tmp_path
     shutil.copytree(ddp_interrupted, run_dir)
     step, _ = checkpoints(run_dir / "checkpoints")[0]
     cmd = ddp_command(tmp_path, f"training.max_steps={step + 2}", "training.save_steps=1000")
+    cmd.append("--measure-memory")  # per-rank tensor peaks, passed on through the launcher
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = read_run(run_dir)

@@ -16,10 +16,12 @@ from training.train.memtrack import LiveTensorMemory
 LLAMA_7B = "bench/configs/llama-2-7b.json"
 SEED_7B = "recipes/llama2-7b-ko-instructions.yaml"
 
-# The estimate assumes full batches (every row max_length tokens, its worst case). At 64 tokens
-# every row of the shipped data is cut to max_length, so the measured batches are full too; the
-# rows whose response starts beyond token 64 are dropped, hence the dropped-fraction override.
-FULL_BATCHES = ["data.max_length=64", "data.max_dropped_fraction=0.6", "data.validation=null"]
+# The estimate assumes full batches (every row max_length tokens) with every position scored, its
+# worst case. At 60 tokens every row of the shipped data (the shortest has 61) is cut to max_length,
+# so the measured batches are full too, and the loss is on all tokens: the CPU loss head projects
+# only the scored positions.
+MAX_LENGTH = 60
+FULL_BATCHES = [f"data.max_length={MAX_LENGTH}", "data.completion_only_loss=false", "data.validation=null"]
 
 # Stated tolerance: the estimate is within 20% of the measured peak of live tensor bytes.
 # Observed on torch 2.13 / TRL 1.16: within 2% for both models, checkpointing on and off.
@@ -51,7 +53,7 @@ def measured(tiny_dir):
             r = load_recipe(recipe, [*FULL_BATCHES, f"training.activation_checkpointing={checkpointing}"])
             m = measure_training_peak(r, recipe, steps=3)
             batch = r.training["per_device_train_batch_size"]
-            assert m.tokens_per_step == batch * 64  # full batches, as the estimate assumes
+            assert m.tokens_per_step == batch * MAX_LENGTH  # full batches, as the estimate assumes
             found[recipe, checkpointing] = (r, m)
     return found
 

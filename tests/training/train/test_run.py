@@ -35,9 +35,10 @@ def test_quickstart_qlora_lowers_eval_loss_and_records_the_run(quickstart_run):
     assert data["train"]["loss_tokens"] < data["train"]["tokens"]  # prompts are masked out
     assert metrics["tokens_per_second"] > 0 and metrics["steady_tokens_per_second"] > 0
     assert metrics["peak_memory"]["process_rss"] > 0
-    # Live tensor bytes at the peak (the quantity the memory estimator predicts): TRL's loss head
-    # tile (tokens x 32768 fp32) alone is over 100 MiB here, far more than the 1 MB of weights.
-    assert 100 * 2**20 < metrics["peak_memory_bytes"] < metrics["peak_memory"]["process_rss"]
+    # Live tensor bytes at the peak (the quantity the memory estimator predicts; measured when asked,
+    # as the fixture does): every layer's saved activations (no checkpointing on the CPU where memory
+    # allows) and the loss head's log-softmax with its gradients, far more than the 1 MB of weights.
+    assert 10 * 2**20 < metrics["peak_memory_bytes"] < metrics["peak_memory"]["process_rss"]
     assert metrics["peak_memory_measure"].startswith("peak bytes of live CPU tensors")
     assert run["versions"]["bitsandbytes"] == "0.50.2" and len(data["fingerprint"]) == 16
     assert json.loads((quickstart_run / "adapter" / "run.json").read_text()) == run
