@@ -47,9 +47,8 @@ def test_round_trip_needs_4bit_training():
 
 def test_both_bases_merge_verified_and_evaluate(quickstart_run, both_bases):
     out, records = both_bases
-    assert (
-        records["nf4-roundtrip"]["verification"]["passed"] and records["original"]["verification"]["passed"]
-    )
+    for record in records.values():  # the default check, layer by layer, on both bases
+        assert record["verification"]["passed"] and record["verification"]["mode"] == "streamed"
     report = evaluate(
         quickstart_recipe(quickstart_run),
         ["base", "adapter", str(out / "original"), str(out / "nf4-roundtrip")],
