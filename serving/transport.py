@@ -43,8 +43,10 @@ class RetryPolicy:
     """Exponential backoff with full jitter on 429 and 503, bounded by an overall deadline.
 
     Attempt n (from 0) waits a random time in [0, min(max_delay, base_delay * 2**n)], or at
-    least what the server's Retry-After asks for. No attempt starts after `deadline`
-    seconds from the first one, and each attempt's timeout is cut to the time left.
+    least what the server's Retry-After asks for. No retry starts after `deadline` seconds
+    from the first attempt. The deadline bounds the retrying only: every attempt, the
+    first included, waits for an answer as long as the client's timeout says, so a
+    timeout the caller set always holds (one generation may take longer than the deadline).
     """
 
     max_attempts: int = 5
@@ -224,11 +226,8 @@ class Transport:
         merged = {**(headers or {}), **self.auth_headers}
         started = time.monotonic()
         attempt = 0
+        read_timeout = timeout if timeout is not None else self.timeout
         while True:
-            remaining = None if policy.deadline is None else policy.deadline - (time.monotonic() - started)
-            read_timeout = timeout if timeout is not None else self.timeout
-            if remaining is not None:
-                read_timeout = min(read_timeout, max(remaining, 0.001))
             try:
                 request = self._client.build_request(
                     method, url, json=json_body, headers=merged, timeout=self._timeout(read_timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, whatever .env says
 
 # After the settings above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+from training.merge.coordinator import MergeSettings, merge_adapter  # noqa: E402
 from training.model.tiny import ARCHITECTURES, ensure_tiny_model  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
 from training.train.run import run_training  # noqa: E402
 
 # Short runs of the tiny models: a few seconds each on two CPU cores.
 FAST = ["training.num_train_epochs=1", "training.logging_steps=2"]
+
+
+# Written by Python and pytest themselves, or by the developer's setup (make venv, make lint).
+_NOT_THE_TESTS = {".git", ".pytest_cache", ".ruff_cache", "__pycache__", ".venv", ".venv-tools"}
+
+
+def _checkout_entries() -> set[str]:
+    """Every file and folder two levels deep in the checkout."""
+    entries = set()
+    for top in os.scandir(ROOT):
+        if top.name in _NOT_THE_TESTS or top.name.endswith(".egg-info"):
+            continue
+        entries.add(top.name)
+        if top.is_dir(follow_symlinks=False):
+            entries |= {f"{top.name}/{e.name}" for e in os.scandir(top.path) if e.name not in _NOT_THE_TESTS}
+    return entries
+
+
+@pytest.fixture(autouse=True)
+def _tests_leave_the_checkout_alone():
+    """A test writes under tmp_path, never into the checkout (a .env written here by a test would
+    become the developer's settings for every later make). Files created or deleted count; edits
+    do not, so that a developer may edit while the tests run."""
+    before = _checkout_entries()
+    yield
+    changed = sorted(before ^ _checkout_entries())
+    assert not changed, f"the test created or deleted in the checkout {ROOT}: {changed}; use tmp_path"
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +114,22 @@ def neox_run(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     assert train_in_process("recipes/quickstart-gpt-neox-ko.yaml", out) == 0
     return out / "quickstart-gpt-neox-ko"
+
+
+def export_cli(merged: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m training export --merged MERGED ...`, as users run it."""
+    return run_cli("export", "--merged", str(merged), *args)
+
+
+def exported_run(source_run: Path, out: Path, quants: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """A copy of a trained run, merged (merge.json with its recipe) and exported to GGUF by the CLI."""
+    run = out / source_run.name
+    shutil.copytree(source_run / "adapter", run / "adapter")
+    merge_adapter(run / "adapter", run / "merged", MergeSettings(verify=False))
+    return run, export_cli(run / "merged", "--quant", quants)
+
+
+@pytest.fixture(scope="session")
+def quickstart_gguf(quickstart_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The quickstart run (tiny Llama, dolly-ja) merged and exported as f32, q8_0 and q4_k_m, once."""
+    return exported_run(quickstart_run, tmp_path_factory.mktemp("gguf"), "f32,q8_0,q4_k_m")

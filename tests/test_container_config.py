@@ -26,7 +26,7 @@ from tests.notebook_outputs import notebooks, problems
 
 SECRETS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY", "jupyter_token": "JUPYTER_TOKEN"}
 APP_SERVICES = ("train", "merge", "notebook")
-LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu")
+LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu", "serve-llamacpp")
 GPU_SERVICES = ("train", "merge", "notebook", "tgi", "vllm")
 # Services the CI starts under Podman, whose API compose treats as older than Docker Engine 25.
 STARTED_IN_CI = ("train", "merge", "notebook", "serve-cpu")
@@ -92,7 +92,7 @@ def test_train_merge_notebook_share_outputs_and_cache_and_read_data_and_recipes_
     assert services[name]["image"].endswith("qlora-stack:latest}")  # ${QLORA_IMAGE:-qlora-stack:latest}
 
 
-@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu"])
+@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu", "serve-llamacpp"])
 def test_servers_read_outputs_read_only(services, name):
     assert mounts(services[name])["/outputs"] == "outputs:ro"
 
@@ -212,6 +212,15 @@ def test_dockerfile_takes_no_secret_and_runs_as_a_numeric_non_root_user():
     assert users == ["${USER_UID}:${USER_GID}"]
     assert "--allow-root" not in text
     assert "/etc/jupyter/jupyter_server_config.py" in text
+
+
+def test_the_llamacpp_image_builds_its_wheel_with_the_projects_script_and_runs_as_non_root():
+    text = (ROOT / "docker" / "llamacpp.Dockerfile").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(ARG|ENV)\s+\S*(TOKEN|SECRET|PASSWORD|API_KEY)", text, flags=re.M | re.I)
+    assert re.findall(r"^USER\s+(\S+)", text, flags=re.M) == ["65534:65534"]
+    assert "docker/llama-cpp.sh wheel" in text and "--mount=type=cache" in text  # built once, then cached
+    final = text.rsplit("\nFROM ", 1)[1]
+    assert "g++" not in final and "cmake" not in final  # no compiler in the image that serves
 
 
 # --- docker/jupyter_server_config.py: the token policy ----------------------------------------
@@ -354,10 +363,10 @@ VERBS = (
 )
 
 
-def make(*args: str, cwd: Path = ROOT, **kw) -> subprocess.CompletedProcess:
+def make(*args: str, cwd: Path = ROOT, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "RUNTIME", "COMPOSE"))}
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("MAKE", "RUNTIME", "COMPOSE"))}
     return subprocess.run(
         ["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, env=env, **kw
     )
@@ -389,9 +398,95 @@ def test_make_in_docker_runs_the_compose_services():
     assert pipeline.index("run --rm train") < pipeline.index("run --rm merge") < pipeline.index("--wait tgi")
 
 
+def make_project(tmp_path: Path) -> Path:
+    """The files make reads, copied: verbs that really run write .env beside the Makefile."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in (
+        "Makefile",
+        ".env.example",
+        "pyproject.toml",
+        "requirements.lock",
+        "compose.yaml",
+        "compose.cpu.yaml",
+    ):
+        shutil.copy(ROOT / name, project)
+    return project
+
+
 def test_make_refuses_a_recipe_the_containers_cannot_see(tmp_path):
-    done = make("train", "RUNTIME=docker", "STAMP=/dev/null", f"RECIPE={tmp_path}/r.yaml", "COMPOSE=true")
+    project = make_project(tmp_path)
+    done = make(
+        "train", "RUNTIME=docker", "STAMP=/dev/null", f"RECIPE={tmp_path}/r.yaml", "COMPOSE=true", cwd=project
+    )
     assert done.returncode != 0 and "only recipes under recipes/" in done.stderr
+    assert (project / ".env").is_file()  # the container verbs' settings, written where make ran
+
+
+def show_env_target(project: Path) -> None:
+    with (project / "Makefile").open("a") as f:
+        f.write('\nshow-env:\n\t@echo "HF_HUB_OFFLINE=$$HF_HUB_OFFLINE SERVE_PORT=$$SERVE_PORT"\n')
+
+
+@pytest.mark.parametrize(
+    ("environment", "arguments", "expected"),
+    [
+        ({}, (), "HF_HUB_OFFLINE=0 SERVE_PORT=9090"),  # .env's defaults reach the commands
+        ({"HF_HUB_OFFLINE": "1"}, (), "HF_HUB_OFFLINE=1 SERVE_PORT=9090"),  # the environment wins
+        ({"HF_HUB_OFFLINE": "1"}, ("HF_HUB_OFFLINE=2",), "HF_HUB_OFFLINE=2 SERVE_PORT=9090"),  # then make's
+    ],
+)
+def test_env_file_holds_defaults_that_the_environment_and_command_line_override(
+    tmp_path, monkeypatch, environment, arguments, expected
+):
+    project = make_project(tmp_path)
+    (project / ".env").write_text("HF_HUB_OFFLINE=0\nSERVE_PORT=9090\n")
+    show_env_target(project)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("SERVE_PORT", raising=False)
+    for key, value in environment.items():
+        monkeypatch.setenv(key, value)
+    done = make("show-env", "RUNTIME=local", *arguments, cwd=project)
+    assert done.stdout.strip() == expected, done.stderr
+
+
+def fake_id(tmp_path: Path, uid: int) -> dict[str, str]:
+    """PATH with an `id` that reports `uid`: the check must not depend on who runs the tests."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "id").write_text(f'#!/bin/sh\n[ "$1" = -u ] && echo {uid} || exec /usr/bin/id "$@"\n')
+    (bin_dir / "id").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_make_notebook_as_root_stops_before_installing_anything(tmp_path):
+    project = make_project(tmp_path)
+    venv = f"VENV={tmp_path / 'venv'}"  # absent: make would install JupyterLab into it first
+    root = {**os.environ, **fake_id(tmp_path / "root", 0)}
+    done = make("-n", "notebook", "RUNTIME=local", venv, cwd=project, env=root)
+    assert done.returncode != 0 and "NOTEBOOK_ALLOW_ROOT=1" in done.stderr
+    assert "pip install" not in done.stdout  # refused while the Makefile is read, before any step
+    allowed = make("-n", "notebook", "RUNTIME=local", venv, "NOTEBOOK_ALLOW_ROOT=1", cwd=project, env=root)
+    assert allowed.returncode == 0, allowed.stderr
+    assert (
+        "pip install" in allowed.stdout
+        and "jupyter lab" in allowed.stdout
+        and "--allow-root" in allowed.stdout
+    )
+    user = make(
+        "-n",
+        "notebook",
+        "RUNTIME=local",
+        venv,
+        cwd=project,
+        env={**os.environ, **fake_id(tmp_path / "user", 1000)},
+    )
+    assert user.returncode == 0 and "--allow-root" not in user.stdout
+
+
+def test_make_estimate_passes_a_config_file():
+    done = make("-n", "estimate", "RUNTIME=local", "STAMP=/dev/null", "CONFIG=bench/configs/llama-2-7b.json")
+    assert "--config bench/configs/llama-2-7b.json" in done.stdout
 
 
 def test_make_clean_asks_first_and_keeps_everything_without_a_yes(tmp_path):

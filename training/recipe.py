@@ -1,7 +1,7 @@
 """The recipe: one YAML file that describes a whole run, validated before anything loads.
 
 Sections: model, quantization, lora, data, training (passed to TRL's SFTConfig),
-distributed, output, merge. Unknown keys, wrong types and impossible combinations raise a
+distributed, output, merge, eval. Unknown keys, wrong types and impossible combinations raise a
 RecipeError that names the file, the key and what is allowed.
 """
 
@@ -209,6 +209,27 @@ class MergeSection(_Section):
         return value
 
 
+class EvalSection(_Section):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks, groups or patterns that `python -m training eval` runs by "
+        "default (e.g. kobest, kobest_*, qlora_stack_mc); --tasks overrides them",
+    )
+    limit: float | None = Field(
+        None,
+        gt=0,
+        description="Score only this many documents per task (a fraction below 1 is a share); for quick runs",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t.strip() or "," in t]
+        if bad:
+            raise ValueError(f"task names must be non-empty and one per list item, got {bad!r}")
+        return v
+
+
 class FsdpSection(_Section):
     cpu_offload: bool = Field(
         False,
@@ -260,6 +281,7 @@ class Recipe(_Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     output: OutputSection = Field(default_factory=OutputSection)
     merge: MergeSection = Field(default_factory=MergeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:

@@ -7,11 +7,15 @@ outputs/<run>/
   run.json            what the run did: data counts, losses, speed, memory, versions
   merged/             the merged model (safetensors, tokenizer, merge.json)
   eval.json, eval.png the comparison of base, adapter and merged models
+  gguf/               llama.cpp exports of merged/, per quantization type Q:
+    <run>-Q.gguf        the model (written last: its presence means the export passed verification)
+    <run>-Q.export.json what was converted, how, the tensor types, and the comparison with merged/
+    <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
 
-The servers read outputs/<run>/merged/ (and its merge.json) without importing this
-module (serving depends on nothing in training); serving.model_dir names the same files,
-and a test holds the two to the same names.
+The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
+importing this module (serving depends on nothing in training); serving.model_dir and
+serving.backends.llamacpp name the same files, and a test holds the two to the same names.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ ADAPTER = "adapter"
 MERGED = "merged"
 RUN_RECORD = "run.json"
 MERGE_RECORD = "merge.json"
+GGUF = "gguf"
 ARTIFACTS = (ADAPTER, MERGED)  # what can be published or evaluated by name
 
 
@@ -68,6 +73,19 @@ class RunDir:
     @property
     def eval_png(self) -> Path:
         return self.path / "eval.png"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.path / GGUF
+
+    def gguf(self, quant: str) -> Path:
+        return self.gguf_dir / f"{self.name}-{quant}.gguf"
+
+    def gguf_record(self, quant: str) -> Path:
+        return self.gguf_dir / f"{self.name}-{quant}.export.json"
+
+    def gguf_modelfile(self, quant: str) -> Path:
+        return self.gguf_dir / f"{self.name}-{quant}.Modelfile"
 
     def artifact(self, what: str) -> Path:
         """adapter/ or merged/."""

@@ -8,13 +8,16 @@ and the merge's readiness check look backends up here.
 from __future__ import annotations
 
 from serving.backends.base import Backend
+from serving.backends.llamacpp import LlamaCpp
 from serving.backends.local import LocalServer
 from serving.backends.openai import OpenAICompatible
 from serving.backends.tgi import TGI
 from serving.backends.vllm import VLLM
 from serving.errors import InvalidParameterError
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (TGI(), VLLM(), LocalServer(), OpenAICompatible())}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (TGI(), VLLM(), LocalServer(), LlamaCpp(), OpenAICompatible())
+}
 
 
 def get_backend(name: str) -> Backend:

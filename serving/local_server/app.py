@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import uvicorn
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.completion import CompletionHandler
@@ -22,6 +21,7 @@ from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
+from serving.listen import serve
 from serving.local_server.front import OpenAIFront
 from serving.model_dir import ModelDir, ModelDirError
 
@@ -109,18 +109,7 @@ def run(
         logging.getLogger(name).addFilter(
             lambda record: not record.getMessage().startswith("[Request received]")
         )
-    app = build_app(settings, api_key)
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.started and on_ready is not None:
-                bound = self.servers[0].sockets[0].getsockname()
-                shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                on_ready(f"http://{shown}:{bound[1]}")
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    Server(config).run()
+    serve(build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
 
 
 def banner(settings: LocalServerSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:

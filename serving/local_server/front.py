@@ -12,24 +12,37 @@ middleware puts the run's name in front of it, the way vLLM's --served-model-nam
 - sampling follows OpenAI's meaning: temperature > 0 samples even when the model's
   generation_config says do_sample=false (transformers would silently decode greedily),
   and vLLM's extra fields top_k and repetition_penalty are accepted;
+- requests for log-probabilities (logprobs, top_logprobs, echo) are refused with 400:
+  transformers serve would ignore them and answer without;
 - prompt + max_tokens is held to max_model_len (400 otherwise, as vLLM does), and a
   missing max_tokens means "the rest of the context" instead of transformers' 1024;
 - POST /tokenize counts tokens (vLLM's request and response shape), so clients can
   check a prompt's length before sending it;
 - an optional API key (Authorization: Bearer), and only these routes plus /health:
-  transformers' /reset and /load_model would let any local process unload the model.
+  transformers' /reset and /load_model would let any local process unload the model;
+- what transformers would silently ignore (n, logprobs, non-text content parts, ...) is
+  refused with a 400 (serving.local_server.validation);
+- bodies are bounded (413) and prompts are tokenized in a worker thread, so one huge
+  request cannot hold the event loop (and /health) for seconds; the chat template's own
+  rejections are 400s, and any other failure is a 500 whose traceback goes to the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
 from serving.backends.local import OWNER
+from serving.local_server.validation import RequestError, refuse_unsupported, text_message
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -38,6 +51,11 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
+# apply_chat_template's own arguments, which the front and transformers serve set: a request's
+# chat_template_kwargs naming one would make the call fail (a TypeError) instead of a clear 400.
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {"conversation", "tools", "add_generation_prompt", "tokenize", "return_dict", "return_tensors"}
+)
 # Checked here, so a bad value is a 400 that says why rather than an error inside transformers.
 SAMPLING_FIELDS = (
     ("temperature", lambda v: v >= 0, "a number >= 0"),
@@ -46,7 +64,17 @@ SAMPLING_FIELDS = (
     ("repetition_penalty", lambda v: v > 0, "> 0"),
     ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"),
 )
-MAX_BODY_BYTES = 8 * 1024 * 1024
+# A prompt that fits the context needs far less than this many bytes of JSON per token (escaped
+# CJK text is about 6 per character). Larger bodies are refused before they are read: parsing
+# and tokenizing a 5 MB prompt took 11-17 s here, only to be refused as too long.
+BODY_BYTES_PER_TOKEN = 64
+MIN_BODY_BYTES = 1024 * 1024
+log = logging.getLogger(__name__)
+
+
+def body_limit(max_model_len: int) -> int:
+    """The largest request body the server reads, for its context length."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
 
 
 def _error_body(status: int, message: str, error_type: str, param: str | None = None) -> bytes:
@@ -70,14 +98,6 @@ async def _respond(send: Send, status: int, body: bytes, content_type: str = "ap
     await send({"type": "http.response.body", "body": body})
 
 
-class RequestError(Exception):
-    def __init__(
-        self, status: int, message: str, error_type: str = "BadRequestError", param: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.error_type, self.param = status, error_type, param
-
-
 class OpenAIFront:
     def __init__(
         self,
@@ -94,49 +114,88 @@ class OpenAIFront:
         self.tokenizer = tokenizer
         self.generation_defaults = generation_defaults
         self.max_model_len = max_model_len
-        self.api_key = api_key
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = body_limit(max_model_len)
         self.created = int(time.time())
+        # Tokenizing (and rendering the chat template) takes the CPU for as long as the prompt is
+        # long; off the event loop, /health and other requests are answered meanwhile. One thread:
+        # requests are generated one at a time anyway, and a tokenizer is not shared across threads.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-server-tokenize")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
         try:
-            if path == "/health":
-                await self.app(scope, receive, send)
-                return
-            self._authorize(scope)
-            if path == "/v1/models" and method in ("GET", "OPTIONS"):
-                await _respond(send, 200, json.dumps(self.models()).encode())
-            elif path == "/tokenize" and method == "POST":
-                body = await self._json_body(receive)
-                await _respond(send, 200, json.dumps(self.tokenize(body)).encode())
-            elif path in GENERATION_ROUTES and method == "POST":
-                body = self.prepare(path, await self._json_body(receive))
-                await self._forward(scope, body, receive, send)
-            else:
-                raise RequestError(
-                    404,
-                    f"no route {method} {path} on this server; it serves GET /health, GET /v1/models, "
-                    f"POST /v1/chat/completions, POST /v1/completions and POST /tokenize",
-                    "NotFoundError",
-                )
+            answer, forward = await self._handle(scope, receive)
         except RequestError as e:
             await _respond(send, e.status, _error_body(e.status, str(e), e.error_type, e.param))
+            return
+        except Exception as e:  # a bug here, not the client's doing: say so, and keep the traceback
+            log.exception("the local server failed on %s %s", method, path)
+            message = (
+                f"the server failed on this request ({type(e).__name__}: {e}); its log has the traceback"
+            )
+            await _respond(send, 500, _error_body(500, message, "InternalServerError"))
+            return
+        if forward is not None:
+            await self._forward(scope, forward, receive, send)
+        else:
+            await _respond(send, 200, json.dumps(answer).encode())
+
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[Any, dict[str, Any] | None]:
+        """(the answer, None) for the front's own routes, (None, the rewritten body) for generation."""
+        path, method = scope["path"], scope["method"]
+        self._authorize(scope)
+        if path == "/v1/models" and method in ("GET", "OPTIONS"):
+            return self.models(), None
+        if path == "/tokenize" and method == "POST":
+            body = await self._json_body(scope, receive)
+            return await self._off_loop(self.tokenize, body), None
+        if path in GENERATION_ROUTES and method == "POST":
+            body = await self._json_body(scope, receive)
+            return None, await self._off_loop(self.prepare, path, body)
+        hint = ""
+        if path == "/" and method == "POST":
+            hint = (
+                "; POST / is TGI's own route (huggingface_hub's InferenceClient.text_generation): "
+                "send raw prompts to POST /v1/completions, or chat to POST /v1/chat/completions"
+            )
+        raise RequestError(
+            404,
+            f"no route {method} {path} on this server; it serves GET /health, GET /v1/models, "
+            f"POST /v1/chat/completions, POST /v1/completions and POST /tokenize{hint}",
+            "NotFoundError",
+        )
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _authorize(self, scope: Scope) -> None:
         if not self.api_key:
             return
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+        # Compared as bytes: a header may hold any byte, and compare_digest refuses non-ASCII str.
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
             raise RequestError(
                 401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"
             )
 
-    async def _json_body(self, receive: Receive) -> dict[str, Any]:
+    def _too_large(self, size: str) -> RequestError:
+        return RequestError(
+            413,
+            f"the request body is {size} bytes; this server reads at most {self.max_body_bytes} bytes "
+            f"({self.max_body_bytes // 1024} KiB), far more than a prompt that fits its "
+            f"{self.max_model_len}-token context needs",
+            "PayloadTooLargeError",
+        )
+
+    async def _json_body(self, scope: Scope, receive: Receive) -> dict[str, Any]:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(declared.decode())
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -144,8 +203,8 @@ class OpenAIFront:
                 raise RequestError(400, "the client went away before sending the whole request")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise RequestError(413, f"request body over {MAX_BODY_BYTES} bytes", "PayloadTooLargeError")
+            if size > self.max_body_bytes:
+                raise self._too_large(f"over {self.max_body_bytes}")
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -172,12 +231,19 @@ class OpenAIFront:
         return {"object": "list", "data": [card]}
 
     def _check_model(self, body: dict[str, Any]) -> None:
+        """The served name or no model at all, as vLLM takes them; any other name is a 404."""
         requested = body.pop("model", None)
         if requested is not None and requested != self.served_name:
+            hint = ""
+            if requested == "dummy":
+                hint = (
+                    " huggingface_hub's InferenceClient sends `dummy` when it is given no model: "
+                    f"pass model='{self.served_name}' to chat_completion."
+                )
             raise RequestError(
                 404,
                 f"The model `{requested}` does not exist; this server serves `{self.served_name}` "
-                "(see GET /v1/models).",
+                f"(see GET /v1/models): name it in `model`, or leave `model` out.{hint}",
                 "NotFoundError",
                 "model",
             )
@@ -188,22 +254,38 @@ class OpenAIFront:
             if not isinstance(prompt, str):
                 raise RequestError(400, "prompt must be a string", param="prompt")
             add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise RequestError(
+                    400, "add_special_tokens must be true or false", param="add_special_tokens"
+                )
             return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError(400, "messages must be a non-empty list of {role, content}", param="messages")
+        texts = [text_message(m, i) for i, m in enumerate(messages)]
+        extra = body.get("chat_template_kwargs") or {}
+        if not isinstance(extra, dict) or RESERVED_TEMPLATE_ARGS & extra.keys():
+            raise RequestError(
+                400,
+                "chat_template_kwargs must be an object of variables for the chat template, without "
+                f"{', '.join(sorted(RESERVED_TEMPLATE_ARGS))}",
+                param="chat_template_kwargs",
+            )
+        tools = body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise RequestError(400, "tools must be a list of tool definitions", param="tools")
         try:
             ids = self.tokenizer.apply_chat_template(
-                [_text_message(m) for m in messages],
+                texts,
                 add_generation_prompt=body.get("add_generation_prompt", True),
-                tools=body.get("tools"),
+                tools=tools,
                 tokenize=True,
                 return_dict=True,
-                **(body.get("chat_template_kwargs") or {}),
+                **extra,
             )["input_ids"]
-        except RequestError:
-            raise
-        except Exception as e:  # the template's own raise_exception(...) messages are for the user
+        except TemplateSyntaxError:
+            raise  # the served model's template is broken: the server's fault, a 500
+        except TemplateError as e:  # the template's own raise_exception(...): its message is for the user
             raise RequestError(
                 400, f"the chat template rejected the messages: {e}", param="messages"
             ) from None
@@ -217,6 +299,7 @@ class OpenAIFront:
     def prepare(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         """Validate a generation request and rewrite it for transformers serve."""
         self._check_model(body)
+        refuse_unsupported(route, body)
         prompt_len = len(self._prompt_ids(body, route))
         if route == "/v1/chat/completions" and body.get("max_completion_tokens") is not None:
             key = "max_completion_tokens"
@@ -283,17 +366,6 @@ class OpenAIFront:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _text_message(message: Any) -> dict[str, Any]:
-    if not isinstance(message, dict) or "role" not in message:
-        raise RequestError(400, "each message must be an object with role and content", param="messages")
-    content = message.get("content")
-    if isinstance(content, list):  # OpenAI content parts: the text parts, joined, as transformers does
-        content = "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return {**message, "content": content if content is not None else ""}
 
 
 class _RenameModel:

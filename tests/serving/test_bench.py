@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serving.bench import Sample, main, percentile, summarize
+from serving.bench import Sample, load_prompts, main, percentile, summarize
 from tests.serving.backends.fake_tgi import FakeTGI
 from tests.serving.conftest import API_KEY
 
@@ -71,3 +71,29 @@ def test_summary_of_a_failed_level_has_no_figures():
 
     level = summarize([Sample(ok=False, error="ServerTimeoutError")], concurrency=1, wall=1.0)
     assert level["errors"] == {"ServerTimeoutError": 1} and level["ttft_ms"] == {"p50": None, "p95": None}
+
+
+def test_a_prompts_file_that_is_not_there_is_an_error_naming_it(tmp_path, capsys):
+    # Refused before any server is asked: the URL answers nothing.
+    missing = tmp_path / "promts.jsonl"
+    assert main(["--url", "http://127.0.0.1:9", "--prompts", str(missing), "--out", str(tmp_path)]) == 2
+    assert f"error: --prompts {missing}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_prompts_file_with_a_broken_line_or_no_prompts_is_an_error(tmp_path, capsys):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "ok"}\n\n{"prompt": "no end"\n', encoding="utf-8")
+    assert main(["--url", "http://127.0.0.1:9", "--prompts", str(broken)]) == 2
+    assert f"error: {broken}, line 3: not JSON" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"answer": "no prompt here"}\n', encoding="utf-8")
+    assert main(["--url", "http://127.0.0.1:9", "--prompts", str(empty)]) == 2
+    assert f"error: {empty}: no prompts in it" in capsys.readouterr().err
+
+
+def test_prompts_come_from_the_file_named(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"prompt": "一"}, {"messages": [{"role": "user", "content": "二"}]}, {"instruction": "三"}]
+    prompts.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert load_prompts(prompts) == ["一", "二", "三"]

@@ -19,6 +19,7 @@ from training.release import model_card
 
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCUMENTED = json.loads((Path(__file__).parent / "documented_flags.json").read_text(encoding="utf-8"))
+LLAMACPP_SETTINGS = json.loads((Path(__file__).parent / "llamacpp_settings.json").read_text(encoding="utf-8"))
 SETTINGS = (
     "RUN",
     "NUM_SHARD",
@@ -35,6 +36,8 @@ SETTINGS = (
     "HF_HUB_OFFLINE",
     "TGI_IMAGE",
     "VLLM_IMAGE",
+    "GGUF_QUANT",
+    "LLAMACPP_IMAGE",
 )
 SERVERS = {"tgi": TGI_IMAGE, "vllm": VLLM_IMAGE}
 
@@ -216,6 +219,12 @@ def test_cpu_server_runs_the_project_image_on_127_0_0_1(tmp_path):
         ("docker", "tgi", "--profile gpu up -d --wait tgi"),
         ("docker", "vllm", "--profile gpu up -d --wait vllm"),
         ("local", "tgi", "-m serving serve --run quickstart --port 8080"),
+        ("docker", "llamacpp", "--profile cpu up -d --wait serve-llamacpp"),
+        (
+            "local",
+            "llamacpp",
+            "-m serving serve --backend llamacpp --quant q4_k_m --run quickstart --port 8080",
+        ),
     ],
 )
 def test_make_serve_picks_the_backend(runtime, backend, expected):
@@ -233,6 +242,7 @@ def test_make_serve_picks_the_backend(runtime, backend, expected):
             "RUN=quickstart",
             "SERVE_PORT=8080",
             "STAMP=/dev/null",
+            "EXPORT_STAMP=/dev/null",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -246,7 +256,7 @@ def test_make_serve_picks_the_backend(runtime, backend, expected):
 # --- Issue 7 item 8: the servers keep strangers out ------------------------------------------
 # Each assertion below fails when its protection is removed from compose.yaml; serve-cpu's are
 # also checked in a real container (tests/containers/test_pipeline.py).
-SERVER_SERVICES = ("tgi", "vllm", "serve-cpu")
+SERVER_SERVICES = ("tgi", "vllm", "serve-cpu", "serve-llamacpp")
 
 
 @pytest.mark.parametrize("name", SERVER_SERVICES)
@@ -310,3 +320,34 @@ def test_env_example_and_the_model_card_use_the_same_server_images():
     settings = dict(line.split("=", 1) for line in text.splitlines() if line[:1].isalpha() and "=" in line)
     assert settings["TGI_IMAGE"] == TGI_IMAGE and settings["VLLM_IMAGE"] == VLLM_IMAGE
     assert (model_card.TGI_IMAGE, model_card.VLLM_IMAGE) == (TGI_IMAGE, VLLM_IMAGE)
+
+
+def test_the_llamacpp_server_gets_only_settings_its_version_takes_and_serves_the_runs_export(tmp_path):
+    raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]["serve-llamacpp"]
+    assert raw["command"][:3] == ["python3", "-m", "llama_cpp.server"]
+    flags = [flag_name(a) for a in raw["command"][3:]]
+    assert all(a.startswith("--") for a in raw["command"][3:])
+    assert not set(flags) - {f"--{f}" for f in LLAMACPP_SETTINGS["fields"]}
+    assert not {k.lower() for k in raw["environment"]} - set(LLAMACPP_SETTINGS["fields"])
+    svc = render(tmp_path, RUN="ko-7b", GGUF_QUANT="q8_0", MAX_TOTAL_TOKENS="2048", API_KEY="k3y")[
+        "serve-llamacpp"
+    ]
+    assert "--model=/outputs/ko-7b/gguf/ko-7b-q8_0.gguf" in svc["command"]
+    assert "--model_alias=ko-7b" in svc["command"] and "--n_ctx=2048" in svc["command"]
+    assert "--interrupt_requests=False" in svc["command"]
+    # The key reaches it as an environment variable (read by its settings), not as a flag.
+    assert svc["environment"]["API_KEY"] == "k3y" and not any("k3y" in a for a in svc["command"])
+    assert svc["profiles"] == ["cpu"] and svc["build"]["dockerfile"] == "docker/llamacpp.Dockerfile"
+    assert svc["image"] == "qlora-stack-llamacpp:latest"
+
+
+@pytest.mark.export
+def test_the_recorded_llamacpp_settings_are_those_of_the_installed_version():
+    import importlib.metadata
+
+    from llama_cpp.server.settings import Settings
+
+    assert (
+        LLAMACPP_SETTINGS["package"] == f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"
+    )
+    assert LLAMACPP_SETTINGS["fields"] == sorted(Settings.model_fields)

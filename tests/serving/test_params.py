@@ -39,7 +39,7 @@ def test_bad_parameters_name_what_is_allowed(kwargs, message):
 
 def test_defaults_are_greedy_and_top_p_one_is_no_nucleus():
     p = SamplingParams()
-    assert not p.sampling and p.max_new_tokens == 256
+    assert not p.sampling and p.max_new_tokens is None  # the client fits it to the prompt, per request
     assert SamplingParams(temperature=0.5, top_p=1.0).nucleus is False
     assert SamplingParams(stop="\n").stop == ("\n",)
 

@@ -103,6 +103,15 @@ def test_a_server_slower_than_the_timeout_gives_a_timeout_error(tgi):
             client.generate("x", max_new_tokens=2)
 
 
+def test_a_timeout_the_caller_sets_holds_whatever_the_retry_deadline(tgi):
+    # The deadline bounds retrying only: an answer 1 s away is waited for under a 0.5 s deadline,
+    # as ServingClient(timeout=600) must wait past the default 120 s deadline.
+    with ServingClient(tgi.url, timeout=10.0, retry=RetryPolicy(deadline=0.5)) as client:
+        assert client.info.backend == "tgi"
+        tgi.delay = 1.0
+        assert client.generate("x", max_new_tokens=2).text == "はい 東京"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

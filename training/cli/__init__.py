@@ -1,4 +1,4 @@
-"""python -m training <command>: train, validate, estimate, merge, eval, push, check-serving, tiny-model.
+"""python -m training <command>: train, validate, estimate, merge, export, eval, push, check-serving, tiny-model.
 
 One module per verb; each adds its arguments (`add_arguments`) and runs it (`run`). Only the
 chosen verb's module is imported: the verbs import torch, transformers, TRL and bitsandbytes,
@@ -28,9 +28,13 @@ VERBS = {
         "predict peak GPU memory per device for a recipe (from the model config; nothing is loaded)",
     ),
     "merge": ("training.cli.merge", "fold the LoRA adapter into full weights (streaming, verified, atomic)"),
+    "export": (
+        "training.cli.export",
+        "the merged model as GGUF for llama.cpp and Ollama (llama.cpp's converter, quantized, verified)",
+    ),
     "eval": (
         "training.cli.evaluate",
-        "perplexity and greedy answers of base, adapter and merged models, side by side",
+        "perplexity, greedy answers and lm-eval scores of base, adapter, merged models and servers, side by side",
     ),
     "push": ("training.cli.push", "publish the adapter or merged model to the Hugging Face Hub (private)"),
     "check-serving": (

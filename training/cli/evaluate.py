@@ -1,12 +1,14 @@
-"""python -m training eval: perplexity and greedy answers of base, adapter and merged models, side by side."""
+"""python -m training eval: perplexity, greedy answers and lm-eval scores of the model variants, side by side."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from training.cli.common import add_recipe_arguments
+from training.errors import UserError
 from training.recipe import load_recipe
-from training.release.evaluate import evaluate, write_report
+from training.release.evaluate import HarnessSettings, evaluate, write_report
 from training.run_dir import RunDir
 
 
@@ -16,20 +18,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         dest="models",
         action="append",
-        metavar="NAME|DIR",
-        help="base, adapter (as trained, quantized), merged, or a merged model directory; repeatable "
+        metavar="NAME|DIR|URL",
+        help="base, adapter (as trained, quantized), merged, a merged model directory, or the URL of a running "
+        "OpenAI-compatible server (lm-eval scores only; API_KEY is sent); repeatable "
         "(default: base, adapter and merged when present)",
     )
     p.add_argument(
         "--file", help="evaluate on this file (in the recipe's format) instead of the validation split"
     )
     p.add_argument("--prompts", type=int, default=8, help="validation prompts to answer greedily (default 8)")
+    p.add_argument(
+        "--tasks",
+        action="append",
+        metavar="T1,T2",
+        help="lm-evaluation-harness tasks, groups or patterns (kobest, kobest_*, qlora_stack_mc), comma-separated "
+        "or repeated; default: the recipe's eval.tasks; 'none' runs none",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of your own lm-eval task YAML files (repeatable)",
+    )
+    p.add_argument(
+        "--limit", type=float, help="lm-eval: score only this many documents per task (default: the recipe's)"
+    )
+    p.add_argument(
+        "--batch-size",
+        default="1",
+        help="lm-eval batch size for the local models: a number or 'auto' (default 1)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="lm-eval: requests in flight at once to a server (default 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = RunDir(recipe.output.run_dir())
     models = args.models or ["base", "adapter"] + (["merged"] if run_dir.merged.is_dir() else [])
-    report = evaluate(recipe, models, file=args.file, prompts=args.prompts)
+    harness = HarnessSettings(
+        tasks=_task_list(args.tasks, recipe.eval.tasks),
+        include_paths=args.include_path,
+        limit=args.limit if args.limit is not None else recipe.eval.limit,
+        batch_size=_batch_size(args.batch_size),
+        concurrency=args.concurrency,
+        api_key=os.environ.get("API_KEY") or None,
+    )
+    report = evaluate(recipe, models, file=args.file, prompts=args.prompts, harness=harness)
     print(write_report(report, run_dir.eval_json, run_dir.eval_png))
     return 0
+
+
+def _task_list(given: list[str] | None, default: list[str]) -> list[str]:
+    if given is None:
+        return list(default)
+    names = [n.strip() for item in given for n in item.split(",") if n.strip()]
+    return [] if names == ["none"] else names
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value if value == "auto" else int(value)
+    raise UserError(f"--batch-size {value!r}: a whole number >= 1, or auto")

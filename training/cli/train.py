@@ -12,6 +12,7 @@ from training.cli.common import add_recipe_arguments
 from training.recipe import Recipe, load_recipe
 from training.train.distributed import ranks, under_launcher
 from training.train.launcher import DEFAULT_PORT, launch, topology
+from training.train.preflight import preflight
 from training.train.run import run_training
 from training.train.sft_config import check_before_launch
 
@@ -22,6 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
     p.add_argument(
         "--force", action="store_true", help="discard an earlier run of this recipe and start over"
+    )
+    p.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="train on the CPU even when the recipe is predicted to be too slow or too large for it "
+        "(without this, such a recipe is refused before anything is written)",
     )
     machines = p.add_argument_group(
         "several GPUs and machines (with distributed.strategy ddp, fsdp or deepspeed in the recipe)"
@@ -93,6 +100,8 @@ def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> in
     # Everything that can be refused without a model (strategy vs hardware, packages, configs) is
     # refused here, before any process starts.
     check_before_launch(recipe, args.recipe, cuda=cuda)
+    # Before anything is written or downloaded: model and data reachable, the machine big enough.
+    preflight(recipe, args.recipe, cuda=cuda, allow_cpu=args.allow_cpu)
     topo = topology(
         recipe.distributed.strategy,
         visible_gpus=torch.cuda.device_count(),

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from training.errors import UserError
+from training.merge.safetensors_dtypes import FLOAT8, FLOAT8_WIDENS_TO
+
 # transformers 5's generic fast tokenizer class; 4.x knows the same thing under this name.
 _PORTABLE_TOKENIZER_CLASS = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
@@ -25,9 +28,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def base_dtype(base_dir: Path) -> torch.dtype:
+    """The dtype a merged model is written in by default: the base model's own (FP8: bfloat16)."""
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name)
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"{base_dir / 'config.json'}: dtype {name!r} is not a torch floating-point dtype")
+    return FLOAT8_WIDENS_TO if dtype in FLOAT8 else dtype
 
 
 def write_config(out_dir: Path, base_dir: Path, dtype: torch.dtype) -> dict:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.backends.tgi_checks import check_serving
@@ -44,6 +43,7 @@ from training.merge.strategies.streaming import StreamingUnsupported
 from training.merge.verify import MODES as VERIFY_MODES
 from training.merge.verify import MergeVerificationError, verify_merge
 from training.merge.weights import write_weights
+from training.model.hub_files import download_model_files
 from training.model.scoring import perplexity
 from training.model.tiny import resolve_model_name
 from training.recipe import Recipe
@@ -72,23 +72,13 @@ class MergeSettings:
 
 
 def resolve_base_dir(adapter: Adapter) -> Path:
-    """The base model's files on disk: a local directory, or its hub snapshot (config and safetensors)."""
+    """The base model's files on disk: a local directory, or from its hub snapshot exactly the files
+    transformers loads (config, and the index's shards or model.safetensors)."""
     name = resolve_model_name(adapter.base_name)
     if Path(name).is_dir():
         return Path(name)
     try:
-        return Path(
-            snapshot_download(
-                name,
-                revision=adapter.base_revision,
-                allow_patterns=[
-                    "config.json",
-                    "generation_config.json",
-                    "*.safetensors",
-                    "*.safetensors.index.json",
-                ],
-            )
-        )
+        return download_model_files(name, adapter.base_revision)
     except Exception as e:  # noqa: BLE001 - network, auth and missing-repo errors all end here
         raise UserError(
             f"could not get the base model {name!r} to merge into: {type(e).__name__}: {e}\n"
@@ -191,6 +181,7 @@ def _build(
             raise UserError(
                 f"merge of {adapter.path} failed verification, nothing was written: {e}"
             ) from None
+        verification["compared_with"] = reference_model(base, dtype_name(dtype))
     return {
         "adapter": str(adapter.path),
         "base_model": adapter.base_name,
@@ -251,17 +242,24 @@ def _choose_strategy(adapter: Adapter, requested: str) -> tuple[str, str]:
     return "streaming", "default: one tensor at a time"
 
 
+def reference_model(merge_base: str, dtype: str) -> str:
+    """What verification compares the merged model with: base + adapter, on the merge's own base."""
+    if merge_base == "nf4-roundtrip":
+        return "the 4-bit base + adapter, as trained"
+    return f"the original base in {dtype} + adapter (not the 4-bit model training ran)"
+
+
 def _log_summary(record: dict, serving: str, out_dir: Path) -> None:
     v = record["verification"]
     if v:
         tokens = (
-            f"greedy {v['greedy_tokens']} tokens {'identical' if v['greedy_identical'] else 'differ'}"
+            f"greedy tokens {'identical' if v['greedy_identical'] else 'differ'}"
             if "greedy_identical" in v
             else f"next tokens {'identical' if v['next_tokens_identical'] else 'differ'}"
         )
         check = (
-            f"{v['mode']}: logits within {v['relative_diff']:.1e} of base + adapter "
-            f"(tolerance {v['tolerance']:.0e}), {tokens}, {v['seconds']} s"
+            f"against {v['compared_with']}: logits within {v['relative_diff']:.1e} "
+            f"(tolerance {v['tolerance']:.0e}), {tokens} on {v['prompts']} prompts ({v['mode']}, {v['seconds']} s)"
         )
     else:
         check = "skipped (--verify off)"

@@ -17,18 +17,7 @@ from pathlib import Path
 
 import torch
 
-DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from training.merge.safetensors_dtypes import name_of
 
 
 def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -47,7 +36,11 @@ class StreamingSafetensorsWriter:
         offset = 0
         for name, shape, dtype in specs:
             end = offset + tensor_nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            header[name] = {
+                "dtype": name_of(dtype, name),
+                "shape": list(shape),
+                "data_offsets": [offset, end],
+            }
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes

@@ -14,20 +14,9 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from training.errors import UserError
+from training.merge.safetensors_dtypes import dtype_of
 from training.merge.safetensors_writer import write_streaming
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from training.model.hub_files import weight_files
 
 Spec = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -42,22 +31,19 @@ class TensorInfo:
 
 
 class Checkpoint:
-    """The tensors of a model directory's *.safetensors files, read one at a time.
+    """The tensors of a model directory's weights, read one at a time.
 
-    Tensors are read with pread from the offsets in each file's header, not through
-    safetensors' memory mapping: touching mapped pages costs a page fault per 4 KB (several
-    times the copy itself on a VM), and the pages of a mapping count as resident memory.
+    The files are those transformers loads (the index's shards, else model.safetensors), not
+    every *.safetensors in the folder. Tensors are read with pread from the offsets in each
+    file's header, not through safetensors' memory mapping: touching mapped pages costs a page
+    fault per 4 KB (several times the copy itself on a VM), and the pages of a mapping count as
+    resident memory.
     """
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            pickled = sorted(p.name for p in model_dir.glob("*.bin"))
-            hint = f" (only pickled weights: {pickled[:3]})" if pickled else ""
-            raise UserError(f"{model_dir}: no *.safetensors weights{hint}")
         self.tensors: dict[str, TensorInfo] = {}
-        for file in files:
+        for file in weight_files(model_dir):
             self.tensors.update(_read_header(file))
         self._staging = torch.empty(0, dtype=torch.uint8)
 
@@ -102,14 +88,9 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise UserError(
-                f"{file}: tensor {name} has dtype {entry['dtype']}, which the merge does not read"
-            )
         start, end = entry["data_offsets"]
-        tensors[name] = TensorInfo(
-            file, tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], 8 + length + start, end - start
-        )
+        dtype = dtype_of(entry["dtype"], file, name)
+        tensors[name] = TensorInfo(file, tuple(entry["shape"]), dtype, 8 + length + start, end - start)
     return tensors
 
 

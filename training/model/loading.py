@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import traceback
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
+import httpx2
 import torch
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from training.errors import ModelLoadError
@@ -87,8 +96,11 @@ def load_tokenizer(cfg: ModelSection):
         tokenizer = AutoTokenizer.from_pretrained(
             name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except Exception as e:  # noqa: BLE001 - hub, disk and remote-code failures all end here
-        raise ModelLoadError(_load_hint(cfg, "tokenizer", e)) from None
+    except Exception as e:
+        explained = _explained(cfg, "tokenizer", e)
+        if explained is e:
+            raise
+        raise explained from e
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss by the collator, so EOS is a safe pad.
         tokenizer.pad_token = tokenizer.eos_token
@@ -123,8 +135,11 @@ def load_model(
         kwargs["device_map"] = {"": torch.cuda.current_device() if local_rank is None else local_rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(_load_hint(cfg, "model", e)) from None
+    except Exception as e:
+        explained = _explained(cfg, "model", e)
+        if explained is e:
+            raise
+        raise explained from e
     report = verify_quantization(model, q.method)
     disable_cpu_4bit_repacking(model)
     log.info(
@@ -227,13 +242,40 @@ def _require_gptq_kernels(device: Device) -> None:
         )
 
 
-def _load_hint(cfg: ModelSection, what: str, error: Exception) -> str:
-    hint = f"could not load the {what} {cfg.name!r}"
-    if cfg.revision:
-        hint += f" (revision {cfg.revision})"
-    hint += f": {type(error).__name__}: {error}"
-    if "trust_remote_code" in str(error):
-        hint += "\nThis model ships its own code; if you trust it, set model.trust_remote_code: true."
-    elif not cfg.name.startswith(("tiny://", "/", ".")):
-        hint += "\nCheck the name, your network, and HF_TOKEN for gated models (e.g. Llama)."
-    return hint
+def _explained(cfg: ModelSection, what: str, error: Exception) -> Exception:
+    """A hub, network or not-found failure as a ModelLoadError that says what to check; anything
+    else (CUDA out of memory, a bitsandbytes failure, a broken file) as it was raised."""
+    if _from_hub(error):
+        hint = f"could not load the {what} {cfg.name!r}"
+        if cfg.revision:
+            hint += f" (revision {cfg.revision})"
+        hint += f": {type(error).__name__}: {error}"
+        if not cfg.name.startswith(("tiny://", "/", ".")):
+            hint += "\nCheck the name, your network, and HF_TOKEN for gated models (e.g. Llama)."
+        return ModelLoadError(hint)
+    if isinstance(error, ValueError) and "trust_remote_code" in str(error):
+        return ModelLoadError(
+            f"could not load the {what} {cfg.name!r}: {error}\n"
+            "This model ships its own code; if you trust it, set model.trust_remote_code: true."
+        )
+    return error
+
+
+# What the hub layer raises: huggingface_hub's errors (HTTP, offline, missing file, bad repo id)
+# and httpx2's network errors; transformers re-raises them as OSError from transformers.utils.hub.
+_HUB_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, EntryNotFoundError, HFValidationError, httpx2.HTTPError)
+_HUB_MODULES = (f"{os.sep}huggingface_hub{os.sep}", f"{os.sep}transformers{os.sep}utils{os.sep}hub.py")
+
+
+def _from_hub(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, _HUB_ERRORS):
+            return True
+        if isinstance(error, OSError) and error.__traceback__ is not None:
+            raised_in = traceback.extract_tb(error.__traceback__)[-1].filename
+            if any(part in raised_in for part in _HUB_MODULES):
+                return True
+        error = error.__cause__ or error.__context__
+    return False

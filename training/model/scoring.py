@@ -39,3 +39,26 @@ def greedy_answers(model, tokenizer, prompts: list[list[dict]]) -> list[str]:
         out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad)
         answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return answers
+
+
+@torch.no_grad()
+def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Sum of the log-probabilities of the continuation's tokens after the context.
+
+    This is what multiple-choice benchmarks compare between the answers. The text is
+    tokenized whole, as the model reads it; a token belongs to the continuation when its
+    characters lie after the context. A token spanning both cannot be split and is refused.
+    """
+    encoded = tokenizer(context + continuation, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    boundary = len(context)
+    # Special tokens (BOS) cover no characters: (0, 0).
+    scored = [i for i, (start, end) in enumerate(offsets) if end > start and end > boundary]
+    if not scored or offsets[scored[0]][0] < boundary:
+        raise ValueError(f"no token boundary between the context and {continuation!r}")
+    if scored[0] == 0:
+        raise ValueError("the continuation starts the text: there is no token before it to predict it")
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return float(sum(logprobs[i - 1, ids[i]] for i in scored))

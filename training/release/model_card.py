@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 # The same images compose.yaml runs (its defaults), so the card and `make serve` agree.
 from serving.backends.tgi import IMAGE as TGI_IMAGE
 from serving.backends.vllm import IMAGE as VLLM_IMAGE
+from training.release.harness import headline
 
 
 def _on_hub(name: str | None) -> bool:
@@ -107,10 +108,34 @@ def _evaluation(merge: dict | None, evaluation: dict | None) -> str:
                 f"of the logit range (tolerance {v['tolerance']:.0e})."
             )
     if evaluation is not None:
-        lines.append(f"\nPerplexity on {evaluation['rows']} rows of {evaluation['source']}:\n")
-        lines.append("| model | perplexity |\n|---|---|")
-        lines += [f"| {label} | {r['perplexity']:.3f} |" for label, r in evaluation["models"].items()]
+        models = evaluation["models"]
+        with_ppl = {label: r["perplexity"] for label, r in models.items() if r.get("perplexity") is not None}
+        if with_ppl:
+            lines.append(f"\nPerplexity on {evaluation['rows']} rows of {evaluation['source']}:\n")
+            lines.append("| model | perplexity |\n|---|---|")
+            lines += [f"| {label} | {ppl:.3f} |" for label, ppl in with_ppl.items()]
+        lines += _harness_table(evaluation)
     return "## Evaluation\n\n" + "\n".join(lines) if lines else ""
+
+
+def _harness_table(evaluation: dict) -> list[str]:
+    """lm-evaluation-harness scores: one row per model, one column per task (its headline metric)."""
+    harness = evaluation.get("harness")
+    if not harness:
+        return []
+    tasks, models = harness["tasks"], evaluation["models"]
+    lines = [
+        f"\nlm-evaluation-harness {harness['lm_eval_version']} (accuracy where a task has one):\n",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
+    for label, r in models.items():
+        cells = []
+        for task in tasks:
+            found = headline(r.get("harness", {}).get(task, {}))
+            cells.append("" if found is None else f"{found[0]} {found[1]:.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _prompt_format(run: dict) -> str:

@@ -244,7 +244,7 @@ def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
     changed = [
         f"{key}: {old!r} -> {new!r}"
         for key, old, new in _diff(before, recipe.to_dict())
-        if not key.startswith("output.")  # where the run lives, not what it does
+        if key.split(".", 1)[0] not in ("output", "eval")  # where the run lives and how it is judged
         and not (key.startswith("training.") and key.split(".", 1)[1] in RESUMABLE_CHANGES)
     ]
     if changed:

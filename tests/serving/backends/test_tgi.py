@@ -16,6 +16,7 @@ from serving.errors import (
     ServerError,
     UnknownAdapterWarning,
 )
+from serving.params import AUTO_MAX_NEW_TOKENS
 from serving.transport import RetryPolicy
 from tests.serving.backends.fake_tgi import MODEL_ID, FakeTGI
 
@@ -225,3 +226,36 @@ def test_long_chat_is_counted_with_chat_tokenize(tgi, client):
     with pytest.raises(LimitExceededError):
         client.chat(" ".join(["語"] * 400), max_new_tokens=4)
     assert tgi.seen("/chat_tokenize")[-1].body["messages"][0]["role"] == "user"
+
+
+def test_no_length_given_means_what_the_context_leaves_after_the_prompt(tgi, client):
+    prompt = " ".join(["語"] * 200)  # 200 "tokens" for this server, which takes 256 per request
+    length = client.answer_length(prompt=prompt)
+    assert (length.tokens, length.prompt_tokens, length.context, length.capped) == (56, 200, 256, False)
+    assert (
+        "56 new tokens: all that TGI's 256-token context leaves after the 200-token prompt"
+        in length.describe()
+    )
+    client.generate(prompt)
+    assert tgi.seen("/")[-1].body["parameters"]["max_new_tokens"] == 56
+    chat = [{"role": "user", "content": " ".join(["語"] * 250)}]  # 250 "tokens" for /chat_tokenize
+    client.chat(chat)
+    assert tgi.seen("/v1/chat/completions")[-1].body["max_tokens"] == 6
+    with pytest.raises(LimitExceededError, match="300 tokens.*at most 255 input tokens"):
+        client.generate(" ".join(["語"] * 300))
+
+
+def test_the_automatic_length_is_capped_where_the_context_is_larger():
+    server = FakeTGI(max_input=8191, max_total=8192)
+    try:
+        with ServingClient(server.url) as c:
+            length = c.answer_length(prompt="東京は")
+            assert (length.tokens, length.capped) == (AUTO_MAX_NEW_TOKENS, True)
+            assert "the most an answer gets unless max_new_tokens says otherwise" in length.describe()
+            c.chat("東京は")
+            c.generate("東京は", max_new_tokens=1000)  # a number is used as given
+    finally:
+        server.stop()
+    assert server.seen("/v1/chat/completions")[-1].body["max_tokens"] == AUTO_MAX_NEW_TOKENS
+    assert server.seen("/")[-1].body["parameters"]["max_new_tokens"] == 1000
+    assert not server.seen("/tokenize")  # a short prompt clearly fits: nothing to count

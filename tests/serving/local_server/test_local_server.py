@@ -10,6 +10,8 @@ import httpx2
 import openai
 import pytest
 import torch
+from huggingface_hub import InferenceClient, constants
+from huggingface_hub.errors import HfHubHTTPError
 
 from serving.cli import main
 from serving.client import ServingClient
@@ -19,6 +21,7 @@ from tests.serving.conftest import API_KEY
 from training.data.templates import BUILTIN_TEMPLATES
 
 INSTRUCTION = "日本で一番長い川は何ですか？"
+QUICKSTART_PROMPT = "日本の首都はどこですか?"  # the README's `make chat PROMPT=...`
 CONTEXT = "信濃川は長野県では千曲川と呼ばれています。"
 
 
@@ -158,6 +161,17 @@ def test_a_4xx_carries_the_servers_message(client):
     assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
 
 
+def test_lm_evals_loglikelihood_request_is_refused_not_answered_without(client):
+    # lm-eval's local-completions asks for the prompt's log-probabilities (logprobs + echo); an answer
+    # without them would score every choice alike, so the server must refuse it.
+    with pytest.raises(RequestRejectedError, match="returns no log-probabilities") as caught:
+        client.transport.post_json(
+            "/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": 1, "echo": True}
+        )
+    assert caught.value.status == 400
+    client.transport.post_json("/v1/completions", {"prompt": "x", "max_tokens": 1, "logprobs": None})
+
+
 def test_unknown_model_and_hidden_admin_routes_are_404(client):
     with pytest.raises(NotFoundError, match="does not exist; this server serves `quickstart`"):
         client.transport.post_json("/v1/completions", {"model": "other", "prompt": "x"})
@@ -222,3 +236,184 @@ def test_cli_health_and_errors(local_server, capsys, monkeypatch):
     assert "the local server serving 'quickstart' (256 tokens per request)" in capsys.readouterr().out
     assert main(["chat", "x", "--url", local_server.url, "--top-p", "1.5"]) == 2
     assert "error: top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_quickstart_chat_fits_with_no_length_given(local_server, merged_reference):
+    # `make chat PROMPT=...` right after `make serve`: the answer gets what the 256-token context leaves.
+    ids = merged_reference[1](dolly_prompt(QUICKSTART_PROMPT))["input_ids"]
+    room = 256 - len(ids)
+    expected, n = greedy(merged_reference, ids, room)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "chat",
+            QUICKSTART_PROMPT,
+            "--url",
+            local_server.url,
+            "--no-stream",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "API_KEY": API_KEY},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected + "\n"
+    note = (
+        f"[stopped at {room} new tokens: all that the local server's 256-token context leaves after the "
+        f"{len(ids)}-token prompt]"
+    )
+    assert (note in done.stderr) == (n == room), done.stderr
+
+
+def test_client_calls_with_no_length_get_what_the_context_leaves(client, merged_reference):
+    prompt = dolly_prompt(INSTRUCTION)
+    n = len(merged_reference[1](prompt)["input_ids"])
+    length = client.answer_length(prompt=prompt)
+    assert (length.tokens, length.prompt_tokens, length.context, length.capped) == (256 - n, n, 256, False)
+    result = client.generate(prompt)
+    assert result.finish_reason == "stop" or result.generated_tokens == 256 - n
+    answer = client.chat(INSTRUCTION)
+    assert answer.finish_reason == "stop" or answer.prompt_tokens + answer.generated_tokens == 256
+    with pytest.raises(LimitExceededError, match=r"the prompt is \d+ tokens.*at most 255 input tokens"):
+        client.chat("川" * 400)
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_stays_responsive(local_server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for path, body in [
+        ("/v1/completions", {"prompt": "川" * 2_000_000}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "川" * 2_000_000}]}),
+        ("/tokenize", {"prompt": "a" * 2_000_000}),
+    ]:
+        response = httpx2.post(f"{local_server.url}{path}", json=body, headers=headers, timeout=60)
+        assert response.status_code == 413, (path, response.text[:200])
+        error = response.json()["error"]
+        assert error["type"] == "PayloadTooLargeError"
+        assert "this server reads at most 1048576 bytes" in error["message"]
+        assert "256-token context" in error["message"]
+    assert httpx2.get(f"{local_server.url}/health", timeout=10).status_code == 200
+    with ServingClient(local_server.url, api_key=API_KEY, check_limits=False) as c:
+        with pytest.raises(RequestRejectedError, match="at most 1048576 bytes") as caught:
+            c.generate("川" * 400_000, max_new_tokens=1)
+        assert caught.value.status == 413
+        assert c.generate("川", max_new_tokens=1).generated_tokens == 1
+
+
+def test_a_non_ascii_authorization_header_is_a_401(local_server):
+    for value in ("Bearer ключ".encode(), b"Bearer \xff\xfe", f"Bearer {API_KEY}\u00e9".encode()):
+        response = httpx2.post(
+            f"{local_server.url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"Authorization": value},
+            timeout=30,
+        )
+        assert response.status_code == 401, (value, response.text)
+        assert response.json()["error"]["type"] == "AuthenticationError"
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "param", "message"),
+    [
+        (
+            "/v1/chat/completions",
+            {"n": 2},
+            "n",
+            "n=2 is not supported: the local server generates one choice",
+        ),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs", "returns no log-probabilities"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "returns no log-probabilities"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "to JSON"),
+        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "use repetition_penalty"),
+        ("/v1/completions", {"n": 3}, "n", "n=3 is not supported"),
+        ("/v1/completions", {"logprobs": 0}, "logprobs", "returns no log-probabilities"),
+        ("/v1/completions", {"echo": True}, "echo", "does not echo the prompt"),
+        ("/v1/completions", {"best_of": 2}, "best_of", "one sequence per request"),
+    ],
+)
+def test_what_the_server_cannot_do_is_refused_not_ignored(client, route, fields, param, message):
+    body = {"max_tokens": 2, **fields}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in route else {"prompt": "x"})
+    with pytest.raises(RequestRejectedError, match=message) as caught:
+        client.transport.post_json(route, body)
+    assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
+    without = {k: v for k, v in body.items() if k != param}
+    assert client.transport.post_json(route, without)["usage"]["completion_tokens"] == 2
+
+
+def test_neutral_values_of_those_fields_are_answered(client):
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    neutral = {
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "presence_penalty": 0,
+        "response_format": {"type": "text"},
+    }
+    assert (
+        client.transport.post_json("/v1/chat/completions", {**chat, **neutral})["usage"]["completion_tokens"]
+        == 2
+    )
+    raw = {"prompt": "x", "max_tokens": 2, "n": 1, "echo": False, "best_of": 1}
+    assert client.transport.post_json("/v1/completions", raw)["usage"]["completion_tokens"] == 2
+
+
+def test_content_parts_other_than_text_are_refused_and_text_parts_are_read(client, local_server):
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    parts = [{"type": "text", "text": "日本の首都は"}, {"type": "text", "text": "どこですか"}]
+    with pytest.raises(
+        RequestRejectedError, match=r"messages\[0\]\.content\[2\] has type 'image_url'.*text only"
+    ):
+        client.chat([{"role": "user", "content": [*parts, image]}], max_new_tokens=1)
+    # The openai package gets the same 400, not an answer to half the question.
+    oai = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key=API_KEY)
+    with pytest.raises(openai.BadRequestError, match="has type 'image_url'"):
+        oai.chat.completions.create(
+            model="quickstart", messages=[{"role": "user", "content": [*parts, image]}], max_tokens=1
+        )
+    # Text parts are read as transformers serve reads them for a text model: joined with spaces.
+    joined = client.transport.post_json("/tokenize", {"messages": [{"role": "user", "content": parts}]})
+    spaced = client.transport.post_json(
+        "/tokenize", {"messages": [{"role": "user", "content": "日本の首都は どこですか"}]}
+    )
+    assert joined["tokens"] == spaced["tokens"]
+    answer = client.transport.post_json(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+    )
+    assert answer["usage"]["prompt_tokens"] == joined["count"]
+
+
+def test_only_the_templates_own_rejections_are_400s(client):
+    with pytest.raises(
+        RequestRejectedError,
+        match="the chat template rejected the messages: The dolly-ja template has no place for a system message",
+    ) as caught:
+        client.chat([{"role": "system", "content": "s"}, {"role": "user", "content": "x"}], max_new_tokens=1)
+    assert caught.value.status == 400
+    # A chat_template_kwargs that would break the call itself is the client's error, said as such.
+    with pytest.raises(RequestRejectedError, match="chat_template_kwargs must be an object") as caught:
+        client.transport.post_json(
+            "/tokenize",
+            {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tokenize": False}},
+        )
+
+
+def test_inference_client_works_when_it_names_the_served_model(local_server, merged_reference, monkeypatch):
+    # huggingface_hub's session refuses every URL under HF_HUB_OFFLINE=1, which the tests set.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub = InferenceClient(base_url=local_server.url, api_key=API_KEY)
+    messages = [{"role": "user", "content": INSTRUCTION}]
+    expected, _ = greedy(merged_reference, merged_reference[1](dolly_prompt(INSTRUCTION))["input_ids"], 6)
+    out = hub.chat_completion(messages, model="quickstart", max_tokens=6, temperature=0)
+    assert (out.model, out.choices[0].message.content) == ("quickstart", expected)
+    # Without a model it sends `dummy`: a 404 (as vLLM answers) that says what to pass.
+    with pytest.raises(HfHubHTTPError, match="pass model='quickstart' to chat_completion") as caught:
+        hub.chat_completion(messages, max_tokens=6)
+    assert caught.value.response.status_code == 404
+    # text_generation posts to the URL itself, TGI's route: a 404 that names the routes to use.
+    with pytest.raises(HfHubHTTPError, match="POST / is TGI's own route") as caught:
+        hub.text_generation(dolly_prompt(INSTRUCTION), max_new_tokens=6)
+    assert caught.value.response.status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -15,7 +16,7 @@ from training.merge.coordinator import MergeSettings, merge_adapter
 from training.merge.nf4 import round_trip_of_run
 from training.model.loading import Device, load_model
 from training.recipe import ModelSection, QuantizationSection
-from training.release.evaluate import evaluate
+from training.release.evaluate import evaluate, write_report
 
 CPU = Device("cpu", "cpu", 1, False)
 
@@ -45,7 +46,7 @@ def test_round_trip_needs_4bit_training():
         round_trip_of_run({}, "adapter")
 
 
-def test_both_bases_merge_verified_and_evaluate(quickstart_run, both_bases):
+def test_both_bases_merge_verified_and_evaluate(quickstart_run, both_bases, tmp_path):
     out, records = both_bases
     for record in records.values():  # the default check, layer by layer, on both bases
         assert record["verification"]["passed"] and record["verification"]["mode"] == "streamed"
@@ -64,6 +65,26 @@ def test_both_bases_merge_verified_and_evaluate(quickstart_run, both_bases):
     )
     assert models["merged (nf4-roundtrip)"]["agreement_with_trained"] == 1.0
     assert models["base"]["perplexity"] > models["adapter (nf4)"]["perplexity"]  # training helped
+    # Each check says what it compared with what, so that "greedy tokens identical" after the merge
+    # and a lower agreement here do not read as a contradiction.
+    assert records["original"]["verification"]["compared_with"] == (
+        "the original base in float32 + adapter (not the 4-bit model training ran)"
+    )
+    assert records["nf4-roundtrip"]["verification"]["compared_with"] == "the 4-bit base + adapter, as trained"
+    table = write_report(report, tmp_path / "eval.json", tmp_path / "eval.png")
+    assert "greedy answers identical to those of 'adapter (nf4)', the model as trained" in table
+    assert "'merged (original)' holds the adapter folded into the original full-precision weights" in table
+    assert "'merged (nf4-roundtrip)' holds" not in table
+
+
+def test_merge_summary_says_what_it_verified_against(quickstart_run, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        merge_adapter(quickstart_run / "adapter", tmp_path / "merged", MergeSettings())
+    assert "verified     against the original base in float32 + adapter (not the 4-bit model" in caplog.text
+    assert "next tokens identical on 3 prompts (streamed, " in caplog.text  # the default check
+    with caplog.at_level(logging.INFO):
+        merge_adapter(quickstart_run / "adapter", tmp_path / "full", MergeSettings(verify="full"))
+    assert "greedy tokens identical on 3 prompts (full, " in caplog.text
 
 
 def test_auto_records_both_perplexities_and_keeps_the_lower(quickstart_run, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -87,3 +89,19 @@ def test_lora_targets_by_architecture(tiny_dir):
         target_modules(LoraSection(target_modules=["wq", "q_proj"]), llama)
     config = lora_config(LoraSection(r=4, alpha=8, use_rslora=True, use_dora=True), llama)
     assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (4, 8, True, True)
+
+
+def test_only_hub_failures_get_the_hub_hint_others_keep_their_type(tmp_path, tiny_dir):
+    from safetensors import SafetensorError
+
+    # Not a hub problem: a broken weights file keeps its own error (as a CUDA out-of-memory or a
+    # bitsandbytes failure would), with its message, instead of "check your network".
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir / "llama", broken)
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(SafetensorError, match="invalid JSON in header"):
+        load_model(ModelSection(name=str(broken)), QuantizationSection(), CPU, torch.float32)
+    # A hub id that is neither cached nor reachable (the tests run with HF_HUB_OFFLINE=1): the hint.
+    with pytest.raises(ModelLoadError, match="Check the name, your network, and HF_TOKEN") as e:
+        load_model(ModelSection(name="nobody-here/no-such-model"), QuantizationSection(), CPU, torch.float32)
+    assert e.value.__cause__ is not None  # the hub's own error stays attached

@@ -33,6 +33,28 @@ def test_card_metadata_names_hub_base_model_and_dataset():
     assert "--model-id me/ko-llama --num-shard 1" in card.text
 
 
+def test_card_shows_lm_eval_scores_and_perplexity_where_measured():
+    evaluation = {
+        "source": "data/ja_dolly.jsonl",
+        "rows": 8,
+        "prompts": 0,
+        "models": {
+            "base": {
+                "perplexity": 2880.4,
+                "harness": {"kobest": {"acc": 0.5, "acc_stderr": 0.01, "samples": 9}},
+            },
+            "server quickstart": {"url": "http://127.0.0.1:8000", "harness": {"kobest": {"f1": 0.25}}},
+        },
+        "harness": {"tasks": ["kobest"], "limit": None, "lm_eval_version": "0.4.13"},
+    }
+    card = build_card("merged", "me/ko-llama", json.loads(json.dumps(SAMPLE_RUN)), None, evaluation)
+    assert (
+        "| base | 2880.400 |" in card.text and "| server quickstart | " not in card.text.split("lm-eval")[0]
+    )
+    assert "lm-evaluation-harness 0.4.13" in card.text
+    assert "| base | acc 0.500 |" in card.text and "| server quickstart | f1 0.250 |" in card.text
+
+
 def test_push_without_the_hub_leaves_the_folder_ready(quickstart_run, tmp_path):
     token = tmp_path / "token"
     token.write_text("hf_not_a_real_token\n")

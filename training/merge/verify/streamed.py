@@ -30,6 +30,7 @@ from training.merge.adapters import Adapter
 from training.merge.nf4 import RoundTrip
 from training.merge.verify.layerwise import BlockWeights, checkpoint_names, empty_model
 from training.merge.verify.probes import TOLERANCE, MergeVerificationError, compare, prompt_ids
+from training.model.hub_files import weight_files
 
 COMPUTE_DTYPE = torch.float32
 _PEFT_PREFIX = "base_model.model."
@@ -107,11 +108,9 @@ class LibraryReader:
 
     def __init__(self, model_dir: Path):
         self.tensors: dict[str, Path] = {}
-        for file in sorted(model_dir.glob("*.safetensors")):
+        for file in weight_files(model_dir):  # those transformers loads, as the merge reads
             with safe_open(file, framework="pt") as handle:
                 self.tensors.update(dict.fromkeys(handle.keys(), file))
-        if not self.tensors:
-            raise MergeVerificationError(f"{model_dir}: no *.safetensors weights to verify")
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.tensors[name], framework="pt") as handle:

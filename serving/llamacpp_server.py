@@ -1,0 +1,139 @@
+"""llama.cpp's server on a GGUF export, on this machine: `python -m serving serve --backend llamacpp`.
+
+It runs llama-cpp-python's own server app (llama_cpp.server, the code behind `python -m
+llama_cpp.server`) in this process, with the settings the other backends get: the run's
+name as the model id, the recipe's max_length as the context, API_KEY, and 127.0.0.1 unless
+told otherwise. The app is used as it is (serving.backends.llamacpp says how it differs); the
+compose service serve-llamacpp starts the same server with the same settings as flags.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.backends.llamacpp import DEFAULT_QUANT, gguf_path
+from serving.errors import ServingError
+from serving.listen import serve
+from serving.model_dir import ModelDir, ModelDirError
+
+INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
+
+
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    gguf: Path
+    served_name: str
+    n_ctx: int
+    context_source: str
+    threads: int | None = None  # llama.cpp's threads; None: its defaults (half the cores to generate)
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    from gguf import GGUFReader  # the export extra, like llama_cpp itself
+
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    field = fields.get(f"{arch}.context_length")
+    return int(field.contents()) if field is not None else None
+
+
+def settings_for(
+    *,
+    outputs: Path,
+    run: str,
+    quant: str = DEFAULT_QUANT,
+    gguf: Path | None = None,
+    served_name: str | None = None,
+    max_model_len: int | None = None,
+    threads: int | None = None,
+) -> LlamaCppSettings:
+    """The GGUF to serve and its context: the merged model's rule (the recipe's max_length) when
+    its merged/ folder is beside gguf/, else the GGUF's own context length."""
+    path = Path(gguf) if gguf else gguf_path(outputs, run, quant)
+    if not path.is_file():
+        raise ModelDirError(
+            f"{path}: no such GGUF. Export the run first: make export FORMAT=gguf QUANT={quant} (RUN={run}), "
+            "or pass --gguf FILE"
+        )
+    merged = path.parent.parent / "merged"
+    if merged.is_dir():
+        n_ctx, source = ModelDir.open(merged).context_length(max_model_len)
+    elif max_model_len:
+        n_ctx, source = max_model_len, "set explicitly"
+    else:
+        found = _gguf_context_length(path)
+        if found is None:
+            raise ModelDirError(f"{path}: no context length in its metadata; pass --max-model-len")
+        n_ctx, source = found, "the GGUF's context_length (no merged model beside it)"
+    name = served_name or (path.parent.parent.name if path.parent.name == "gguf" else path.stem)
+    return LlamaCppSettings(path.resolve(), name, n_ctx, source, threads)
+
+
+def build_app(settings: LlamaCppSettings, api_key: str | None = None):
+    """llama-cpp-python's server app for the GGUF (loads the model)."""
+    try:
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise ServingError(
+            f"the llama.cpp backend needs llama-cpp-python[server] ({e}): {INSTALL_HINT}"
+        ) from None
+    if os.environ.get("CONFIG_FILE"):
+        raise ServingError(
+            "CONFIG_FILE is set: llama-cpp-python's server would take its settings from that file instead "
+            "of these; unset it"
+        )
+    # model_validate, not the constructor: pydantic-settings' constructor would also read every
+    # setting from same-named environment variables (MODEL, PORT, N_CTX, CACHE, VERBOSE, ...).
+    server = ServerSettings.model_validate({"api_key": api_key, "interrupt_requests": False})
+    threads = {"n_threads": settings.threads, "n_threads_batch": settings.threads} if settings.threads else {}
+    model = ModelSettings.model_validate(
+        {
+            "model": str(settings.gguf),
+            "model_alias": settings.served_name,
+            "n_ctx": settings.n_ctx,
+            "verbose": False,
+            **threads,
+        }
+    )
+    return create_app(server_settings=server, model_settings=[model])
+
+
+def banner(settings: LlamaCppSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:
+    auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
+    body = (
+        f'{{"model": "{settings.served_name}", "messages": [{{"role": "user", "content": "{example}"}}], '
+        '"max_tokens": 32}'
+    )
+    return "\n".join(
+        [
+            f"Serving '{settings.served_name}' ({settings.gguf}) with llama.cpp (llama-cpp-python) on the CPU",
+            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
+            f"  limit   {settings.n_ctx} tokens per request, prompt + answer, from {settings.context_source}",
+            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+            f"            -d '{body}'",
+            f'  or      make chat PROMPT="{example}"   (SERVE_URL={url})',
+            "Ctrl-C stops it.",
+        ]
+    )
+
+
+def run(
+    settings: LlamaCppSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    serve(build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
+
+
+def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], None]:
+    def _print(url: str) -> None:
+        print(banner(settings, url, api_key=api_key), flush=True)
+
+    return _print

@@ -1,0 +1,266 @@
+"""llama.cpp's server (llama-cpp-python) on the GGUF export of the quickstart run, and its backend.
+
+The export-marked tests start `python -m serving serve --backend llamacpp` for real on the f32
+export, whose greedy answers equal the merged model's (the export's own verification says so),
+so every answer can be checked against transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+
+from serving.backends import BACKENDS
+from serving.backends.base import LaunchError
+from serving.backends.llamacpp import LlamaCpp
+from serving.bench import main as bench_main
+from serving.client import ServingClient
+from serving.errors import InvalidParameterError, RequestRejectedError
+from serving.launch_env import plan_from_env, shell
+from serving.params import SamplingParams
+from tests.conftest import ROOT
+from tests.serving.conftest import API_KEY, ServerProcess
+
+export = pytest.mark.export
+LLAMA_CPP_MODELS = {
+    "object": "list",
+    "data": [{"id": "quickstart", "object": "model", "owned_by": "me", "permissions": []}],
+}
+PROMPT = "ユーザー:日本で一番長い川は何ですか？\nシステム:"
+QUESTION = "日本で一番長い川は何ですか？"
+
+
+# --- the backend, without a server ------------------------------------------------------------
+
+
+def test_its_models_listing_is_recognised_and_no_other_servers_is():
+    backend = BACKENDS["llamacpp"]
+    info = backend.from_models("http://h", LLAMA_CPP_MODELS)
+    assert (info.backend, info.name, info.model, info.max_total_tokens) == (
+        "llamacpp",
+        "llama.cpp",
+        "quickstart",
+        None,
+    )
+    vllm = {"data": [{"id": "q", "owned_by": "vllm", "max_model_len": 256}]}
+    local = {"data": [{"id": "q", "owned_by": "qlora-stack", "max_model_len": 256}]}
+    someone = {"data": [{"id": "q", "owned_by": "me"}]}  # "me" without llama-cpp-python's permissions list
+    assert all(backend.from_models("http://h", m) is None for m in (vllm, local, someone))
+    # Registered before the catch-all "openai", which would take any listing.
+    names = list(BACKENDS)
+    assert names.index("llamacpp") < names.index("openai")
+
+
+def test_requests_say_every_knob_whose_llama_cpp_default_would_change_the_answer():
+    backend = LlamaCpp()
+    greedy = backend.raw_fields(SamplingParams(max_new_tokens=8))
+    # Its repeat_penalty default (1.1) applies to greedy decoding too.
+    assert greedy == {"max_tokens": 8, "temperature": 0.0, "repeat_penalty": 1.0}
+    sampled = backend.raw_fields(SamplingParams(max_new_tokens=8, temperature=0.7, seed=3))
+    assert sampled == {
+        "max_tokens": 8,
+        "temperature": 0.7,
+        "seed": 3,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+    }
+    chosen = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.3, stop=["\n"])
+    raw = backend.raw_fields(chosen)
+    assert (raw["top_p"], raw["top_k"], raw["repeat_penalty"], raw["stop"]) == (0.9, 5, 1.3, ["\n"])
+    assert "repetition_penalty" not in raw
+    chat = backend.chat_fields(chosen)
+    assert chat["top_p"] == 0.9 and chat["extra_body"] == {"repeat_penalty": 1.3, "top_k": 5, "min_p": 0.0}
+    assert backend.chat_fields(SamplingParams())["extra_body"] == {"repeat_penalty": 1.0}
+
+
+def fake_run(outputs: Path, run: str = "quickstart", quant: str = "q4_k_m") -> None:
+    """outputs/<run>/merged with its recipe's max_length, and an (empty) export file."""
+    merged = outputs / run / "merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    (merged / "model.safetensors").write_bytes(b"")
+    (merged / "merge.json").write_text(json.dumps({"recipe": {"data": {"max_length": 256}}}))
+    (outputs / run / "gguf").mkdir()
+    (outputs / run / "gguf" / f"{run}-{quant}.gguf").write_bytes(b"")
+
+
+def test_launch_settings_take_the_merged_models_limits_and_need_the_export(tmp_path):
+    fake_run(tmp_path)
+    settings = plan_from_env("llamacpp", num_shard=None, outputs=tmp_path, env={"RUN": "quickstart"})
+    assert (settings.max_total_tokens, settings.max_input_tokens, settings.num_shard) == (256, 255, 1)
+    assert "export MAX_TOTAL_TOKENS=256" in shell(settings)
+    with pytest.raises(
+        LaunchError, match=r"quickstart-q8_0.gguf: no GGUF export .* `make export FORMAT=gguf QUANT=q8_0`"
+    ):
+        plan_from_env(
+            "llamacpp", num_shard=None, outputs=tmp_path, env={"RUN": "quickstart", "GGUF_QUANT": "q8_0"}
+        )
+    with pytest.raises(LaunchError, match="API_KEY set but empty"):
+        plan_from_env("llamacpp", num_shard=None, outputs=tmp_path, env={"RUN": "quickstart", "API_KEY": " "})
+
+
+# --- the real server ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_server(quickstart_gguf):
+    run, result = quickstart_gguf
+    assert result.returncode == 0, result.stderr
+    # Variables llama-cpp-python's settings would read from the environment if it were asked to:
+    # the server must take this project's settings, not these.
+    decoys = {
+        "API_KEY": API_KEY,
+        "MODEL": "/nonexistent.gguf",
+        "N_CTX": "16",
+        "PORT": "1",
+        "MODEL_ALIAS": "x",
+    }
+    server = ServerProcess(run / "merged", "--backend", "llamacpp", "--quant", "f32", env=decoys)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(quickstart_gguf):
+    """The merged model, loaded by transformers: what greedy decoding must give."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = quickstart_gguf[0] / "merged"
+    return AutoModelForCausalLM.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged)
+
+
+def greedy(reference, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+    model, tokenizer = reference
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    new = out[0, len(ids) :]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+def shown(text: str) -> str:
+    """Text as llama.cpp returns it: it never sends the bytes of an unfinished character, which a
+    full decode shows as U+FFFD (the random tiny model often stops mid-character)."""
+    return text.replace("\ufffd", "")
+
+
+@pytest.fixture(scope="module")
+def client(llama_server):
+    with ServingClient(llama_server.url, api_key=API_KEY) as c:
+        yield c
+
+
+@export
+def test_it_serves_the_run_under_its_name_with_the_recipes_context(llama_server, client):
+    info = client.info
+    assert (info.backend, info.name, info.model) == ("llamacpp", "llama.cpp", "quickstart")
+    assert "limit   256 tokens per request" in "".join(llama_server.output)
+    assert client.health()  # no /health: ready once /v1/models answers
+
+
+@export
+def test_generate_and_stream_give_the_merged_models_greedy_answer(client, reference):
+    ids = reference[1](PROMPT)["input_ids"]
+    expected, n = greedy(reference, ids, 12)
+    result = client.generate(PROMPT, max_new_tokens=12)
+    assert shown(result.text) == shown(expected)
+    assert (result.prompt_tokens, result.generated_tokens) == (len(ids), n)
+    assert shown("".join(c.text for c in client.stream(PROMPT, max_new_tokens=12))) == shown(expected)
+    assert client.count_tokens(prompt=PROMPT) == len(ids)  # with BOS, as the completion counts it
+
+
+@export
+def test_chat_uses_the_template_carried_in_the_gguf(client, reference):
+    tokenizer = reference[1]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template writes BOS
+    expected, n = greedy(reference, ids, 10)
+    result = client.chat(QUESTION, max_new_tokens=10)
+    assert (shown(result.text), result.prompt_tokens, result.generated_tokens) == (
+        shown(expected),
+        len(ids),
+        n,
+    )
+    assert client.count_tokens(messages=QUESTION) is None  # it cannot count a chat before rendering it
+
+
+@export
+def test_the_openai_package_and_sampling_with_a_seed(llama_server, client, reference):
+    oai = openai.OpenAI(base_url=f"{llama_server.url}/v1", api_key=API_KEY)
+    assert [m.id for m in oai.models.list().data] == ["quickstart"]
+    expected, _ = greedy(reference, reference[1](PROMPT)["input_ids"], 8)
+    reply = oai.completions.create(
+        model="quickstart", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"repeat_penalty": 1.0}
+    )
+    assert shown(reply.choices[0].text) == shown(expected)
+    sampled = [client.chat(QUESTION, max_new_tokens=8, temperature=1.5, seed=s).text for s in range(3)]
+    assert len(set(sampled)) > 1
+    assert client.chat(QUESTION, max_new_tokens=8, temperature=1.5, seed=1).text == sampled[1]
+
+
+@export
+def test_the_key_is_required_and_an_oversized_prompt_is_refused_with_its_reason(llama_server, client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        request = urllib.request.Request(f"{llama_server.url}/v1/models", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 401
+    with pytest.raises(RequestRejectedError, match="maximum context length is 256 tokens") as e:
+        client.generate("日本の首都はどこですか？" * 60, max_new_tokens=8)
+    assert e.value.status == 400
+    with pytest.raises(InvalidParameterError, match="serves one GGUF model"):
+        client.chat(QUESTION, adapter_id="ko")
+
+
+@export
+def test_the_load_benchmark_runs_against_it(llama_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("API_KEY", API_KEY)
+    out = tmp_path / "bench"
+    args = ["--url", llama_server.url, "-n", "4", "-c", "1,2", "--max-new-tokens", "6", "--out", str(out)]
+    assert bench_main([*args, "--no-progress"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["server"]["backend"] == "llamacpp"
+    for level in result["levels"]:
+        assert (level["requests"], level["ok"], level["errors"]) == (4, 4, {})
+        assert level["output_tokens"] > 0
+
+
+@export
+def test_a_missing_export_stops_the_server_with_the_command_that_makes_it(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "serve",
+            "--backend",
+            "llamacpp",
+            "--outputs",
+            str(tmp_path),
+            "--run",
+            "r",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "API_KEY": API_KEY},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert (
+        "r-q4_k_m.gguf: no such GGUF. Export the run first: make export FORMAT=gguf QUANT=q4_k_m"
+        in done.stderr
+    )

@@ -1,0 +1,53 @@
+"""python -m training export: the merged model as GGUF for llama.cpp and Ollama (converted, quantized, verified)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training.cli.common import add_recipe_arguments
+from training.errors import UserError
+from training.merge.export_gguf import QUANTS, ExportSettings, export_gguf, parse_quants
+from training.recipe import load_recipe
+from training.run_dir import RunDir
+
+FORMATS = ("gguf",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--format", default="gguf", help=f"export format: {', '.join(FORMATS)} (default gguf)")
+    p.add_argument(
+        "--quant",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help=f"quantization type, repeatable or comma-separated: {', '.join(QUANTS)} (default q4_k_m)",
+    )
+    p.add_argument(
+        "--merged",
+        type=Path,
+        help="merged model directory (default: outputs/<run>/merged of the recipe); the GGUF goes to gguf/ beside it",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip comparing the GGUF with the merged model")
+    p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
+    p.add_argument("--force", action="store_true", help="replace existing GGUF files of these types")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format}: the export formats are {', '.join(FORMATS)}")
+    if args.merged is None:
+        run_dir = RunDir(load_recipe(args.recipe, args.overrides).output.run_dir())
+        merged = run_dir.merged
+    else:
+        merged = args.merged
+        run_dir = RunDir(merged.resolve().parent)
+    settings = ExportSettings(
+        quants=parse_quants(args.quant or ["q4_k_m"]),
+        verify=not args.no_verify,
+        force=args.force,
+        threads=args.threads,
+    )
+    export_gguf(merged, run_dir, settings)
+    return 0
