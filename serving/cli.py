@@ -9,11 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from serving.backends.base import LaunchError
 from serving.backends.llamacpp import DEFAULT_QUANT
-from serving.backends.tgi import CONTAINER_OUTPUTS
+from serving.backends.tgi import CONTAINER_OUTPUTS, parse_lora_adapters
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.launch_env import LAUNCHED, plan_from_env, shell
+from serving.launcher import BACKEND_CHOICES, banner, choose, run_vllm_cpu
+from serving.model_dir import ModelDir
 from serving.params import AUTO_MAX_NEW_TOKENS, SamplingParams
 
 
@@ -50,8 +53,8 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-stream", action="store_true", help="print the answer when it is complete")
 
 
-# What `serve` runs on this machine: the local server, or llama.cpp's on a GGUF export.
-SERVE_BACKENDS = ("local", "llamacpp")
+# What `serve` runs here: vLLM on the CPU or the local server (auto picks), or llama.cpp on a GGUF export.
+SERVE_BACKENDS = (*BACKEND_CHOICES, "llamacpp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,15 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve a merged model on this machine's CPU (transformers serve, OpenAI API), or its GGUF "
-        "export with llama.cpp (--backend llamacpp)",
+        help="serve a merged model on this machine's CPU: vLLM's engine when it can run it, else transformers "
+        "serve; or its GGUF export with llama.cpp (--backend llamacpp)",
     )
     p.add_argument(
         "--backend",
         choices=SERVE_BACKENDS,
-        default="local",
-        help="local: transformers serve on outputs/RUN/merged (default); llamacpp: llama.cpp on "
+        default="auto",
+        help="auto (default): vLLM on the CPU when it can run the model, else the local server (saying why); "
+        "vllm: vLLM or an error; local: transformers serve on outputs/RUN/merged; llamacpp: llama.cpp on "
         "outputs/RUN/gguf/RUN-QUANT.gguf (make export FORMAT=gguf)",
+    )
+    p.add_argument(
+        "--choose-backend",
+        action="store_true",
+        help="print the backend `auto` picks for this model and machine (vllm or local), the reason on stderr, and exit",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve this peft adapter too, as model NAME (vLLM; repeatable; --model-dir is then the base model). "
+        "Default: LORA_ADAPTERS (name=dir,...) over LORA_BASE_MODEL",
     )
     p.add_argument(
         "--quant",
@@ -85,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--outputs", type=Path, default=Path("outputs"), help="outputs directory (default: outputs)"
     )
     p.add_argument(
-        "--model-dir", type=Path, default=None, help="a merged model directory (default: OUTPUTS/RUN/merged)"
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="a merged model directory (default: OUTPUTS/RUN/merged); llamacpp serves its run's gguf/ export",
     )
     p.add_argument("--name", default=None, help="the model id clients use (default: the run name)")
     p.add_argument(
@@ -105,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads (default: torch's one per core; llama.cpp's half the cores to generate)",
+        help="CPU threads (local: torch's default of one per core; llamacpp: llama.cpp's half the cores to "
+        "generate; not vLLM)",
     )
 
     p = sub.add_parser("chat", help="send a chat message (formatted with the model's chat template)")
@@ -159,9 +180,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.backend == "llamacpp":
         from serving import llamacpp_server
 
+        outputs, run = args.outputs, args.run
+        if args.model_dir is not None:  # a run's merged/ folder: its GGUF exports sit beside it
+            outputs, run = args.model_dir.parent.parent, args.model_dir.parent.name
         settings = llamacpp_server.settings_for(
-            outputs=args.outputs,
-            run=args.run,
+            outputs=outputs,
+            run=run,
             quant=args.quant,
             gguf=args.gguf,
             served_name=args.name,
@@ -178,17 +202,45 @@ def _serve(args: argparse.Namespace) -> int:
             on_ready=llamacpp_server.print_ready(settings, bool(api_key)),
         )
         return 0
+    adapters = _adapters(args.lora)
+    base = os.environ.get("LORA_BASE_MODEL") if adapters and not args.lora else None
+    model = ModelDir.open(args.model_dir or base or args.outputs / args.run / "merged")
+    choice = choose(args.backend, model, adapters=adapters, installed=not args.choose_backend)
+    if args.choose_backend:
+        if choice.reason:
+            print(f"vLLM cannot serve {model.path} on this machine: {choice.reason}", file=sys.stderr)
+        print("vllm" if choice.backend == "vllm-cpu" else "local")
+        return 0
+    _warn_if_open(args.host, api_key)
+    if choice.backend == "vllm-cpu":
+        if args.threads or args.device != "cpu":
+            print("warning: --threads and --device apply to the local server, not vLLM", file=sys.stderr)
+        length, source = model.context_length(args.max_model_len)
+        name = args.name or (model.path.name if adapters else model.run_name)
+        return run_vllm_cpu(
+            model,
+            served_name=name,
+            max_model_len=length,
+            host=args.host,
+            port=args.port,
+            api_key=api_key,
+            adapters=adapters,
+            on_ready=banner(model, name, length, source, adapters, api_key=bool(api_key)),
+        )
+    if choice.reason:
+        print(
+            f"vLLM cannot serve {model.path} on this machine: {choice.reason}; serving it with the local server",
+            file=sys.stderr,
+        )
     from serving.local_server.app import print_ready, run, settings_for
 
-    model_dir = args.model_dir or args.outputs / args.run / "merged"
     settings = settings_for(
-        model_dir,
+        model.path,
         served_name=args.name,
         max_model_len=args.max_model_len,
         device=args.device,
         threads=args.threads,
     )
-    _warn_if_open(args.host, api_key)
     print(f"Loading {settings.model_dir} ...", file=sys.stderr, flush=True)
     run(
         settings,
@@ -207,6 +259,19 @@ def _warn_if_open(host: str, api_key: str | None) -> None:
             "the model; publish it on 127.0.0.1 only (compose does), or set API_KEY",
             file=sys.stderr,
         )
+
+
+def _adapters(given: list[str]) -> list[tuple[str, Path]]:
+    """--lora NAME=DIR, or LORA_ADAPTERS (name=dir,...) when LORA_BASE_MODEL names the base."""
+    spec = ",".join(given) or (os.environ.get("LORA_ADAPTERS") if os.environ.get("LORA_BASE_MODEL") else "")
+    if not spec:
+        return []
+    adapters = []
+    for name, path in parse_lora_adapters(spec):
+        if path is None:
+            raise LaunchError(f"adapter {name!r}: on the CPU, name a local adapter directory: {name}=DIR")
+        adapters.append((name, Path(path)))
+    return adapters
 
 
 def _client(args: argparse.Namespace) -> ServingClient:

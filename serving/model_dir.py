@@ -150,6 +150,23 @@ class ModelDir:
         return heads, kv
 
     @property
+    def head_dim(self) -> int | None:
+        """Width of one attention head: config.json's head_dim, else hidden size / attention heads."""
+        explicit = self.config.get("head_dim")
+        if isinstance(explicit, int) and explicit > 0:
+            return explicit
+        hidden = self.config.get("hidden_size") or self.config.get("n_embd")
+        heads, _ = self.attention_heads
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+            return hidden // heads
+        return None
+
+    @property
+    def num_layers(self) -> int | None:
+        value = self.config.get("num_hidden_layers") or self.config.get("n_layer")
+        return value if isinstance(value, int) and value > 0 else None
+
+    @property
     def chat_template_sources(self) -> list[str]:
         """Where a chat template is stored; TGI 3.3.7 reads only the first two kinds."""
         found = []

@@ -26,10 +26,10 @@ from tests.notebook_outputs import notebooks, problems
 
 SECRETS = {"hf_token": "HF_TOKEN", "wandb_api_key": "WANDB_API_KEY", "jupyter_token": "JUPYTER_TOKEN"}
 APP_SERVICES = ("train", "merge", "notebook")
-LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu", "serve-llamacpp")
+LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu", "vllm-cpu", "serve-llamacpp")
 GPU_SERVICES = ("train", "merge", "notebook", "tgi", "vllm")
 # Services the CI starts under Podman, whose API compose treats as older than Docker Engine 25.
-STARTED_IN_CI = ("train", "merge", "notebook", "serve-cpu")
+STARTED_IN_CI = ("train", "merge", "notebook", "serve-cpu", "vllm-cpu")
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -75,10 +75,10 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def test_services_and_the_two_shared_volumes(compose, services):
-    assert {"train", "merge", "notebook", "tgi", "vllm", "serve-cpu"} <= set(services)
+    assert {"train", "merge", "notebook", "tgi", "vllm", "serve-cpu", "vllm-cpu"} <= set(services)
     assert set(compose["volumes"]) == {"hf-cache", "outputs"}
     assert services["tgi"]["profiles"] == ["gpu"] and services["vllm"]["profiles"] == ["gpu"]
-    assert services["serve-cpu"]["profiles"] == ["cpu"]
+    assert services["serve-cpu"]["profiles"] == ["cpu"] and services["vllm-cpu"]["profiles"] == ["cpu"]
     for name in APP_SERVICES:
         assert "profiles" not in services[name], f"{name} must run without naming a profile"
 
@@ -92,7 +92,7 @@ def test_train_merge_notebook_share_outputs_and_cache_and_read_data_and_recipes_
     assert services[name]["image"].endswith("qlora-stack:latest}")  # ${QLORA_IMAGE:-qlora-stack:latest}
 
 
-@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu", "serve-llamacpp"])
+@pytest.mark.parametrize("name", ["tgi", "vllm", "serve-cpu", "vllm-cpu", "serve-llamacpp"])
 def test_servers_read_outputs_read_only(services, name):
     assert mounts(services[name])["/outputs"] == "outputs:ro"
 
@@ -117,7 +117,7 @@ def test_cpu_override_drops_every_gpu_reservation_of_a_service_the_cpu_runs(serv
     assert set(override) == needs_reset  # it changes nothing else
 
 
-@pytest.mark.parametrize("name", ["train", "notebook", "tgi", "vllm"])
+@pytest.mark.parametrize("name", ["train", "notebook", "tgi", "vllm", "vllm-cpu"])
 def test_shared_memory_beyond_dockers_64_mb(services, name):
     assert "shm_size" in services[name]
 
@@ -205,13 +205,15 @@ def test_the_build_context_leaves_out_secrets_data_outputs_and_git():
     assert not [p for p in patterns if p.startswith("!") and re.search(r"env|secret|data|outputs|git", p)]
 
 
-def test_dockerfile_takes_no_secret_and_runs_as_a_numeric_non_root_user():
-    text = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.vllm-cpu"])
+def test_dockerfile_takes_no_secret_and_runs_as_a_numeric_non_root_user(name):
+    text = (ROOT / "docker" / name).read_text(encoding="utf-8")
     assert not re.search(r"^\s*(ARG|ENV)\s+\S*(TOKEN|SECRET|PASSWORD|API_KEY)", text, flags=re.M | re.I)
     users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
     assert users == ["${USER_UID}:${USER_GID}"]
     assert "--allow-root" not in text
-    assert "/etc/jupyter/jupyter_server_config.py" in text
+    if name == "Dockerfile":
+        assert "/etc/jupyter/jupyter_server_config.py" in text
 
 
 def test_the_llamacpp_image_builds_its_wheel_with_the_projects_script_and_runs_as_non_root():
@@ -357,6 +359,8 @@ VERBS = (
     "pipeline",
     "bench",
     "test",
+    "test-vllm",
+    "vllm-venv",
     "test-containers",
     "lint",
     "clean",

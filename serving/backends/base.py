@@ -3,9 +3,10 @@
 A backend module (serving/backends/<name>.py) defines one `Backend` subclass that knows
 its server: how it is recognised at a URL, how it wants generation parameters, how a
 request picks a model or adapter and counts tokens, and, for servers this project starts,
-its image and the launch settings derived from a merged model. The client, `launch-env`,
-the merge's readiness check and the model card ask the backend instead of branching on
-its name. A new backend is one module here, registered in serving/backends/__init__.py,
+its image and the launch settings derived from a merged model, and, for a server this project
+starts on the machine it runs on (`python -m serving serve`), whether it can run a given merged
+model and the exact command that starts it. The client, `launch-env`, `serve`, the merge's
+readiness check and the model card ask the backend instead of branching on its name. A new backend is one module here, registered in serving/backends/__init__.py,
 plus its compose service and its .env.example lines.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from serving.errors import InvalidParameterError, ServingError
@@ -71,6 +73,17 @@ class LaunchSettings:
         if self.dtype:
             env["DTYPE"] = self.dtype
         return env
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    """A server process to start on this machine: its command line, the environment it adds, readiness."""
+
+    argv: list[str]
+    env: dict[str, str]
+    ready_route: str = "/health"  # answers 200 once the server takes requests
+    start_timeout: float = 900.0  # seconds to wait for that before giving up
+    notes: list[str] = field(default_factory=list)  # what the person starting it should know
 
 
 def check_num_shard(heads: int | None, kv_heads: int | None, num_shard: int, server: str, what: str) -> None:
@@ -208,3 +221,24 @@ class Backend:
                 "checkpoints from their config. Unset QUANTIZE, or serve with SERVE_BACKEND=tgi."
             )
         return None
+
+    # --- starting the server on this machine (python -m serving serve) ----------------------
+
+    def can_serve(self, model: ModelDir) -> str | None:
+        """Why this server cannot run the merged model on this machine, in one line; None when it can."""
+        return f"{self.title} is not started on this machine by `python -m serving serve`"
+
+    def local_command(
+        self,
+        model: ModelDir,
+        *,
+        served_name: str,
+        max_model_len: int,
+        host: str,
+        port: int,
+        api_key: str | None,
+        runtime_dir: Path,
+        adapters: Sequence[tuple[str, Path]] = (),
+    ) -> LocalCommand:
+        """The command that serves `model` on host:port (scratch files under runtime_dir)."""
+        raise LaunchError(self.can_serve(model) or f"{self.title} has no local command")

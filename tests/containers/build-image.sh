@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the project image on the dev/CI machine: Podman (runc), the local Debian base made by
+# Build a project image on the dev/CI machine: Podman (runc), the local Debian base made by
 # podman-env.sh, this machine's CA bundle and its local wheel folder (CPU torch) mounted into
 # the build. Users build the same docker/Dockerfile with plain `docker build`; everything
 # machine-specific stays in this script.
@@ -7,6 +7,7 @@
 #   tests/containers/build-image.sh [extra podman build args, e.g. --no-cache]
 #
 # Environment: IMAGE (tag, default qlora-stack:latest, the name compose.yaml uses),
+#   DOCKERFILE (default docker/Dockerfile; docker/Dockerfile.vllm-cpu for vLLM's CPU image),
 #   LOCAL_BASE_IMAGE, CONTEXT (build context, default the repository root),
 #   CA_BUNDLE and WHEEL_DIRS (default: what this machine's pip config says).
 set -euo pipefail
@@ -18,11 +19,12 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 IMAGE=${IMAGE:-qlora-stack:latest}
 LOCAL_BASE_IMAGE=${LOCAL_BASE_IMAGE:-localhost/debian:bookworm}
 CONTEXT=${CONTEXT:-$repo}
+DOCKERFILE=${DOCKERFILE:-docker/Dockerfile}
 
 command -v podman >/dev/null || die "podman is missing: run tests/containers/podman-env.sh first"
 podman image exists "$LOCAL_BASE_IMAGE" \
   || die "base image $LOCAL_BASE_IMAGE is missing: run tests/containers/podman-env.sh first"
-[ -f "$CONTEXT/docker/Dockerfile" ] || die "no docker/Dockerfile under build context $CONTEXT"
+[ -f "$CONTEXT/$DOCKERFILE" ] || die "no $DOCKERFILE under build context $CONTEXT"
 
 # First value of a pip setting, environment (:env:) before config files, as pip itself ranks them.
 pip_setting() {
@@ -66,7 +68,7 @@ links=()
 mounts+=(-v "$work/pip.conf:/etc/pip.conf:ro")
 [ -n "${cpu_torch:-}" ] || say "warning: no CPU torch wheel in $WHEEL_DIRS: pip may download the multi-GB CUDA build"
 
-say "building $IMAGE from $CONTEXT/docker/Dockerfile on $LOCAL_BASE_IMAGE"
+say "building $IMAGE from $CONTEXT/$DOCKERFILE on $LOCAL_BASE_IMAGE"
 say "pip in the build: CA $CA_BUNDLE, find-links $WHEEL_DIRS"
 start=$(date +%s)
 # --format docker: with the default OCI format, buildah 1.28 silently ignores the Dockerfile's
@@ -75,7 +77,7 @@ start=$(date +%s)
 podman --runtime runc build \
   --format docker \
   --pull=never \
-  --file "$CONTEXT/docker/Dockerfile" \
+  --file "$CONTEXT/$DOCKERFILE" \
   --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
   --tag "$IMAGE" \
   "${mounts[@]}" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make test-containers: build the image from docker/Dockerfile, then run the project's
-# compose.yaml (+ compose.cpu.yaml) in real containers with pytest (tests/containers/).
+# make test-containers: build the images from docker/Dockerfile and docker/Dockerfile.vllm-cpu, then
+# run the project's compose.yaml (+ compose.cpu.yaml) in real containers with pytest (tests/containers/).
 #
 #   tests/containers/run.sh [pytest args]
 #
@@ -9,8 +9,8 @@
 # uses), with the image built on a local Debian base and the CPU torch wheel. QLORA_ENGINE=podman
 # or docker forces one.
 #
-# Environment: PYTHON (with pytest; default .venv/bin/python), QLORA_IMAGE (tag to build and
-# test, default qlora-stack:latest). Every container, network and volume of the test project is
+# Environment: PYTHON (with pytest; default .venv/bin/python), QLORA_IMAGE and VLLM_CPU_IMAGE (tags
+# to build and test, default qlora-stack:latest and qlora-stack-vllm-cpu:latest). Every container, network and volume of the test project is
 # removed at the end, pass or fail.
 set -euo pipefail
 
@@ -18,6 +18,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
 PYTHON=${PYTHON:-$repo/.venv/bin/python}
 export QLORA_IMAGE=${QLORA_IMAGE:-qlora-stack:latest}
+export VLLM_CPU_IMAGE=${VLLM_CPU_IMAGE:-qlora-stack-vllm-cpu:latest}
 export QLORA_TEST_PROJECT=${QLORA_TEST_PROJECT:-qlora-test-$(date +%s)-$$}
 export QLORA_CONTAINER_TESTS=1
 
@@ -44,11 +45,16 @@ if [ "$engine" = podman ]; then
   compose=(docker-compose)
   say "building $QLORA_IMAGE (tests/containers/build-image.sh) [$(elapsed)]"
   IMAGE=$QLORA_IMAGE "$repo/tests/containers/build-image.sh" || die "image build failed"
+  say "building $VLLM_CPU_IMAGE (tests/containers/build-image.sh) [$(elapsed)]"
+  IMAGE=$VLLM_CPU_IMAGE DOCKERFILE=docker/Dockerfile.vllm-cpu "$repo/tests/containers/build-image.sh" \
+    || die "vLLM CPU image build failed"
 else
   export QLORA_COMPOSE="docker compose"
   compose=(docker compose)
   say "building $QLORA_IMAGE with docker build [$(elapsed)]"
   docker build -f docker/Dockerfile -t "$QLORA_IMAGE" . || die "image build failed"
+  say "building $VLLM_CPU_IMAGE with docker build [$(elapsed)]"
+  docker build -f docker/Dockerfile.vllm-cpu -t "$VLLM_CPU_IMAGE" . || die "vLLM CPU image build failed"
 fi
 say "image built [$(elapsed)]; compose: $("${compose[@]}" version --short), project $QLORA_TEST_PROJECT"
 

@@ -68,17 +68,11 @@ def test_a_wrong_key_or_no_server_is_named(local_server, merged_model):
 
 
 # --- vLLM ----------------------------------------------------------------------------------
-# ISSUE 13 CONTRACT: the `vllm_server` session fixture (tests/serving/conftest.py, from the
-# vllm-cpu branch) serves a merged model on vLLM's CPU engine; it has .url, .model, .model_dir
-# and .api_key. Until it lands this test skips itself; it was run against vllm-cpu 0.32.0
-# serving the merged quickstart model through a stand-in fixture with the same contract.
+# The `vllm_server` session fixture (tests/serving/conftest.py) serves the merged quickstart model
+# on vLLM's CPU engine; using it marks this test `vllm` (make test-vllm runs it).
 
 
-def test_vllm_scores_like_the_model_directory(request):
-    try:
-        vllm_server = request.getfixturevalue("vllm_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the vllm_server fixture of issue 13 (vLLM's CPU engine), not on this branch yet")
+def test_vllm_scores_like_the_model_directory(vllm_server):
     selection = select_tasks([TASK])
     tokenizer = AutoTokenizer.from_pretrained(vllm_server.model_dir)
     model = AutoModelForCausalLM.from_pretrained(vllm_server.model_dir).eval()

@@ -1,10 +1,21 @@
-"""A small real HTTP server on 127.0.0.1 that answers like TGI 3.3.7.
+"""A small real HTTP server on 127.0.0.1 that answers like TGI 3.3.7's router, for what only TGI does.
 
-Request and response shapes, validation messages, error JSON and status codes follow the
-router at tag v3.3.7 (router/src/lib.rs: GenerateResponse, Details, StreamResponse,
-StreamDetails, ChatCompletion, ChatCompletionChunk, ErrorResponse, Info; router/src/server.rs
-and validation.rs for routes, auth and errors). Its "tokenizer" splits on whitespace, and
-its "model" answers with the words of `reply`. It records every request for the tests.
+It follows huggingface/text-generation-inference at tag v3.3.7 (commit dfb3fbe), as its source does it:
+- router/src/validation.rs, Validation::validate and validate_input: the parameter checks in their
+  order and with ValidationError's messages; max_new_tokens, when unset, is max_total_tokens minus
+  the input tokens, and the total is checked with at most DEFAULT_GENERATION_LENGTH (1024) new tokens
+  (TGI generates longer answers in chunks of that), MaxTotalTokens before InputLength;
+- router/src/infer/mod.rs: InferError ("Input validation error: ...", its error_type), and the error
+  event of chat streams, {"error": {"message", "http_status_code": 422}} (into_openai_event);
+- router/src/server.rs: the routes, the ones --api-key guards (401 with an empty body), POST / answering
+  a list (compat_generate), /generate_stream reporting errors as events after its 200, chat streams
+  ending with [DONE] after an error event, /health answering 503 {"error": "unhealthy",
+  "error_type": "healthcheck"} while the backend is not healthy;
+- router/src/lib.rs: GenerateResponse, StreamResponse, ChatCompletion(Chunk), Info, ErrorResponse, and
+  ChatRequest::try_into_generate: temperature 0 is greedy, presence_penalty + 2 is the repetition
+  penalty, max_tokens is max_new_tokens, a `model` other than "tgi" is an adapter id.
+Its "tokenizer" splits on whitespace, its chat template writes "<|role|>content\n" per message, and its
+"model" answers with the words of `reply`. It records every request for the tests.
 """
 
 from __future__ import annotations
@@ -21,6 +32,25 @@ MODEL_ID = "/outputs/quickstart/merged"
 PROTECTED = {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize"}
 
 
+DEFAULT_GENERATION_LENGTH = 1024  # validation.rs: new tokens validated (and generated) per chunk
+
+
+class ValidationFailed(Exception):
+    """A ValidationError of validation.rs, as InferError::ValidationError reports it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = f"Input validation error: {message}"
+        super().__init__(self.message)
+
+    def body(self) -> dict:
+        return {"error": self.message, "error_type": "validation"}
+
+
+def _or(value, default):
+    """Rust's Option::unwrap_or: JSON null and a missing field both take the default."""
+    return default if value is None else value
+
+
 @dataclass
 class Seen:
     method: str
@@ -35,6 +65,8 @@ class FakeTGI:
     ):
         self.reply = reply.split()
         self.max_input, self.max_total = max_input, max_total
+        self.max_stop_sequences, self.max_top_n_tokens = 4, 5  # the launcher's defaults
+        self.ready = True  # False: /health answers 503, as while TGI's backend is not healthy yet
         self.api_key = api_key
         self.requests: list[Seen] = []
         # Answers given before normal handling, one per request: (status, JSON body or None, headers).
@@ -62,7 +94,7 @@ class FakeTGI:
             "model_pipeline_tag": None,
             "max_concurrent_requests": 128,
             "max_best_of": 2,
-            "max_stop_sequences": 4,
+            "max_stop_sequences": self.max_stop_sequences,
             "max_input_tokens": self.max_input,
             "max_total_tokens": self.max_total,
             "validation_workers": 2,
@@ -75,41 +107,78 @@ class FakeTGI:
 
     # --- TGI behaviour --------------------------------------------------------------------
 
-    def validate(self, inputs: str, p: dict) -> tuple[int, dict] | None:
-        """TGI's parameter validation (router/src/validation.rs), as 422 validation errors."""
-
-        def error(message: str) -> tuple[int, dict]:
-            return 422, {"error": f"Input validation error: {message}", "error_type": "validation"}
-
-        if p.get("temperature") is not None and p["temperature"] <= 0:
-            return error("`temperature` must be strictly positive")
+    def validate(self, inputs: str, p: dict, *, streaming: bool = False) -> tuple[int, int]:
+        """Validation::validate: (input tokens, new tokens to generate), or ValidationFailed."""
+        best_of = p.get("best_of") or 1
+        if streaming and best_of != 1:  # server.rs, generate_stream_internal: before validation
+            raise ValidationFailed("`best_of` != 1 is not supported when streaming tokens")
+        if streaming and p.get("decoder_input_details"):
+            raise ValidationFailed("`decoder_input_details` == true is not supported when streaming tokens")
+        sampling = bool(p.get("do_sample")) or any(
+            p.get(k) is not None for k in ("temperature", "top_k", "top_p", "typical_p")
+        )
+        if best_of > 1 and not sampling:
+            raise ValidationFailed("you must use sampling when `best_of` is > 1")
+        if _or(p.get("temperature"), 1.0) <= 0:
+            raise ValidationFailed("`temperature` must be strictly positive")
+        if _or(p.get("repetition_penalty"), 1.0) <= 0:
+            raise ValidationFailed("`repetition_penalty` must be strictly positive")
+        if not -2.0 <= _or(p.get("frequency_penalty"), 0.0) <= 2.0:
+            raise ValidationFailed("`frequency_penalty` must be >= -2.0 and <= 2.0")
         if p.get("top_p") is not None and not 0 < p["top_p"] < 1:
-            return error("`top_p` must be > 0.0 and < 1.0")
+            raise ValidationFailed("`top_p` must be > 0.0 and < 1.0")
+        if p.get("typical_p") is not None and not 0 < p["typical_p"] < 1:
+            raise ValidationFailed("`typical_p` must be > 0.0 and < 1.0")
         if p.get("top_k") is not None and p["top_k"] <= 0:
-            return error("`top_k` must be strictly positive")
+            raise ValidationFailed("`top_k` must be strictly positive")
         if p.get("max_new_tokens") == 0:
-            return error("`max_new_tokens` must be strictly positive")
-        if len(p.get("stop") or []) > 4:
-            return error("`stop` supports up to 4 stop sequences. Given: 5")
-        n = len(inputs.split())
-        if n > self.max_input:
-            return error(f"`inputs` must have less than {self.max_input} tokens. Given: {n}")
-        if n + (p.get("max_new_tokens") or 0) > self.max_total:
-            return error(
-                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total}. Given: {n} `inputs` tokens and {p['max_new_tokens']} `max_new_tokens`"
+            raise ValidationFailed("`max_new_tokens` must be strictly positive")
+        stop = p.get("stop") or []
+        if len(stop) > self.max_stop_sequences:
+            raise ValidationFailed(
+                f"`stop` supports up to {self.max_stop_sequences} stop sequences. Given: {len(stop)}"
             )
-        return None
+        if p.get("seed") is not None and best_of > 1:
+            raise ValidationFailed("`seed` must not be set when `best_of` > 1")
+        if (p.get("top_n_tokens") or 0) > self.max_top_n_tokens:
+            raise ValidationFailed(
+                f"`top_n_tokens` must be >= 0 and <= {self.max_top_n_tokens}. Given: {p['top_n_tokens']}"
+            )
+        if not inputs:
+            raise ValidationFailed("`inputs` cannot be empty")
+        truncate = p.get("truncate")
+        if truncate is not None and (truncate == 0 or truncate > self.max_input):
+            raise ValidationFailed(
+                f"`truncate` must be strictly positive and less than {self.max_input}. Given: {truncate}"
+            )
+        # validate_input
+        n = len(inputs.split())
+        input_length = min(n, truncate) if truncate else n
+        asked = p.get("max_new_tokens")
+        wanted = asked if asked is not None else max(self.max_total - input_length, 0)
+        max_new = min(wanted, DEFAULT_GENERATION_LENGTH)
+        if input_length + max_new > self.max_total:
+            raise ValidationFailed(
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.max_total}. "
+                f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
+        if input_length > self.max_input:
+            raise ValidationFailed(
+                f"`inputs` must have less than {self.max_input} tokens. Given: {input_length}"
+            )
+        return input_length, max_new
 
-    def tokens(self, max_new: int | None) -> tuple[list[str], str]:
-        words = self.reply if max_new is None else self.reply[:max_new]
-        return words, ("length" if max_new is not None and max_new < len(self.reply) else "eos_token")
+    def tokens(self, max_new: int) -> tuple[list[str], str]:
+        """The reply up to max_new words: "length" when cut there, else the model's end of sequence."""
+        return self.reply[:max_new], ("length" if max_new < len(self.reply) else "eos_token")
 
-    def generate(self, body: dict) -> tuple[int, dict]:
+    def generate(self, body: dict) -> tuple[int, Any]:
         p = body.get("parameters") or {}
-        failed = self.validate(body.get("inputs", ""), p)
-        if failed:
-            return failed
-        words, finish = self.tokens(p.get("max_new_tokens"))
+        try:
+            _, max_new = self.validate(body.get("inputs", ""), p)
+        except ValidationFailed as e:
+            return 422, e.body()
+        words, finish = self.tokens(max_new)
         response: dict[str, Any] = {"generated_text": " ".join(words)}
         if p.get("details"):
             response["details"] = {
@@ -125,10 +194,11 @@ class FakeTGI:
 
     def generate_events(self, body: dict) -> list[dict]:
         p = body.get("parameters") or {}
-        failed = self.validate(body.get("inputs", ""), p)
-        if failed:  # TGI streams validation errors as an event after a 200
-            return [failed[1]]
-        words, finish = self.tokens(p.get("max_new_tokens"))
+        try:
+            input_length, max_new = self.validate(body.get("inputs", ""), p, streaming=True)
+        except ValidationFailed as e:  # after the 200: an event, and no [DONE] on this route
+            return [e.body()]
+        words, finish = self.tokens(max_new)
         tokens = [
             {"id": i, "text": w if i == 0 else " " + w, "logprob": -0.5, "special": False}
             for i, w in enumerate(words)
@@ -144,11 +214,11 @@ class FakeTGI:
                     "finish_reason": finish,
                     "generated_tokens": len(tokens),
                     "seed": None,
-                    "input_length": 3,
+                    "input_length": input_length,
                 }
             events.append(
                 {
-                    "index": i,
+                    "index": i + 1,
                     "token": token,
                     "generated_text": " ".join(words) if last else None,
                     "details": details,
@@ -158,26 +228,45 @@ class FakeTGI:
                 return [events[0], self.stream_error]
         return events
 
+    @staticmethod
+    def chat_prompt(messages: list[dict]) -> str:
+        return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+
     def chat(self, body: dict) -> tuple[int, Any]:
-        if body.get("temperature") is not None and body["temperature"] != 0 and body["temperature"] < 0:
-            return 422, {
-                "error": "Input validation error: `temperature` must be strictly positive",
-                "error_type": "validation",
-            }
-        if body.get("top_p") is not None and not 0 < body["top_p"] < 1:
-            return 422, {
-                "error": "Input validation error: `top_p` must be > 0.0 and < 1.0",
-                "error_type": "validation",
-            }
-        words, finish = self.tokens(body.get("max_tokens"))
-        usage = {"prompt_tokens": 7, "completion_tokens": len(words), "total_tokens": 7 + len(words)}
+        """ChatRequest::try_into_generate, then the generate path; a stream reports errors as an event."""
+        temperature = body.get("temperature")
+        presence = body.get("presence_penalty")
+        p = {
+            "do_sample": temperature != 0,
+            "temperature": None if temperature == 0 else temperature,
+            "repetition_penalty": None if presence is None else presence + 2.0,
+            "frequency_penalty": body.get("frequency_penalty"),
+            "top_p": body.get("top_p"),
+            "max_new_tokens": body.get("max_tokens", body.get("max_completion_tokens")),
+            "stop": body.get("stop") or [],
+            "seed": body.get("seed"),
+            "top_n_tokens": body.get("top_logprobs"),
+        }
+        try:
+            input_length, max_new = self.validate(self.chat_prompt(body.get("messages") or []), p)
+        except ValidationFailed as e:
+            if body.get("stream"):
+                return 200, [{"error": {"message": e.message, "http_status_code": 422}}]
+            return 422, e.body()
+        words, finish = self.tokens(max_new)
+        usage = {
+            "prompt_tokens": input_length,
+            "completion_tokens": len(words),
+            "total_tokens": input_length + len(words),
+        }
         reason = "stop" if finish == "eos_token" else finish
+        model = body.get("model") if body.get("model") not in (None, "tgi") else MODEL_ID
         if not body.get("stream"):
             return 200, {
                 "object": "chat.completion",
                 "id": "",
                 "created": int(time.time()),
-                "model": MODEL_ID,
+                "model": model,
                 "system_fingerprint": "3.3.7-sha-dfb3fbe",
                 "choices": [
                     {
@@ -197,7 +286,7 @@ class FakeTGI:
                     "object": "chat.completion.chunk",
                     "id": "",
                     "created": int(time.time()),
-                    "model": MODEL_ID,
+                    "model": model,
                     "system_fingerprint": "3.3.7-sha-dfb3fbe",
                     "choices": [
                         {
@@ -277,8 +366,11 @@ class FakeTGI:
                     self._send(status, payload, headers)
                     return
                 route = (method, self.path)
-                if route == ("GET", "/health"):
-                    self._send(200)
+                if route in (("GET", "/health"), ("GET", "/")):
+                    if fake.ready:
+                        self._send(200)
+                    else:
+                        self._send(503, {"error": "unhealthy", "error_type": "healthcheck"})
                 elif route == ("GET", "/info"):
                     self._send(200, fake.info())
                 elif route == ("GET", "/v1/models"):
@@ -293,7 +385,9 @@ class FakeTGI:
                     if self.path == "/generate_stream" or (self.path == "/" and body.get("stream")):
                         self._sse(fake.generate_events(body), done=False)
                     else:
-                        self._send(*fake.generate(body))
+                        status, payload = fake.generate(body)
+                        # compat_generate wraps the answer in a list (the Inference API's shape).
+                        self._send(status, [payload] if self.path == "/" and status == 200 else payload)
                 elif route == ("POST", "/v1/chat/completions"):
                     status, payload = fake.chat(body)
                     if status == 200 and body.get("stream"):
@@ -306,7 +400,7 @@ class FakeTGI:
                         200, [{"id": i, "text": w, "start": 0, "stop": 0} for i, w in enumerate(words)]
                     )
                 elif route == ("POST", "/chat_tokenize"):
-                    text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in body["messages"])
+                    text = fake.chat_prompt(body["messages"])
                     words = text.split()
                     self._send(
                         200,

@@ -172,10 +172,16 @@ def test_it_serves_the_run_under_its_name_with_the_recipes_context(llama_server,
 def test_generate_and_stream_give_the_merged_models_greedy_answer(client, reference):
     ids = reference[1](PROMPT)["input_ids"]
     expected, n = greedy(reference, ids, 12)
+    # llama-cpp-python (0.3.36, Llama._create_completion) does not stop inside a UTF-8 character:
+    # when the last allowed token leaves one unfinished, it generates up to 3 more to finish it.
+    longer, _ = greedy(reference, ids, 12 + 3)
     result = client.generate(PROMPT, max_new_tokens=12)
-    assert shown(result.text) == shown(expected)
-    assert (result.prompt_tokens, result.generated_tokens) == (len(ids), n)
-    assert shown("".join(c.text for c in client.stream(PROMPT, max_new_tokens=12))) == shown(expected)
+    text = shown(result.text)
+    assert text.startswith(shown(expected)) and shown(longer).startswith(text)
+    assert result.prompt_tokens == len(ids) and n <= result.generated_tokens <= n + 3
+    assert len(text) - len(shown(expected)) <= 1  # at most the one character it finished
+    streamed = shown("".join(c.text for c in client.stream(PROMPT, max_new_tokens=12)))
+    assert streamed == text
     assert client.count_tokens(prompt=PROMPT) == len(ids)  # with BOS, as the completion counts it
 
 

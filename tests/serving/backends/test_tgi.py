@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -259,3 +260,89 @@ def test_the_automatic_length_is_capped_where_the_context_is_larger():
     assert server.seen("/v1/chat/completions")[-1].body["max_tokens"] == AUTO_MAX_NEW_TOKENS
     assert server.seen("/")[-1].body["parameters"]["max_new_tokens"] == 1000
     assert not server.seen("/tokenize")  # a short prompt clearly fits: nothing to count
+
+
+# --- the fake follows TGI 3.3.7's router (fake_tgi.py names the source files) ---------------------
+
+
+def rejected(client: ServingClient, body: dict, route: str = "/generate") -> str:
+    """The validation message TGI answers `body` with, sent past the client's own checks."""
+    with pytest.raises(RequestRejectedError) as caught:
+        client.transport.post_json(route, body)
+    assert (caught.value.status, caught.value.error_type) == (422, "validation")
+    return caught.value.server_message
+
+
+def test_parameters_are_checked_in_tgis_order_and_the_total_before_the_input_length(client):
+    words = lambda n: " ".join(["語"] * n)  # noqa: E731
+    # temperature is checked before top_p, and both before anything about the input.
+    assert rejected(client, {"inputs": words(300), "parameters": {"temperature": 0, "top_p": 1.5}}) == (
+        "Input validation error: `temperature` must be strictly positive"
+    )
+    # 300 input tokens over max_input_tokens 255: TGI reports the total (256) first.
+    assert rejected(client, {"inputs": words(300), "parameters": {"max_new_tokens": 4}}) == (
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 256. "
+        "Given: 300 `inputs` tokens and 4 `max_new_tokens`"
+    )
+    # Without max_new_tokens the default fills the room left (none here), so the input length fails.
+    assert rejected(client, {"inputs": words(256), "parameters": {}}) == (
+        "Input validation error: `inputs` must have less than 255 tokens. Given: 256"
+    )
+    assert rejected(client, {"inputs": "", "parameters": {"max_new_tokens": 1}}) == (
+        "Input validation error: `inputs` cannot be empty"
+    )
+
+
+def test_max_new_tokens_defaults_to_the_room_left_and_is_validated_in_chunks_of_1024():
+    tgi = FakeTGI(max_input=4000, max_total=4096)
+    try:
+        with ServingClient(tgi.url, check_limits=False) as c:
+            # 10 + 5000 is over 4096, but TGI validates (and generates) at most 1024 new tokens at a time.
+            c.transport.post_json("/generate", {"inputs": "a " * 10, "parameters": {"max_new_tokens": 5000}})
+            assert rejected(c, {"inputs": "a " * 3500, "parameters": {"max_new_tokens": 5000}}) == (
+                "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
+                "Given: 3500 `inputs` tokens and 1024 `max_new_tokens`"
+            )
+    finally:
+        tgi.stop()
+    tgi = FakeTGI()  # 256 tokens in all: a 253-token prompt leaves room for 3 of the 4 reply words
+    try:
+        with ServingClient(tgi.url, check_limits=False) as c:
+            out = c.transport.post_json("/generate", {"inputs": "a " * 253, "parameters": {"details": True}})
+        assert (out["generated_text"], out["details"]["finish_reason"]) == ("はい 東京 です", "length")
+    finally:
+        tgi.stop()
+
+
+def test_post_to_the_root_answers_a_list_as_compat_generate_does(client):
+    answer = client.transport.post_json("/", {"inputs": "x", "parameters": {"max_new_tokens": 2}})
+    assert answer == [{"generated_text": "はい 東京"}]
+
+
+def test_health_is_503_until_tgi_is_ready_and_the_client_waits_for_it(tgi, client):
+    tgi.ready = False
+    with pytest.raises(ServerError) as caught:
+        client.transport.request("GET", "/health", retry=RetryPolicy(max_attempts=1))
+    assert caught.value.status == 503
+    assert caught.value.server_message == "unhealthy" and caught.value.error_type == "healthcheck"
+    assert client.health() is False
+    threading.Timer(0.5, lambda: setattr(tgi, "ready", True)).start()
+    assert client.wait_until_healthy(timeout=10, interval=0.1).backend == "tgi"
+
+
+def test_a_chat_stream_reports_validation_errors_as_an_openai_error_event_then_done(client):
+    body = {"model": "tgi", "messages": [{"role": "user", "content": "x"}], "temperature": -1, "stream": True}
+    response = client.transport.request("POST", "/v1/chat/completions", json_body=body, stream=True)
+    assert response.status_code == 200
+    lines = [line for line in response.iter_lines() if line.strip()]
+    assert lines == [
+        'data:{"error": {"message": "Input validation error: `temperature` must be strictly positive", '
+        '"http_status_code": 422}}',
+        "data: [DONE]",
+    ]
+    response = client.transport.request("POST", "/v1/chat/completions", json_body=body, stream=True)
+    with pytest.raises(RequestRejectedError, match="strictly positive") as caught:
+        list(client.transport.sse_lines(response))
+    assert caught.value.status == 422
+    # Not streamed, the same error is the request's answer.
+    assert rejected(client, {**body, "stream": False}, "/v1/chat/completions").endswith("strictly positive")

