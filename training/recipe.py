@@ -189,10 +189,24 @@ class MergeSection(_Section):
     )
     dtype: Dtype = Field("auto", description="auto: the base model's own dtype")
     max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
-    verify: bool = True
+    verify: Literal["streamed", "full", "off"] = Field(
+        "streamed",
+        description="Compare the merged model's logits with base + adapter on probe prompts: one decoder "
+        "layer in memory at a time (streamed), both models loaded whole, plus greedy generation and the "
+        "4-bit layers themselves for an NF4 round-trip base (full), or not at all (off). true and false "
+        "mean streamed and off",
+    )
     strategy: Literal["auto", "streaming", "peft"] = Field(
         "auto", description="auto: streaming unless the adapter needs peft's merge_and_unload"
     )
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify_from_bool(cls, value):
+        # Recipes (and the run.json of earlier runs) wrote true/false before there were two checks.
+        if isinstance(value, bool):
+            return "streamed" if value else "off"
+        return value
 
 
 class EvalSection(_Section):

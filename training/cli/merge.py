@@ -33,7 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strategy", choices=["auto", "streaming", "peft"], help="default: streaming where possible"
     )
-    p.add_argument("--no-verify", action="store_true", help="skip comparing logits with base + adapter")
+    p.add_argument(
+        "--verify",
+        choices=["streamed", "full", "off"],
+        help="compare the merged model's logits with base + adapter: one decoder layer in memory at a "
+        "time (streamed), both models loaded whole, with greedy generation (full), or not at all "
+        "(default from the recipe: streamed)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="the same as --verify off")
     p.add_argument(
         "--num-shard", type=int, default=None, help="GPUs to check TGI sharding for (default: visible GPUs)"
     )
@@ -53,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         base=args.base or section.base,
         dtype=args.dtype or section.dtype,
         max_shard_size=args.max_shard_size or section.max_shard_size,
-        verify=section.verify and not args.no_verify,
+        verify="off" if args.no_verify else args.verify or section.verify,
         strategy=args.strategy or section.strategy,
         num_shard=args.num_shard or max(torch.cuda.device_count(), 1),
     )

@@ -29,7 +29,8 @@ class MergedTensors(Protocol):
         ...
 
     def get(self, name: str) -> torch.Tensor:
-        """One merged tensor, in its output dtype."""
+        """One merged tensor, in its output dtype; valid until the next call (the streaming
+        strategy reuses its memory)."""
         ...
 
 

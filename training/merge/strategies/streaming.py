@@ -12,6 +12,7 @@ trained magnitude vector. Biases trained with the adapter replace the base biase
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,14 +69,17 @@ def read_adapter_weights(adapter: Adapter) -> AdapterWeights:
     return weights
 
 
-def merged_weight(weight: torch.Tensor, lora: LoraModule, scaling: float) -> torch.Tensor:
-    """W' in float32 (the caller casts to the output dtype)."""
-    w = weight.to(torch.float32)
-    combined = w + scaling * (lora.B.to(torch.float32) @ lora.A.to(torch.float32))
+def fold_into(w: torch.Tensor, lora: LoraModule, scaling: float) -> torch.Tensor:
+    """W' in place of W, a float32 tensor (the caller casts to the output dtype).
+
+    One fused pass over W (addmm_ adds s * B @ A as it computes it), none of the
+    full-size temporaries that `w + s * (B @ A)` allocates.
+    """
+    w.addmm_(lora.B.to(torch.float32), lora.A.to(torch.float32), alpha=scaling)
     if lora.magnitude is None:
-        return combined
-    row_norm = combined.norm(p=2, dim=1, keepdim=True)
-    return (lora.magnitude.to(torch.float32).view(-1, 1) / row_norm) * combined
+        return w
+    row_norm = w.norm(p=2, dim=1, keepdim=True)
+    return w.mul_(lora.magnitude.to(torch.float32).view(-1, 1) / row_norm)
 
 
 class StreamingMerge:
@@ -94,6 +98,7 @@ class StreamingMerge:
         self.round_trip = round_trip
         self.scaling = adapter.scaling
         self.weights = read_adapter_weights(adapter)
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
         names = checkpoint.tensors
         missing = [f"{p}.weight" for p in self.weights.modules if f"{p}.weight" not in names]
         missing += [b for b in self.weights.biases if b not in names]
@@ -127,18 +132,32 @@ class StreamingMerge:
         source = self.aliases.get(name, name)
         if source in self.weights.biases:
             tensor = self.weights.biases[source]
-        else:
+            return tensor.to(self._out_dtype(tensor.dtype))
+        module = (
+            self.weights.modules.get(source.removesuffix(".weight")) if source.endswith(".weight") else None
+        )
+        round_trip = self.round_trip is not None and self.round_trip.applies_to(source)
+        if module is None:
             tensor = self.checkpoint.get(source)
-            if self.round_trip is not None and self.round_trip.applies_to(source):
-                tensor = self.round_trip(tensor)
-            module = (
-                self.weights.modules.get(source.removesuffix(".weight"))
-                if source.endswith(".weight")
-                else None
-            )
-            if module is not None:
-                tensor = merged_weight(tensor, module, self.scaling)
-        return tensor.to(self._out_dtype(tensor.dtype))
+            tensor = self.round_trip(tensor) if round_trip else tensor
+            return tensor.to(self._out_dtype(tensor.dtype))
+        shape = self.checkpoint.tensors[source].shape
+        w = self._reused(shape, torch.float32)
+        if round_trip:
+            w.copy_(self.round_trip(self.checkpoint.get(source)))
+        else:
+            self.checkpoint.read_into(source, w)
+        fold_into(w, module, self.scaling)
+        return w if self.dtype == torch.float32 else self._reused(shape, self.dtype).copy_(w)
+
+    def _reused(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` in memory reused for every adapted weight (one per dtype): on
+        the CPU, page faults on fresh allocations cost more than the fold itself."""
+        numel = math.prod(shape)
+        if dtype not in self._buffers or self._buffers[dtype].numel() < numel:
+            self._buffers.pop(dtype, None)  # freed before the larger one is taken
+            self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return self._buffers[dtype][:numel].view(shape)
 
     @property
     def merged_modules(self) -> int:
