@@ -184,7 +184,11 @@ def _supervise(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopping:
-        return 0 if code in (0, -signal.SIGTERM) else code
+        # Asked to stop, it stopped: a clean stop. vLLM's own status then varies (inside a container
+        # its shutdown reported 137, having ended its engine process), so it is shown, not returned.
+        if code not in (0, -signal.SIGTERM):
+            print(f"vLLM stopped (its exit status {code})", file=sys.stderr)
+        return 0
     print(f"error: vLLM exited with status {code}; its log is above", file=sys.stderr)
     return code or 1
 

@@ -238,11 +238,18 @@ def test_the_client_finds_vllm_serving_the_run_with_the_recipes_limit(client, vl
     ]
 
 
+def finished(text: str) -> str:
+    """Text as vLLM returns it: its detokenizer leaves out the bytes of a character the last token
+    did not finish, which a full decode shows as a trailing U+FFFD (the random tiny model often stops
+    mid-character); a U+FFFD inside the text is the model's own and stays."""
+    return text.rstrip("\ufffd")
+
+
 def test_generate_and_stream_return_local_greedy_generation(client, merged_reference):
     prompt = dolly_prompt(INSTRUCTION)
     expected, n = greedy(merged_reference, merged_reference[1](prompt)["input_ids"], 12)
     result = client.generate(prompt, max_new_tokens=12)
-    assert (result.text, result.generated_tokens) == (expected, n)
+    assert (result.text, result.generated_tokens) == (finished(expected), n)
     assert result.finish_reason == ("length" if n == 12 else "stop")
     chunks = list(client.stream(prompt, max_new_tokens=12))
     assert streamed("".join(c.text for c in chunks)) == streamed(expected)
@@ -258,7 +265,11 @@ def test_chat_is_formatted_with_the_training_template(client, merged_reference):
     ] == (trained_ids)
     expected, n = greedy(merged_reference, trained_ids, 10)
     result = client.chat(messages, max_new_tokens=10)
-    assert (result.text, result.generated_tokens, result.prompt_tokens) == (expected, n, len(trained_ids))
+    assert (result.text, result.generated_tokens, result.prompt_tokens) == (
+        finished(expected),
+        n,
+        len(trained_ids),
+    )
     assert streamed("".join(c.text for c in client.chat_stream(messages, max_new_tokens=10))) == streamed(
         expected
     )
