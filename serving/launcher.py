@@ -184,8 +184,8 @@ def _supervise(
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopping:
-        # Asked to stop, it stopped: a clean stop. vLLM's own status then varies (inside a container
-        # its shutdown reported 137, having ended its engine process), so it is shown, not returned.
+        # Asked to stop, it stopped: a clean stop. The status vLLM's shutdown reports depends on how its
+        # engine process ended, so it is shown, not returned.
         if code not in (0, -signal.SIGTERM):
             print(f"vLLM stopped (its exit status {code})", file=sys.stderr)
         return 0
