@@ -151,9 +151,9 @@ def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(t
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
         adapters.append((name, tmp_path / name))
-    argv = (
-        VLLMCPU()
-        .local_command(
+
+    def command():
+        return VLLMCPU().local_command(
             ModelDir.open(tiny_dir / "llama"),
             served_name="llama",
             max_model_len=256,
@@ -163,8 +163,8 @@ def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(t
             runtime_dir=tmp_path,
             adapters=adapters,
         )
-        .argv
-    )
+
+    argv = command().argv
     assert argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3] == [
         f"a={tmp_path / 'a'}",
         f"b={tmp_path / 'b'}",
@@ -173,16 +173,7 @@ def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(t
     assert argv[argv.index("--max-lora-rank") + 1] == "16"
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
     with pytest.raises(LaunchError, match="adapter b uses DoRA, which vLLM cannot apply"):
-        VLLMCPU().local_command(
-            ModelDir.open(tiny_dir / "llama"),
-            served_name="llama",
-            max_model_len=256,
-            host="127.0.0.1",
-            port=1,
-            api_key=None,
-            runtime_dir=tmp_path,
-            adapters=adapters,
-        )
+        command()
 
 
 def test_serve_picks_vllm_when_it_can_and_says_why_not(merged_model, tmp_path, capsys):
