@@ -53,6 +53,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     measure_memory: bool = False  # as `train --measure-memory`: count live CPU tensors
     trl_loss_head: bool = False  # TRL's chunked loss head on the CPU too, instead of training.train.loss
+    peft_dropout: bool = False  # peft's nn.Dropout on the CPU too, instead of training.model.lora_dropout
 
 
 # The CPU defaults each switched back, one at a time and all together: what each one buys.
@@ -60,6 +61,7 @@ BEFORE_CPU_DEFAULTS = Variant(
     ("training.activation_checkpointing=true", "training.train_sampling_strategy=random"),
     measure_memory=True,
     trl_loss_head=True,
+    peft_dropout=True,
 )
 # "tutorial" is the plain Trainer recipe built below; the peers (bench/peers) are not recipe runs.
 VARIANTS = {
@@ -78,6 +80,7 @@ VARIANTS = {
     "recipe+checkpointing": Variant(("training.activation_checkpointing=true",)),
     "recipe+random-batches": Variant(("training.train_sampling_strategy=random",)),
     "recipe+trl-loss-head": Variant(trl_loss_head=True),
+    "recipe+peft-dropout": Variant(peft_dropout=True),
     "recipe+measure-memory": Variant(measure_memory=True),
     "recipe+before-cpu-defaults": BEFORE_CPU_DEFAULTS,
     "recipe+compile": Variant(("training.torch_compile=true",)),
@@ -107,6 +110,8 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
         from trl import SFTTrainer
 
         builder.QLoRASFTTrainer = SFTTrainer  # what the stack built before its CPU loss head
+    if chosen.peft_dropout:
+        builder.fuse_lora_dropout = lambda model: 0  # peft's own dropout modules stay
     overrides = [*common_overrides(steps), f"output.dir={out_dir}", *chosen.overrides]
     recipe = load_recipe(recipe_path, overrides)
     assert run_training(recipe, recipe_path, measure_memory=chosen.measure_memory) == 0

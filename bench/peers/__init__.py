@@ -97,11 +97,11 @@ def ensure_venv(peer: Peer, venv: Path, *, given: bool, python: str | None = Non
         return venv
     if found == peer.pinned_version and (venv / READY).is_file():
         return venv
-    interpreter = python or shutil.which(peer.python)
+    interpreter = python or _find_interpreter(peer.python)
     if interpreter is None:
         raise SystemExit(
-            f"{peer.name} needs {peer.python} to build its environment; none on PATH. Pass "
-            f"--peer-python {peer.name}=/path/to/{peer.python}"
+            f"{peer.name} needs {peer.python} to build its environment; none on PATH or under pyenv runs. "
+            f"Pass --peer-python {peer.name}=/path/to/{peer.python}"
         )
     print(f"installing {peer.name} {peer.pinned_version} into {venv} (several minutes, a few GB)", flush=True)
     shutil.rmtree(venv, ignore_errors=True)
@@ -115,6 +115,18 @@ def ensure_venv(peer: Peer, venv: Path, *, given: bool, python: str | None = Non
         raise SystemExit(f"{venv}: {peer.version_of} {peer.pinned_version} did not install")
     (venv / READY).write_text(json.dumps({"requirements": peer.requirements}) + "\n")
     return venv
+
+
+def _find_interpreter(name: str) -> str | None:
+    """`name` (python3.12) from PATH, else from pyenv's installed versions: pyenv's shim is on PATH
+    for every version it has, but fails with 'command not found' unless that version is active."""
+    candidates = [shutil.which(name)]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += sorted(map(str, pyenv_root.glob(f"versions/{name.removeprefix('python')}*/bin/{name}")))
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-V"], capture_output=True).returncode == 0:
+            return candidate
+    return None
 
 
 def _cpu_torch_fixes(venv: Path) -> None:

@@ -8,7 +8,8 @@ count (CUDA context, NCCL buffers, allocator slack) to say whether a card is big
                embeddings, output head and norms, the LoRA weights
   training     LoRA gradients and optimizer states (and what the strategy shards of them)
   activations  what autograd saves for the backward pass, per decoder layer: for each LoRA
-               layer its dropout output and mask and the low-rank product; the attention
+               layer its dropout output and mask (on the CPU its input, kept once, and a
+               one-byte mask: training.model.lora_dropout) and the low-rank product; the attention
                inputs and output; the MLP's gate, up and activation; each norm's fp32 input.
                The 4-bit base layers save nothing (their backward needs only the weights).
                With activation checkpointing only each layer's input is kept, and one layer
@@ -238,7 +239,12 @@ class Setup:
         # Dropout keeps its mask for the backward: a bool tensor on CUDA, the input's dtype on the CPU.
         if not self.dropout:
             return 0
-        return 1 if self.device == "cuda" else self.compute
+        return 1 if self.device == "cuda" or self.fused_dropout else self.compute
+
+    @property
+    def fused_dropout(self) -> bool:
+        # training.model.lora_dropout on the CPU: a one-byte mask per LoRA layer, its input kept once.
+        return self.device == "cpu" and self.dropout and not self.dora
 
     @property
     def distributed(self) -> bool:
@@ -529,7 +535,10 @@ def _layer_saved(shape: Shape, s: Setup) -> list[Term]:
     for group, width in widths.items():
         members = [lin for lin in shape.linears if lin.group == group]
         targeted = [lin for lin in members if lin.name in s.targets]
-        if targeted and s.dropout:
+        if targeted and s.fused_dropout:
+            lora_in += len(targeted) * s.mask_bytes * T * width
+            kept_inputs += d * T * width
+        elif targeted and s.dropout:
             # Each LoRA layer applies its own dropout: output and mask, per layer.
             lora_in += len(targeted) * (d + s.mask_bytes) * T * width
         elif targeted or s.quant == "int8":
@@ -634,7 +643,9 @@ def _layer_backward(shape: Shape, s: Setup, layer_bytes: float) -> list[Term]:
     # The widest transient is the MLP's activation product on its way into down_proj; while the
     # 4-bit down_proj dequantizes its weight for the matmul, down_proj's LoRA input is not yet saved.
     down = next(lin for lin in shape.linears if lin.group == "mlp_out")
-    down_saved = (d + s.mask_bytes) * T * down.inputs if (down.name in s.targets and s.dropout) else 0
+    down_saved = 0
+    if down.name in s.targets and s.dropout:
+        down_saved = (0 if s.fused_dropout else d + s.mask_bytes) * T * down.inputs
     widest = d * T * max(shape.intermediate, shape.hidden)
     widest += max(0.0, _largest_dequantized(shape, s) - down_saved)
     terms += [

@@ -21,6 +21,7 @@ import torch
 from trl import SFTTrainer
 
 IGNORE_INDEX = -100
+_METRIC_ROWS = 64
 
 
 class QLoRASFTTrainer(SFTTrainer):
@@ -41,6 +42,7 @@ class QLoRASFTTrainer(SFTTrainer):
         finally:
             hook.remove()
         log_probs = torch.log_softmax(logits.float(), dim=-1)
+        del logits  # log-softmax's backward reads its output: the logits need not stay for the loss
         count = targets.numel() if num_items_in_batch is None else num_items_in_batch
         loss = torch.nn.functional.nll_loss(log_probs, targets, reduction="sum")
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
@@ -67,7 +69,9 @@ class QLoRASFTTrainer(SFTTrainer):
         gather = self.accelerator.gather_for_metrics
         with torch.no_grad():
             valid = gather(torch.as_tensor(targets.numel(), device=targets.device)).sum()
-            entropy = gather(-(log_probs.exp() * log_probs).sum()).sum()
+            # A slice of rows at a time: the whole probability matrix would be the step's peak.
+            entropy = sum(-(rows.exp() * rows).sum() for rows in log_probs.split(_METRIC_ROWS))
+            entropy = gather(torch.as_tensor(entropy, device=log_probs.device)).sum()
             correct = gather((log_probs.argmax(dim=-1) == targets).sum()).sum()
         self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)

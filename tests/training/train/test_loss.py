@@ -8,6 +8,7 @@ from transformers import AutoConfig
 from trl import SFTTrainer
 
 from training.model.loading import Device, compute_dtype, detect_device
+from training.model.lora_dropout import DroppedLinear
 from training.model.tiny import resolve_model_name
 from training.recipe import load_recipe
 from training.train.builder import build_trainer
@@ -80,3 +81,14 @@ def test_cpu_checkpointing_is_off_where_memory_allows_unless_the_recipe_says(tin
     long_rows = load_recipe(QUICK, ["data.max_length=4096", "training.per_device_train_batch_size=16"])
     big = load_config(long_rows, "bench/configs/llama-2-7b.json")
     assert cpu_activation_checkpointing(long_rows, big) is True
+
+
+def test_cpu_trainer_fuses_lora_dropout_into_lora_a(tiny_dir, tmp_path):
+    recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null"])
+    assert recipe.lora.dropout > 0
+    device = detect_device()
+    args = build_sft_config(recipe, device, "float32", QUICK)
+    model = build_trainer(recipe, args, device, compute_dtype(recipe.model.dtype, device)).trainer.model
+    fused = [m for m in model.modules() if isinstance(m, DroppedLinear)]
+    assert len(fused) == 14 and {m.dropout_p for m in fused} == {recipe.lora.dropout}  # 7 targets x 2 layers
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
