@@ -26,7 +26,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.nn import functional as F
 
-
 # The rate is drawn in steps of 1/65536 (16 random bits per element): torch's CPU bernoulli_ draws
 # 32 bits per element through its generator one at a time, which made the float noise a quarter of a
 # quickstart step; 64-bit words split into four 16-bit draws cost a quarter of that.
@@ -40,7 +39,9 @@ def effective_rate(p: float) -> float:
 
 def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Which elements of `x` survive dropout at rate p (`effective_rate(p)`): one byte each."""
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    words = torch.randint(
+        -(1 << 63), (1 << 63) - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device
+    )
     draws = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform over [-32768, 32767]
     return draws >= round(p * _STEPS) - _STEPS // 2
 
@@ -87,7 +88,7 @@ def fuse_lora_dropout(model: nn.Module) -> int:
             continue
         variants = getattr(module, "lora_variant", {})
         for adapter, dropout in list(module.lora_dropout.items()):
-            lora_a = module.lora_A[adapter] if adapter in module.lora_A else None
+            lora_a = getattr(module.lora_A, adapter, None)  # a ModuleDict keeps its modules as attributes
             if (
                 type(dropout) is not nn.Dropout
                 or not 0.0 < dropout.p < 1.0  # rate 1 drops everything: nothing to rescale
