@@ -8,9 +8,9 @@ direction, whatever the vocabulary: on the quickstart's tiny model that was the 
 a step (bench/train_throughput.py, BENCHMARKS.md).
 
 On the CPU this trainer computes the same thing the direct way: the model projects only the
-scored hidden states (a pre-hook on the output head selects them), then log-softmax and the
-negative log-likelihood of the labels, summed and divided by `num_items_in_batch`, as TRL does.
-Same loss, same gradients; the entropy and accuracy metrics come from the same log-softmax.
+scored hidden states (a pre-hook on the output head selects them), then the negative
+log-likelihood of the labels under their softmax, summed and divided by `num_items_in_batch`, as
+TRL does. Same loss, same gradients; the entropy and accuracy metrics from the same logits.
 Everything else (GPUs, label smoothing, DFT, custom loss functions, MoE aux losses, context
 parallelism) goes to TRL unchanged.
 """
@@ -22,6 +22,28 @@ from trl import SFTTrainer
 
 IGNORE_INDEX = -100
 _METRIC_ROWS = 64
+
+
+class _SummedNLL(torch.autograd.Function):
+    """The summed negative log-likelihood of `targets` under softmax(`logits`), as log_softmax + nll_loss.
+
+    Its backward keeps the logits and a log-sum-exp per row, and makes one [tokens, vocab] tensor
+    (softmax minus the one-hot targets, in place); log_softmax + nll_loss keep the log-probabilities
+    and make two more of that size, at the moment every layer's activations are still held.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - logits.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        probs = (logits - lse.unsqueeze(1)).exp_()
+        probs[torch.arange(targets.numel(), device=targets.device), targets] -= 1
+        return probs.mul_(grad), None
 
 
 class QLoRASFTTrainer(SFTTrainer):
@@ -41,15 +63,14 @@ class QLoRASFTTrainer(SFTTrainer):
             logits = model(**inputs).logits
         finally:
             hook.remove()
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        del logits  # log-softmax's backward reads its output: the logits need not stay for the loss
+        logits = logits.float()
         count = targets.numel() if num_items_in_batch is None else num_items_in_batch
-        loss = torch.nn.functional.nll_loss(log_probs, targets, reduction="sum")
+        loss = _SummedNLL.apply(logits, targets)
         loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients, as in TRL.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self._log_token_metrics(mode, log_probs.detach(), targets, inputs)
+        self._log_token_metrics(mode, logits.detach(), targets, inputs)
         return loss
 
     def _plain_loss_applies(self, inputs, return_outputs: bool) -> bool:
@@ -64,15 +85,18 @@ class QLoRASFTTrainer(SFTTrainer):
             and "shift_labels" not in inputs  # pre-shifted labels: sequence parallelism, TRL's path
         )
 
-    def _log_token_metrics(self, mode: str, log_probs, targets, inputs) -> None:
+    def _log_token_metrics(self, mode: str, logits, targets, inputs) -> None:
         """The metrics TRL's head logs: entropy, mean token accuracy, and tokens seen in training."""
         gather = self.accelerator.gather_for_metrics
         with torch.no_grad():
             valid = gather(torch.as_tensor(targets.numel(), device=targets.device)).sum()
-            # A slice of rows at a time: the whole probability matrix would be the step's peak.
-            entropy = sum(-(rows.exp() * rows).sum() for rows in log_probs.split(_METRIC_ROWS))
-            entropy = gather(torch.as_tensor(entropy, device=log_probs.device)).sum()
-            correct = gather((log_probs.argmax(dim=-1) == targets).sum()).sum()
+            # A slice of rows at a time: a whole [tokens, vocab] matrix more would be the step's peak.
+            entropy = torch.zeros((), device=logits.device)
+            for rows in logits.split(_METRIC_ROWS):
+                log_probs = torch.log_softmax(rows, dim=-1)
+                entropy -= (log_probs.exp() * log_probs).sum()
+            entropy = gather(entropy).sum()
+            correct = gather((logits.argmax(dim=-1) == targets).sum()).sum()
         self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
         if mode == "train":
