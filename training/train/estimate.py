@@ -17,7 +17,7 @@ count (CUDA context, NCCL buffers, allocator slack) to say whether a card is big
                where the peak without it stays small (cpu_activation_checkpointing).
   output head  on GPUs TRL computes the loss in chunks without full logits; its tile buffer
                is min(tokens, 4096) x 32768 in the compute dtype, plus an fp32 input gradient.
-               On the CPU: fp32 log-probabilities of the scored positions (training.train.loss).
+               On the CPU: fp32 logits of the scored positions and their gradient (training.train.loss).
 
 The peak is the largest of the moments where these meet: the loss head's backward, the
 backward of one (recomputed) layer, the optimizer step, and, with FSDP or ZeRO-3, the
@@ -615,11 +615,11 @@ def _head(shape: Shape, s: Setup) -> list[Term]:
     scored = s.batch * (s.seq - 1)  # every position with a label, the worst case
     h, d = shape.hidden, s.compute
     if s.device == "cpu":
-        # training.train.loss: fp32 logits of the scored positions; the backward holds the saved
-        # log-softmax, its gradient and the logits' gradient.
+        # training.train.loss: fp32 logits of the scored positions, kept for the backward, which
+        # makes one gradient of their size (softmax minus the targets).
         return [
             Term("loss head: hidden states of scored tokens", d * scored * h),
-            Term("loss head: log-softmax and its gradients (fp32)", 3 * 4 * scored * shape.vocab),
+            Term("loss head: logits and their gradient (fp32)", 2 * 4 * scored * shape.vocab),
         ]
     chunk = min(scored, HEAD_TOKEN_CHUNK)
     return [
