@@ -3,7 +3,7 @@
 The tutorial recipe: the same 4-bit model and LoRA, `prepare_model_for_kbit_training`,
 text rendered with the same template, `transformers.Trainer` with
 `DataCollatorForLanguageModeling(mlm=False)` (pads each batch, loss on every token, no
-packing). Against it: the recipe as shipped, variants of it, and LLaMA-Factory and axolotl
+packing). Against it: the recipe as shipped, variants of it, and LLaMA-Factory, axolotl and Unsloth
 (bench/peers: each installed by this script into a virtual environment of its own from pinned
 versions, configured to the same model, rendered text, LoRA, batch, length and steps). Each
 run in a fresh process, runs interleaved (A B C A B C ...) so machine noise hits every
@@ -14,9 +14,11 @@ allocated on a GPU), ratios to the tutorial recipe, and on a GPU the model FLOPs
 
     python bench/train_throughput.py                               # quickstart recipe, CPU
     python bench/train_throughput.py --recipe recipes/x.yaml --steps 30 --repeats 3
-    python bench/train_throughput.py --variants tutorial,recipe,llamafactory,axolotl --repeats 5
+    python bench/train_throughput.py --variants tutorial,recipe,llamafactory,axolotl,unsloth --repeats 5
     python bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps 8 --repeats 1 \
         --variants tutorial,recipe,recipe+packing,recipe+liger,recipe+packing+liger
+    python bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps 8 --repeats 3 \
+        --variants tutorial,recipe,recipe+packing+liger,unsloth
 
 The peers' environments go to ~/.cache/qlora-stack/bench-venvs (--peer-venv-root), built on
 first use (a few minutes and 2-8 GB each); --peer-venv NAME=DIR uses an existing one after

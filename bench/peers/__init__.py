@@ -1,4 +1,4 @@
-"""LLaMA-Factory and axolotl beside the recipe in bench/train_throughput.py, each in its own environment.
+"""LLaMA-Factory, axolotl and Unsloth beside the recipe in bench/train_throughput.py, each in its own environment.
 
 Each peer is installed into a virtual environment of its own from the pinned lists here
 (`<peer>.txt`: the versions of every package as installed and measured, used as pip
@@ -25,6 +25,12 @@ Facts that shaped the settings (LLaMA-Factory 0.9.5, axolotl 0.21.0, found on th
   markers: both are fed pre-rendered text (LLaMA-Factory `template: empty`, axolotl
   `type: input_output`), which they tokenize as prompt and response with no tokens of their own.
 - LLaMA-Factory's `learning_rate: 5e-3` in YAML is a string to PyYAML: configs are written as JSON.
+
+Unsloth (2026.10.9, Python 3.11) is driven by bench/peers/unsloth_train.py as its documentation
+does (FastLanguageModel, get_peft_model, TRL's SFTTrainer) on this stack's tokens. On a machine
+without a GPU it trains through its own CPU path (unsloth_zoo.cpu: bitsandbytes' 4-bit layers,
+its chunked cross-entropy), which is what its users get there. pip gives it a CUDA build of
+torch (2.14.1 here), whose libraries count in its RSS as in axolotl's.
 """
 
 from __future__ import annotations
@@ -72,6 +78,12 @@ PEERS = {
         python="python3.12",
         requirements=("axolotl==0.21.0", "bitsandbytes==0.50.2"),
         version_of="axolotl",
+    ),
+    "unsloth": Peer(
+        "unsloth",
+        python="python3.11",
+        requirements=("unsloth==2026.10.9",),
+        version_of="unsloth",
     ),
 }
 
@@ -242,6 +254,9 @@ def command(peer: Peer, venv: Path, settings: dict, data_dir: Path, work: Path) 
     }
     env.pop("VIRTUAL_ENV", None)
     config = work / f"{peer.name}.json"
+    if peer.name == "unsloth":
+        config.write_text(json.dumps({"settings": settings, "data_dir": str(data_dir), "out_dir": str(work)}))
+        return [str(venv / "bin" / "python"), str(HERE / "unsloth_train.py"), str(config)], env
     if peer.name == "llamafactory":
         config.write_text(json.dumps(llamafactory_config(settings, data_dir, work), indent=1))
         return [str(venv / "bin" / "python"), str(HERE / "llamafactory_train.py"), str(config)], env
@@ -252,7 +267,7 @@ def command(peer: Peer, venv: Path, settings: dict, data_dir: Path, work: Path) 
 
 def installed_versions(venv: Path) -> dict[str, str]:
     """The versions that decide speed, for the report."""
-    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "llamafactory", "axolotl")
+    names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "llamafactory", "axolotl", "unsloth")
     probe = (
         "import importlib.metadata as m, json\n"
         f"out = {{}}\nfor n in {names!r}:\n"

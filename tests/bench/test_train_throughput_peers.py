@@ -14,7 +14,7 @@ from training.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is scripts, not a package: as the script itself sees it
 
-from peers import axolotl_config, llamafactory_config  # noqa: E402
+from peers import PEERS, axolotl_config, command, llamafactory_config  # noqa: E402
 
 
 def test_rendered_rows_tokenize_to_the_stacks_ids_and_loss_masks_and_configs_carry_the_settings(
@@ -58,6 +58,11 @@ def test_rendered_rows_tokenize_to_the_stacks_ids_and_loss_masks_and_configs_car
     ax = axolotl_config(settings, out, tmp_path)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert lf["lora_target"].split(",") == ax["lora_target_modules"] == targets
+    # Unsloth reads the same settings and rows through its runner's config.
+    cmd, env = command(PEERS["unsloth"], tmp_path / "venv", settings, out, tmp_path)
+    assert cmd[1].endswith("unsloth_train.py") and env["PYTHONPATH"].endswith("peers")
+    passed = json.loads(Path(cmd[2]).read_text())
+    assert passed == {"settings": settings, "data_dir": str(out), "out_dir": str(tmp_path)}
     assert (lf["lora_rank"], lf["lora_alpha"], ax["lora_r"], ax["lora_alpha"]) == (16, 32, 16, 32)
     assert lf["max_steps"] == ax["max_steps"] == 7 and lf["cutoff_len"] == ax["sequence_len"] == 256
     assert lf["learning_rate"] == ax["learning_rate"] == 5e-3  # a float, not YAML's string "5e-3"
