@@ -146,6 +146,12 @@ def test_grace_periods_cover_a_checkpoint_save_and_tgis_drain(services):
     assert seconds(services["tgi"]["stop_grace_period"]) > 90
 
 
+def test_vllm_cpu_names_its_grace_period_which_podman_would_take_as_zero(services):
+    # vLLM stops in seconds, but Podman's Docker API records an unset grace period as 0 s and
+    # answers `compose stop` with a SIGKILL (tests/containers checks the clean stop).
+    assert seconds(services["vllm-cpu"]["stop_grace_period"]) >= 10
+
+
 def test_secrets_are_files_from_the_environment_never_environment_variables(compose, services):
     assert {name: spec["environment"] for name, spec in compose["secrets"].items()} == SECRETS
     text = (ROOT / "compose.yaml").read_text(encoding="utf-8")
