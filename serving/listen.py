@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 
 import uvicorn
 
 
 def serve(app, *, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted; `on_ready(url)` runs once, with the port actually bound."""
+    """Serve until interrupted; `on_ready(url)` runs once, with the port actually bound.
+
+    SIGTERM (`docker compose stop`, a supervisor) is a clean stop: uvicorn finishes the requests in
+    flight and shuts down, and the process then exits 0.
+    """
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -19,4 +25,18 @@ def serve(app, *, host: str, port: int, on_ready: Callable[[str], None] | None =
                 on_ready(f"http://{shown}:{bound[1]}")
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    Server(config).run()
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        Server(config).run()
+        return
+    # After its graceful shutdown uvicorn raises the signal again for the handler that was there
+    # before it, so that the process ends the way that signal ends it: for SIGTERM by default a
+    # death by signal, status 143, which compose and supervisors record as a failure.
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        Server(config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(_signum: int, _frame) -> None:
+    raise SystemExit(0)

@@ -146,10 +146,12 @@ def test_grace_periods_cover_a_checkpoint_save_and_tgis_drain(services):
     assert seconds(services["tgi"]["stop_grace_period"]) > 90
 
 
-def test_vllm_cpu_names_its_grace_period_which_podman_would_take_as_zero(services):
-    # vLLM stops in seconds, but Podman's Docker API records an unset grace period as 0 s and
-    # answers `compose stop` with a SIGKILL (tests/containers checks the clean stop).
-    assert seconds(services["vllm-cpu"]["stop_grace_period"]) >= 10
+def test_every_service_names_its_grace_period_which_podman_would_take_as_zero(services):
+    # The servers and Jupyter stop in seconds, but Podman's Docker API records an unset grace
+    # period as 0 s and answers `compose stop` with a SIGKILL (tests/containers checks the clean stop).
+    unnamed = [name for name, spec in services.items() if "stop_grace_period" not in spec]
+    assert not unnamed, f"no stop_grace_period: {unnamed}"
+    assert all(seconds(spec["stop_grace_period"]) >= 10 for spec in services.values())
 
 
 def test_secrets_are_files_from_the_environment_never_environment_variables(compose, services):

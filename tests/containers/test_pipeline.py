@@ -254,3 +254,17 @@ def test_serve_cpu_with_an_api_key_refuses_generation_without_a_bearer_token(sta
     finally:
         # Back to the server as it ships (no key), for any test that comes after this one.
         stack.compose(*up).ok()
+
+
+def test_compose_stop_ends_serve_cpu_cleanly(stack, server):
+    container = stack.container("serve-cpu")
+    # compose.yaml's stop_grace_period: without it Podman's Docker API stops with 0 s, a SIGKILL.
+    assert stack.api.inspect(container)["Config"]["StopTimeout"] == 30
+    try:
+        stack.compose("stop", "serve-cpu").ok()
+        state = stack.api.inspect(container)["State"]
+        # SIGTERM: uvicorn shuts down gracefully and the server exits 0 (137 would be a SIGKILL,
+        # 143 a death by the signal itself).
+        assert state["ExitCode"] == 0, f"exit {state['ExitCode']}:\n{stack.logs('serve-cpu')[-3000:]}"
+    finally:
+        stack.compose("up", "-d", "--wait", "--wait-timeout", "600", "serve-cpu").ok()

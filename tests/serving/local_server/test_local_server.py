@@ -17,7 +17,7 @@ from serving.cli import main
 from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, NotFoundError, RequestRejectedError
 from tests.conftest import ROOT
-from tests.serving.conftest import API_KEY
+from tests.serving.conftest import API_KEY, ServerProcess
 from training.data.templates import BUILTIN_TEMPLATES
 
 INSTRUCTION = "日本で一番長い川は何ですか？"
@@ -417,3 +417,11 @@ def test_inference_client_works_when_it_names_the_served_model(local_server, mer
     with pytest.raises(HfHubHTTPError, match="POST / is TGI's own route") as caught:
         hub.text_generation(dolly_prompt(INSTRUCTION), max_new_tokens=6)
     assert caught.value.response.status_code == 404
+
+
+def test_sigterm_is_a_clean_stop_with_status_0(merged_model):
+    # As `docker compose stop` ends it: uvicorn shuts down gracefully and the process exits 0, not
+    # by the signal (143), which compose and supervisors would record as a failure.
+    server = ServerProcess(merged_model, "--backend", "local")
+    assert ServingClient(server.url).health()
+    assert server.stop() == 0, "".join(server.output)[-2000:]
