@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -25,18 +26,25 @@ def serve(app, *, host: str, port: int, on_ready: Callable[[str], None] | None =
                 on_ready(f"http://{shown}:{bound[1]}")
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    with _sigterm_exits_cleanly():
+        Server(config).run()
+
+
+@contextlib.contextmanager
+def _sigterm_exits_cleanly() -> Iterator[None]:
+    """After its graceful shutdown uvicorn raises the signal again for the handler that was there
+    before it, so that the process ends the way that signal ends it: for SIGTERM by default a death
+    by signal, status 143, which compose and supervisors record as a failure. This handler makes it
+    exit 0 instead."""
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        Server(config).run()
+        yield
         return
-    # After its graceful shutdown uvicorn raises the signal again for the handler that was there
-    # before it, so that the process ends the way that signal ends it: for SIGTERM by default a
-    # death by signal, status 143, which compose and supervisors record as a failure.
-    previous = signal.signal(signal.SIGTERM, _stopped)
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        Server(config).run()
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(_signum: int, _frame) -> None:
+def _exit_cleanly(_signum: int, _frame) -> None:
     raise SystemExit(0)

@@ -74,6 +74,13 @@ class DroppedLinear(nn.Linear):
 
     dropout_p: float = 0.0
 
+    @classmethod
+    def take_over(cls, linear: nn.Linear, p: float) -> DroppedLinear:
+        """`linear` itself with a dropout of rate p in front: same parameters, same names."""
+        linear.__class__ = cls
+        linear.dropout_p = p
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.dropout_p == 0.0:
             return F.linear(x, self.weight)
@@ -97,8 +104,7 @@ def fuse_lora_dropout(model: nn.Module) -> int:
                 or lora_a.bias is not None
             ):
                 continue
-            lora_a.__class__ = DroppedLinear
-            lora_a.dropout_p = dropout.p
+            DroppedLinear.take_over(lora_a, dropout.p)
             module.lora_dropout[adapter] = nn.Identity()
             fused += 1
     return fused

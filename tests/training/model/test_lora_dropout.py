@@ -26,9 +26,7 @@ def tiny_4bit_model(tiny_dir):
 def dropped_linear(weight: torch.Tensor, p: float) -> DroppedLinear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     layer.weight.data.copy_(weight)
-    layer.__class__ = DroppedLinear
-    layer.dropout_p = p
-    return layer.train()
+    return DroppedLinear.take_over(layer, p).train()
 
 
 def test_same_output_and_gradients_as_dropout_then_linear_with_the_same_mask():
@@ -129,3 +127,27 @@ def test_leaves_dora_and_dropout_free_layers_alone(tiny_4bit_model):
     assert fuse_lora_dropout(model) == 0
     model = get_peft_model(load_4bit(), LoraConfig(r=4, lora_dropout=0.0, target_modules=["k_proj"]))
     assert fuse_lora_dropout(model) == 0
+
+
+def test_checkpointing_recomputes_the_same_masks(tiny_4bit_model):
+    # Activation checkpointing runs each layer's forward again in the backward pass; torch restores
+    # the generator's state for it, so the fused dropout draws the masks it drew the first time.
+    model = get_peft_model(
+        tiny_4bit_model, LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "up_proj"])
+    )
+    assert fuse_lora_dropout(model) > 0
+    model.train()
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 11]])
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
