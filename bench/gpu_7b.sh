@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark of BENCHMARKS.md ("7B QLoRA on one GPU"), in one go, about 10 minutes on
+# The GPU benchmark of BENCHMARKS.md ("7B QLoRA on one GPU"), in one go, about 12 minutes on
 # one H100/H200: a Llama-7B-shaped model with random weights (no download), instruction rows
 # of 64-2048 tokens, the memory estimate, then the tutorial recipe against the recipe and its
 # variants, each in a fresh process. A few-MB model runs the same chain first, so that a
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-bench/results}
 STEPS=${STEPS:-8}
-VARIANTS=${VARIANTS:-tutorial,recipe,recipe+packing,recipe+liger,recipe+packing+liger,recipe+packing-checkpointing}
+VARIANTS=${VARIANTS:-tutorial,recipe,recipe+before-gpu-defaults,recipe+random-batches,recipe+checkpointing,recipe-liger,recipe+packing}
 WORK=outputs/bench  # where bench/recipes/gpu-7b-varlen.yaml looks
 mkdir -p "$RESULTS" "$WORK"
 

@@ -65,6 +65,14 @@ BEFORE_CPU_DEFAULTS = Variant(
     trl_loss_head=True,
     peft_dropout=True,
 )
+# The GPU defaults of 2026-12-06 switched back all together: the recipe as shipped before them.
+BEFORE_GPU_DEFAULTS = Variant(
+    (
+        "training.activation_checkpointing=true",
+        "training.train_sampling_strategy=random",
+        "training.use_liger_kernel=false",
+    )
+)
 # "tutorial" is the plain Trainer recipe built below; the peers (bench/peers) are not recipe runs.
 VARIANTS = {
     "tutorial": Variant(),
@@ -85,6 +93,8 @@ VARIANTS = {
     "recipe+peft-dropout": Variant(peft_dropout=True),
     "recipe+measure-memory": Variant(measure_memory=True),
     "recipe+before-cpu-defaults": BEFORE_CPU_DEFAULTS,
+    "recipe-liger": Variant(("training.use_liger_kernel=false",)),
+    "recipe+before-gpu-defaults": BEFORE_GPU_DEFAULTS,
     "recipe+compile": Variant(("training.torch_compile=true",)),
     **{name: Variant() for name in PEERS},
 }
@@ -217,7 +227,8 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     from training.model.lora import AUTO_TARGETS
     from training.model.tiny import resolve_model_name
     from training.recipe import load_recipe
-    from training.train.estimate import cpu_activation_checkpointing
+    from training.train.device_defaults import gpu_memory_available
+    from training.train.estimate import activation_checkpointing_default
 
     recipe = load_recipe(recipe_path, common_overrides(int(steps)))
     tokenizer = load_tokenizer(recipe.model)
@@ -264,10 +275,8 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
         targets = auto["attention"] + (auto["mlp"] if lora.include_mlp else [])
     else:
         targets = list(lora.target_modules)
-    if device.type == "cpu":
-        checkpointing = cpu_activation_checkpointing(recipe, config)
-    else:
-        checkpointing = bool(training.get("activation_checkpointing", True))
+    memory = gpu_memory_available() if device.type == "cuda" else None
+    checkpointing = activation_checkpointing_default(recipe, config, device=device.type, memory=memory)
     settings = {
         "model_dir": str(model_dir),
         "double_quant": recipe.quantization.double_quant,

@@ -9,7 +9,8 @@
 # Environment: IMAGE (tag, default qlora-stack:latest, the name compose.yaml uses),
 #   DOCKERFILE (default docker/Dockerfile; docker/Dockerfile.vllm-cpu for vLLM's CPU image),
 #   LOCAL_BASE_IMAGE, CONTEXT (build context, default the repository root),
-#   CA_BUNDLE and WHEEL_DIRS (default: what this machine's pip config says).
+#   CA_BUNDLE and WHEEL_DIRS (default: what this machine's pip config says), EXTRAS (the project
+#   image's optional groups, default serve,notebook: the Dockerfile's without speed).
 set -euo pipefail
 
 say() { printf '[build-image] %s\n' "$*" >&2; }
@@ -74,11 +75,16 @@ start=$(date +%s)
 # --format docker: with the default OCI format, buildah 1.28 silently ignores the Dockerfile's
 # SHELL line and runs RUN under /bin/sh (no bash, no pipefail).
 # --pull=never: no registry is reachable; fail at once instead of waiting on one.
+# The project image without its speed extra: Liger's kernels need a GPU, and on CPU torch the extra
+# would only add Triton (a 170 MB download) that nothing here can run.
+extras=()
+[ "$DOCKERFILE" = docker/Dockerfile ] && extras=(--build-arg "EXTRAS=${EXTRAS:-serve,notebook}")
 podman --runtime runc build \
   --format docker \
   --pull=never \
   --file "$CONTEXT/$DOCKERFILE" \
   --build-arg "BASE_IMAGE=$LOCAL_BASE_IMAGE" \
+  "${extras[@]}" \
   --tag "$IMAGE" \
   "${mounts[@]}" \
   "$@" \

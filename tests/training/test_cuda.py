@@ -49,3 +49,18 @@ def test_qlora_on_the_gpu_lowers_eval_loss_and_merges(tmp_path, tiny_dir):
     # Verification compares the merged model's logits with base + adapter on the GPU.
     merge_adapter(run_dir / "adapter", run_dir / "merged", MergeSettings(verify=True))
     assert (run_dir / "merged" / "model.safetensors").is_file()
+
+
+def test_gpu_defaults_group_batches_drop_checkpointing_where_memory_allows_and_use_liger(tmp_path, tiny_dir):
+    from training.train.builder import build_trainer
+    from training.train.hardware import installed
+    from training.train.sft_config import build_sft_config
+
+    recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null"])
+    device = detect_device()
+    dtype = compute_dtype(recipe.model.dtype, device)
+    args = build_sft_config(recipe, device, str(dtype).removeprefix("torch."), QUICK)
+    trainer = build_trainer(recipe, args, device, dtype).trainer
+    assert trainer.args.train_sampling_strategy == "group_by_length"
+    assert trainer.args.activation_checkpointing is False  # the tiny model fits any GPU without it
+    assert trainer.args.use_liger_kernel is installed("liger_kernel")  # llama is in Liger's table

@@ -8,7 +8,7 @@ import json
 from training.cli.common import add_recipe_arguments
 from training.errors import UserError
 from training.recipe import load_recipe
-from training.train.estimate import card_capacity, estimate, format_estimate, load_config, parse_capacity
+from training.train.estimate import GiB, card_capacity, estimate, format_estimate, load_config, parse_capacity
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
         capacity = (args.card.lower(), card_capacity(args.card))
     elif args.gpu_memory:
         capacity = (args.gpu_memory, parse_capacity(args.gpu_memory))
-    est = estimate(recipe, load_config(recipe, args.config), device=args.device, gpus=args.gpus)
+    # A named GPU size also decides the activation checkpointing default, as a run on that GPU would.
+    memory = int(capacity[1] * GiB) if capacity and args.device == "cuda" else None
+    est = estimate(
+        recipe, load_config(recipe, args.config), device=args.device, gpus=args.gpus, memory=memory
+    )
     if args.json:
         print(json.dumps(est.as_dict(capacity), indent=2))
     else:

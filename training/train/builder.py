@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +12,9 @@ import torch
 from training.data.prepare import PreparedData, prepare_data
 from training.model.loading import load_model, load_tokenizer
 from training.model.lora import lora_config
-from training.model.lora_dropout import fuse_lora_dropout
 from training.recipe import Recipe
+from training.train.device_defaults import apply_model_defaults, apply_trainer_defaults
 from training.train.distributed import ranks, shards_weights
-from training.train.estimate import cpu_activation_checkpointing
 from training.train.loss import QLoRASFTTrainer
 
 log = logging.getLogger(__name__)
@@ -45,36 +45,29 @@ def build_trainer(recipe: Recipe, sft_args, device, dtype, *, callbacks=()) -> B
         sharded=shards_weights(recipe),
         local_rank=world.local_rank if world.world_size > 1 else None,
     )
-    if device.type == "cpu":
-        checkpointing = cpu_activation_checkpointing(recipe, model.config)
-        # TRL still reads the old name; TrainingArguments mirrors them only when it is built.
-        sft_args.activation_checkpointing = sft_args.gradient_checkpointing = checkpointing
-        log.info(
-            "Activation checkpointing: %s",
-            "on"
-            if checkpointing
-            else "off (the CPU default where memory allows: recomputing costs a third of a step)",
+    apply_model_defaults(recipe, model.config, sft_args, device)
+    with warnings.catch_warnings():
+        # TRL 1.16 points use_liger_kernel users to the Hub's kernels, which need the Hub when the
+        # run starts; the pinned TRL keeps Liger, and runs offline need it.
+        warnings.filterwarnings(
+            "ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning
         )
-    trainer = QLoRASFTTrainer(
-        model=model,
-        args=sft_args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe.lora, model),
-        callbacks=list(callbacks),
-    )
+        trainer = QLoRASFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=lora_config(recipe.lora, model),
+            callbacks=list(callbacks),
+        )
     if dtype == torch.float32:
         # TRL stores the LoRA weights of a quantized model in bf16, as QLoRA does on GPUs.
         # Computing in float32 (the CPU), that only adds casts and emulated bf16 matmuls.
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.float32)
-    if device.type == "cpu":
-        # Same dropout, one byte of mask kept per element instead of two float copies of the input.
-        fused = fuse_lora_dropout(trainer.model)
-        if fused:
-            log.info("LoRA dropout fused into lora_A in %d layers (CPU default)", fused)
+    apply_trainer_defaults(trainer, device)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info(
         "Trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total

@@ -13,8 +13,9 @@ count (CUDA context, NCCL buffers, allocator slack) to say whether a card is big
                inputs and output; the MLP's gate, up and activation; each norm's fp32 input.
                The 4-bit base layers save nothing (their backward needs only the weights).
                With activation checkpointing only each layer's input is kept, and one layer
-               at a time is recomputed in the backward pass. On the CPU it is off by default
-               where the peak without it stays small (cpu_activation_checkpointing).
+               at a time is recomputed in the backward pass. It is off by default where the
+               peak without it stays within a share of the device's memory
+               (activation_checkpointing_default).
   output head  on GPUs TRL computes the loss in chunks without full logits; its tile buffer
                is min(tokens, 4096) x 32768 in the compute dtype, plus an fp32 input gradient.
                On the CPU: fp32 logits of the scored positions and their gradient (training.train.loss).
@@ -44,6 +45,7 @@ from training.model.lora import AUTO_TARGETS
 from training.model.tiny import resolve_model_name
 from training.recipe import Recipe
 from training.train.distributed import zero_stage
+from training.train.hardware import installed, liger_supports
 from training.train.sft_config import check_training_keys
 
 GiB = 2**30
@@ -86,10 +88,15 @@ def card_capacity(name: str) -> float:
 HEAD_TOKEN_CHUNK = 4096
 HEAD_VOCAB_CHUNK = 32768
 
-# On the CPU, activation checkpointing is off by default while the estimated peak without it
-# stays under this share of the machine's memory: recomputing every layer costs about a third
-# of a step, and the memory it saves is only worth that where memory is short.
-CPU_UNCHECKPOINTED_SHARE = 0.25
+# Activation checkpointing is off by default while the estimated peak without it stays under
+# this share of the device's memory: recomputing every layer costs about a third of a step, and
+# the memory it saves is only worth that where memory is short.
+# - cpu: of the machine's physical memory (other processes and the page cache live there too).
+# - cuda: of the GPU memory the process can use (free + what it already holds). Without
+#   checkpointing the estimate was 13% under the measured allocated peak on the 7B bench (53.3
+#   vs 61.4 GiB, BENCHMARKS.md "GPU (H200)") and the allocator reserves up to about a tenth more,
+#   so a predicted 70% lands near 90% of the card: room left, no out-of-memory error mid-run.
+UNCHECKPOINTED_SHARE = {"cpu": 0.25, "cuda": 0.70}
 
 # Outside torch's allocator, approximate: CUDA context with cuBLAS workspaces (0.3-0.6 GiB on
 # recent GPUs with lazy module loading), NCCL communicator buffers, and the allocator's
@@ -251,7 +258,14 @@ class Setup:
         return self.strategy != "none" and self.gpus > 1
 
 
-def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: int = 1) -> Setup:
+def resolve_setup(
+    recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: int = 1, memory: int | None = None
+) -> Setup:
+    """The run's settings on `device`: the recipe's, else this stack's defaults there.
+
+    `memory` (bytes) is what one device can hold, for the activation checkpointing default; on the
+    CPU it defaults to this machine's memory. A GPU run without it keeps checkpointing on.
+    """
 
     training = check_training_keys(recipe.training, "<recipe>")  # values typed, old names moved over
     lora = recipe.lora
@@ -303,28 +317,43 @@ def resolve_setup(recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: i
         selective=bool(kwargs.get("selective", False)),
         attention=recipe.model.attn_implementation,
         packing=recipe.data.packing or bool(training.get("padding_free")),
-        liger=bool(training.get("use_liger_kernel")),
+        # On GPUs Liger's kernels are the default where they are installed and know the architecture.
+        liger=bool(training.get("use_liger_kernel", device == "cuda" and liger_supports(shape.model_type))),
         optim=optim,
         strategy=strategy,
         zero_stage=zero_stage(recipe) if strategy == "deepspeed" else None,
         fsdp_offload=recipe.distributed.fsdp.cpu_offload,
         dora=lora.use_dora,
     )
-    if device == "cpu" and "activation_checkpointing" not in training:
-        unchecked = _estimate("", shape, replace(setup, checkpointing=False)).allocated_peak
-        memory = physical_memory()
-        setup = replace(setup, checkpointing=not memory or unchecked > CPU_UNCHECKPOINTED_SHARE * memory)
+    if checkpointing_is_default(training, setup.strategy, gpus):
+        budget = memory if memory is not None else (physical_memory() if device == "cpu" else None)
+        if budget:
+            unchecked = _estimate("", shape, replace(setup, checkpointing=False)).allocated_peak
+            setup = replace(setup, checkpointing=unchecked > UNCHECKPOINTED_SHARE[device] * budget)
     return setup
 
 
-def cpu_activation_checkpointing(recipe: Recipe, config) -> bool:
-    """Whether a CPU run checkpoints activations: as the recipe says, else only where memory needs it.
+def checkpointing_is_default(training: dict, strategy: str, gpus: int) -> bool:
+    """Whether this stack decides activation checkpointing: the recipe leaves it unset and no
+    sharding strategy owns it (FSDP wraps it into its own config, and neither FSDP's nor ZeRO's
+    memory is measured yet, so both keep it on)."""
+    sharded = gpus > 1 and strategy in ("fsdp", "deepspeed")
+    return "activation_checkpointing" not in training and not sharded
 
-    Off unless the estimated peak without it exceeds CPU_UNCHECKPOINTED_SHARE of this machine's
-    memory; architectures the estimator does not know keep it on.
+
+def activation_checkpointing_default(
+    recipe: Recipe, config, *, device: str = "cpu", memory: int | None = None, gpus: int = 1
+) -> bool:
+    """Whether a run checkpoints activations: as the recipe says, else only where memory needs it.
+
+    Off unless the estimated peak without it exceeds UNCHECKPOINTED_SHARE of `memory` (one
+    device's; on the CPU this machine's by default). Architectures the estimator does not know,
+    and GPU runs whose memory is not given, keep it on.
     """
     try:
-        return resolve_setup(recipe, Shape.from_config(config), device="cpu").checkpointing
+        return resolve_setup(
+            recipe, Shape.from_config(config), device=device, gpus=gpus, memory=memory
+        ).checkpointing
     except RecipeError:
         return bool(check_training_keys(recipe.training, "<recipe>").get("activation_checkpointing", True))
 
@@ -390,13 +419,47 @@ class Estimate:
         }
 
 
-def estimate(recipe: Recipe, config, *, device: str = "cuda", gpus: int = 1) -> Estimate:
+def estimate(
+    recipe: Recipe, config, *, device: str = "cuda", gpus: int = 1, memory: int | None = None
+) -> Estimate:
+    """The run's memory on `device`; `memory` (bytes per device) decides the checkpointing default."""
     shape = Shape.from_config(config)
-    s = resolve_setup(recipe, shape, device=device, gpus=gpus)
+    s = resolve_setup(recipe, shape, device=device, gpus=gpus, memory=memory)
     est = _estimate(recipe.model.name, shape, s)
     flipped = _estimate(recipe.model.name, shape, replace(s, checkpointing=not s.checkpointing))
     est.other_checkpointing = flipped.allocated_peak
+    est.notes += _default_notes(recipe, shape, est, memory)
     return est
+
+
+def _default_notes(recipe: Recipe, shape: Shape, est: Estimate, memory: int | None) -> list[str]:
+    """How this stack's defaults were decided for this estimate, where the recipe leaves them unset."""
+    s, notes = est.setup, []
+    training = check_training_keys(recipe.training, "<recipe>")
+    if checkpointing_is_default(training, s.strategy, s.gpus):
+        share = UNCHECKPOINTED_SHARE[s.device]
+        unchecked = est.other_checkpointing if s.checkpointing else est.allocated_peak
+        budget = memory if memory is not None else (physical_memory() if s.device == "cpu" else None)
+        where = "this machine's memory" if s.device == "cpu" else "the GPU memory a run can use"
+        if budget:
+            state, verdict = ("on", "over") if s.checkpointing else ("off", "within")
+            notes.append(
+                f"activation checkpointing {state} by default: the peak without it ({human(unchecked)}) is "
+                f"{verdict} {share:.0%} of {where} ({human(budget)})"
+            )
+        else:
+            notes.append(
+                f"activation checkpointing counted on (no GPU size given): a run turns it off by default "
+                f"where the peak without it ({human(unchecked)}) is at most {share:.0%} of {where}, i.e. on "
+                f"GPUs with {human(unchecked / share)} or more (--card or --gpu-memory decides it here)"
+            )
+    liger_missing = "use_liger_kernel" not in training and not installed("liger_kernel")
+    if s.device == "cuda" and liger_missing and shape.family == "llama":
+        notes.append(
+            "Liger's kernels counted off: liger-kernel is not installed here. GPU runs use them by default "
+            "where it is (the CUDA image has it); --set training.use_liger_kernel=true counts them"
+        )
+    return notes
 
 
 def _estimate(model: str, shape: Shape, s: Setup) -> Estimate:

@@ -18,6 +18,17 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def liger_supports(model_type: str) -> bool:
+    """Whether liger-kernel is installed and has kernels for this architecture (its own table)."""
+    if not installed("liger_kernel"):
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # noqa: BLE001 - a broken install (e.g. no Triton) means no kernels, not a crash
+        return False
+    return model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
 def hardware_problems(recipe: Recipe, training: dict, *, cuda: bool) -> list[str]:
     """Problems of `recipe` (with its checked `training` settings) on a machine with or without CUDA."""
     problems = []

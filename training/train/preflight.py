@@ -34,7 +34,7 @@ from training.errors import RecipeError
 from training.model.hub_files import cached_model_dir, dataset_cached, hub_cache, hub_offline, probe
 from training.model.tiny import SCHEME, resolve_model_name
 from training.recipe import Recipe
-from training.train.estimate import cpu_activation_checkpointing, estimate, human, physical_memory
+from training.train.estimate import activation_checkpointing_default, estimate, human, physical_memory
 from training.train.sft_config import check_training_keys
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def cpu_problems(recipe: Recipe) -> list[str]:
     accumulation = int(training.get("gradient_accumulation_steps", 1))
     tokens = batch * accumulation * recipe.data.max_length
     weights = linear_weights(config, recipe.model.trust_remote_code)
-    per_weight = 6 if cpu_activation_checkpointing(recipe, config) else 4
+    per_weight = 6 if activation_checkpointing_default(recipe, config, device="cpu") else 4
     rate = matmul_flops_per_second()
     seconds = per_weight * weights * tokens / rate
     problems = []

@@ -10,7 +10,16 @@ import torch
 from tests.training.train.peak import measure_training_peak
 from training import cli
 from training.recipe import load_recipe
-from training.train.estimate import GiB, estimate, load_config, parse_capacity
+from training.train.estimate import (
+    UNCHECKPOINTED_SHARE,
+    GiB,
+    activation_checkpointing_default,
+    checkpointing_is_default,
+    estimate,
+    load_config,
+    parse_capacity,
+)
+from training.train.hardware import installed, liger_supports
 from training.train.memtrack import LiveTensorMemory
 
 LLAMA_7B = "bench/configs/llama-2-7b.json"
@@ -138,3 +147,61 @@ def test_capacity_units():
     for bad in ("lots", "-3GiB", "12 parsecs"):
         with pytest.raises(Exception, match="--gpu-memory"):
             parse_capacity(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# The activation checkpointing default on GPUs: off where the peak without it fits 75% of the card
+
+
+def test_gpu_checkpointing_is_off_by_default_exactly_where_the_peak_without_it_fits():
+    recipe = load_recipe(SEED_7B)
+    config = load_config(recipe, LLAMA_7B)
+    unchecked = estimate(recipe, config, memory=None).other_checkpointing
+    share = UNCHECKPOINTED_SHARE["cuda"]
+    roomy, tight = int(unchecked / share) + 1, int(unchecked / share) - 1
+    assert activation_checkpointing_default(recipe, config, device="cuda", memory=roomy) is False
+    assert activation_checkpointing_default(recipe, config, device="cuda", memory=tight) is True
+    # No GPU size given (an estimate made on another machine): the recipe's default, on.
+    assert activation_checkpointing_default(recipe, config, device="cuda") is True
+    # The estimate then counts the run as it would train: without checkpointing, the bigger peak.
+    off = estimate(recipe, config, memory=roomy)
+    assert not off.setup.checkpointing and off.allocated_peak == unchecked
+    assert any("off by default" in note for note in off.notes)
+
+
+def test_gpu_checkpointing_default_yields_to_the_recipe_and_to_sharding():
+    config = load_config(load_recipe(SEED_7B), LLAMA_7B)
+    huge = 10_000 * GiB
+    on = load_recipe(SEED_7B, ["training.activation_checkpointing=true"])
+    assert activation_checkpointing_default(on, config, device="cuda", memory=huge) is True
+    off = load_recipe(SEED_7B, ["training.activation_checkpointing=false"])
+    assert activation_checkpointing_default(off, config, device="cuda", memory=GiB) is False
+    # FSDP and ZeRO own checkpointing in their own configs and are not measured yet: on.
+    fsdp = load_recipe(SEED_7B, ["distributed.strategy=fsdp"])
+    assert activation_checkpointing_default(fsdp, config, device="cuda", memory=huge, gpus=2) is True
+    assert not checkpointing_is_default(fsdp.training, "fsdp", 2)
+    assert activation_checkpointing_default(fsdp, config, device="cuda", memory=huge, gpus=1) is False
+
+
+def test_a_named_card_decides_the_checkpointing_default_in_the_estimate(capsys):
+    # Batch 2: the peak without checkpointing (about 30 GiB) fits an 80 GB card, not a 24 GB one.
+    small = ("--set", "training.per_device_train_batch_size=2")
+    code, out, _ = estimate_cli(capsys, *small, "--card", "h100-80gb")
+    assert code == 0 and "activation checkpointing off" in out and "off by default" in out
+    code, out, _ = estimate_cli(capsys, *small, "--card", "rtx4090-24gb")
+    assert code == 0 and "activation checkpointing on" in out and "on by default" in out
+    code, out, _ = estimate_cli(capsys, *small)
+    assert code == 0 and "activation checkpointing on" in out and "no GPU size given" in out
+
+
+def test_liger_is_counted_only_where_it_is_installed_or_asked_for():
+    recipe = load_recipe(SEED_7B)
+    config = load_config(recipe, LLAMA_7B)
+    if installed("liger_kernel"):
+        pytest.skip("liger-kernel is installed here")
+    assert liger_supports("llama") is False
+    default = estimate(recipe, config)
+    assert not default.setup.liger and any("liger-kernel is not installed" in n for n in default.notes)
+    asked = estimate(load_recipe(SEED_7B, ["training.use_liger_kernel=true"]), config)
+    assert asked.setup.liger and asked.allocated_peak < default.allocated_peak
+    assert not any("Liger" in n for n in asked.notes)

@@ -12,7 +12,7 @@ from training.model.lora_dropout import DroppedLinear
 from training.model.tiny import resolve_model_name
 from training.recipe import load_recipe
 from training.train.builder import build_trainer
-from training.train.estimate import cpu_activation_checkpointing, load_config
+from training.train.estimate import activation_checkpointing_default, load_config
 from training.train.loss import QLoRASFTTrainer
 from training.train.sft_config import build_sft_config, sft_kwargs
 
@@ -64,23 +64,23 @@ def test_plain_cpu_loss_head_matches_trls_loss_gradients_and_metrics(trainer):
     assert trainer._total_train_tokens - tokens_after_ours == int(batch["attention_mask"].sum())
 
 
-def test_cpu_defaults_group_batches_by_length_and_gpus_keep_random_batches():
+def test_batches_group_rows_by_length_on_every_device_unless_the_recipe_says():
     recipe = load_recipe(QUICK)
     assert sft_kwargs(recipe, CPU, "float32")["train_sampling_strategy"] == "group_by_length"
-    assert sft_kwargs(recipe, CUDA, "bfloat16")["train_sampling_strategy"] == "random"
+    assert sft_kwargs(recipe, CUDA, "bfloat16")["train_sampling_strategy"] == "group_by_length"
     chosen = load_recipe(QUICK, ["training.train_sampling_strategy=random"])
     assert sft_kwargs(chosen, CPU, "float32")["train_sampling_strategy"] == "random"
 
 
 def test_cpu_checkpointing_is_off_where_memory_allows_unless_the_recipe_says(tiny_dir):
     config = AutoConfig.from_pretrained(resolve_model_name("tiny://llama"))
-    assert cpu_activation_checkpointing(load_recipe(QUICK), config) is False
+    assert activation_checkpointing_default(load_recipe(QUICK), config) is False
     on = load_recipe(QUICK, ["training.activation_checkpointing=true"])
-    assert cpu_activation_checkpointing(on, config) is True
+    assert activation_checkpointing_default(on, config) is True
     # A 7B model's activations at the seed recipe's batch and length need it.
     long_rows = load_recipe(QUICK, ["data.max_length=4096", "training.per_device_train_batch_size=16"])
     big = load_config(long_rows, "bench/configs/llama-2-7b.json")
-    assert cpu_activation_checkpointing(long_rows, big) is True
+    assert activation_checkpointing_default(long_rows, big) is True
 
 
 def test_cpu_trainer_fuses_lora_dropout_into_lora_a(tiny_dir, tmp_path):

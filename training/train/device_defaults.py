@@ -1,0 +1,88 @@
+"""Defaults that depend on the device and the model, decided once the model is loaded.
+
+Where the recipe leaves them unset:
+
+  activation checkpointing   off where the estimated peak without it fits a share of the
+                             device's memory (training.train.estimate.UNCHECKPOINTED_SHARE):
+                             recomputing every layer costs about a third of a step
+  Liger's kernels (GPUs)     RMSNorm, RoPE and SwiGLU as Triton kernels, where liger-kernel is
+                             installed and knows the architecture (the CUDA image installs it)
+  LoRA dropout (CPU)         fused into lora_A (training.model.lora_dropout)
+
+A value in the recipe always wins. Every rank of a distributed run takes the same decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from training.model.lora_dropout import fuse_lora_dropout
+from training.recipe import Recipe
+from training.train.distributed import ranks
+from training.train.estimate import (
+    UNCHECKPOINTED_SHARE,
+    activation_checkpointing_default,
+    checkpointing_is_default,
+    human,
+    physical_memory,
+)
+from training.train.hardware import liger_supports
+from training.train.sft_config import check_training_keys
+
+log = logging.getLogger(__name__)
+
+
+def apply_model_defaults(recipe: Recipe, config, sft_args, device) -> None:
+    """Set the SFTConfig's device- and model-dependent defaults (before the trainer is built)."""
+    training = check_training_keys(recipe.training, "<recipe>")
+    if device.type == "cuda" and "use_liger_kernel" not in training:
+        sft_args.use_liger_kernel = liger_supports(config.model_type)
+        if sft_args.use_liger_kernel:
+            log.info("Liger's kernels (RMSNorm, RoPE, SwiGLU) on for %s (GPU default)", config.model_type)
+    world = ranks()
+    if not checkpointing_is_default(training, recipe.distributed.strategy, world.world_size):
+        return
+    if device.type == "cuda":
+        memory = gpu_memory_available()
+    else:  # the processes of a CPU run on one machine share its memory
+        machine = physical_memory()
+        memory = machine // world.local_world_size if machine else None
+    checkpointing = activation_checkpointing_default(
+        recipe, config, device=device.type, memory=memory, gpus=world.world_size
+    )
+    # TRL still reads the old name; TrainingArguments mirrors them only when it is built.
+    sft_args.activation_checkpointing = sft_args.gradient_checkpointing = checkpointing
+    share = f"{UNCHECKPOINTED_SHARE[device.type]:.0%} of "
+    budget = share + (human(memory) if memory else "this machine's memory")
+    budget += " of GPU memory" if device.type == "cuda" else ""
+    log.info(
+        "Activation checkpointing: %s",
+        f"on (the default unless the estimated peak without it is within {budget})"
+        if checkpointing
+        else f"off (the default where the estimated peak without it is within {budget}: "
+        "recomputing costs a third of a step)",
+    )
+
+
+def apply_trainer_defaults(trainer, device) -> None:
+    """What changes the trainer's model once peft has wrapped it."""
+    if device.type == "cpu":
+        # Same dropout, one byte of mask kept per element instead of two float copies of the input.
+        fused = fuse_lora_dropout(trainer.model)
+        if fused:
+            log.info("LoRA dropout fused into lora_A in %d layers (CPU default)", fused)
+
+
+def gpu_memory_available() -> int:
+    """Bytes this process can hold on its GPU: what is free plus what it already holds (the 4-bit
+    weights). The smallest over all ranks, so that every rank decides alike."""
+    index = torch.cuda.current_device()
+    free, _total = torch.cuda.mem_get_info(index)
+    available = free + torch.cuda.memory_reserved(index)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        smallest = torch.tensor([available], dtype=torch.int64, device=f"cuda:{index}")
+        torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+        available = int(smallest.item())
+    return available
