@@ -224,6 +224,18 @@ def test_dockerfile_takes_no_secret_and_runs_as_a_numeric_non_root_user(name):
         assert "/etc/jupyter/jupyter_server_config.py" in text
 
 
+def test_the_gpu_image_installs_what_gpu_runs_use_by_default():
+    # GPU runs turn Liger's kernels on by default only where liger-kernel is installed: the image must
+    # carry the speed extra, or every container run would quietly train without them.
+    import tomllib
+
+    text = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    extras = re.search(r"^ARG EXTRAS=(\S+)$", text, flags=re.M).group(1).split(",")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert {"serve", "notebook", "speed"} <= set(extras) <= set(project["optional-dependencies"])
+    assert any(r.startswith("liger-kernel==") for r in project["optional-dependencies"]["speed"])
+
+
 def test_the_llamacpp_image_builds_its_wheel_with_the_projects_script_and_runs_as_non_root():
     text = (ROOT / "docker" / "llamacpp.Dockerfile").read_text(encoding="utf-8")
     assert not re.search(r"^\s*(ARG|ENV)\s+\S*(TOKEN|SECRET|PASSWORD|API_KEY)", text, flags=re.M | re.I)
