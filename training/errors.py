@@ -23,3 +23,7 @@ class ModelLoadError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class OutOfMemory(UserError):
+    """The device ran out of memory mid-run: the message says which setting to change."""

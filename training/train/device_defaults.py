@@ -86,3 +86,26 @@ def gpu_memory_available() -> int:
         torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
         available = int(smallest.item())
     return available
+
+
+def out_of_memory_advice(recipe: Recipe, sft_args, step: int, error: BaseException) -> str:
+    """What to change after the device ran out of memory at `step`, naming the default that chose."""
+    training = check_training_keys(recipe.training, "<recipe>")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [f"out of memory while training, at step {step} ({first})"]
+    if not sft_args.activation_checkpointing and "activation_checkpointing" not in training:
+        share = UNCHECKPOINTED_SHARE["cuda" if sft_args.device.type == "cuda" else "cpu"]
+        lines += [
+            "activation checkpointing was off: this stack turns it off by default where the memory "
+            f"estimator's peak without it is within {share:.0%} of the memory the run can use, and here "
+            "the estimate fell short (or another process took memory since).",
+            "Run again with --set training.activation_checkpointing=true (make train: SET=...; about a "
+            "third slower, a fraction of the memory); the run resumes from its newest complete checkpoint.",
+        ]
+    else:
+        lines.append(
+            "Lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+            "rows per optimizer step) or data.max_length; `python -m training estimate --recipe R "
+            "--card NAME` shows what fits."
+        )
+    return "\n  ".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from training.atomic import move_into_place, remove_stale_partials, write_json
-from training.errors import CheckpointError, RecipeError
+from training.errors import CheckpointError, OutOfMemory, RecipeError
 from training.model.loading import compute_dtype, detect_device
 from training.recipe import Recipe
 from training.run_dir import ADAPTER, RUN_RECORD, RunDir
@@ -29,6 +29,7 @@ from training.runinfo import now, peak_memory_bytes
 from training.train import checkpoints as ckpt
 from training.train.builder import build_trainer
 from training.train.callbacks import GracefulStop
+from training.train.device_defaults import out_of_memory_advice
 from training.train.distributed import (
     Ranks,
     barrier,
@@ -89,6 +90,8 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
     try:
         with tracking as measured_peak:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
     finally:
         stop.uninstall()
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from tests.conftest import read_run, train_command, train_in_process
-from training.errors import CheckpointError
+from training.errors import CheckpointError, OutOfMemory
+from training.train import run as run_module
 from training.train.checkpoints import MARKER, checkpoints
+from training.train.throughput import Throughput
 
 QUICK = "recipes/quickstart.yaml"
 
@@ -231,3 +233,31 @@ def test_force_starts_over(interrupted_run, tmp_path):
     assert train_in_process(QUICK, tmp_path, "training.max_steps=3", force=True) == 0
     result = read_run(run)
     assert result["resumed_from"] is None and result["metrics"]["global_step"] == 3
+
+
+class _RunsOutOfMemoryAtStep2(Throughput):
+    # A GPU's allocator failing mid-step; the CPU's allocator raises a plain RuntimeError instead.
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().on_step_begin(args, state, control, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "advice"),
+    [
+        ((), "--set training.activation_checkpointing=true"),  # the default turned it off
+        (("training.activation_checkpointing=false",), "Lower training.per_device_train_batch_size"),
+    ],
+)
+def test_out_of_memory_names_the_setting_to_change(tiny_dir, tmp_path, monkeypatch, overrides, advice):
+    monkeypatch.setattr(run_module, "Throughput", _RunsOutOfMemoryAtStep2)
+    with pytest.raises(OutOfMemory) as raised:
+        train_in_process(QUICK, tmp_path, "training.max_steps=4", *overrides)
+    message = str(raised.value)
+    assert (
+        "out of memory while training, at step 2 (CUDA out of memory. Tried to allocate 2.00 GiB)" in message
+    )
+    assert advice in message
+    assert ("checkpointing was off: this stack turns it off by default" in message) == (not overrides)
+    assert not (tmp_path / "quickstart" / "adapter").exists()
