@@ -205,3 +205,63 @@ def test_liger_is_counted_only_where_it_is_installed_or_asked_for():
     asked = estimate(load_recipe(SEED_7B, ["training.use_liger_kernel=true"]), config)
     assert asked.setup.liger and asked.allocated_peak < default.allocated_peak
     assert not any("Liger" in n for n in asked.notes)
+
+
+def test_a_16_bit_layers_estimated_activations_are_what_autograd_saves(tiny_dir):
+    """The GPU path's per-layer activations (16-bit compute, peft's dropout, no checkpointing: the
+    largest term of a run that turns checkpointing off) against what autograd saves for one decoder
+    layer, computed as a GPU run computes it (bf16 autocast, bf16 LoRA weights) on this CPU. Dropout
+    masks count one byte per element, as CUDA keeps them (the CPU keeps them in the input's dtype)."""
+    from peft import get_peft_model
+
+    from training.data.prepare import prepare_data
+    from training.model.loading import Device, load_model, load_tokenizer
+    from training.model.lora import lora_config
+
+    recipe = load_recipe(
+        "recipes/quickstart.yaml",
+        [*FULL_BATCHES, "training.activation_checkpointing=false", "training.use_liger_kernel=false"],
+    )
+    model, _ = load_model(recipe.model, recipe.quantization, Device("cpu", "cpu", 1, True), torch.bfloat16)
+    model = get_peft_model(model, lora_config(recipe.lora, model))
+    for param in model.parameters():
+        if param.requires_grad:  # as TRL keeps a quantized model's LoRA weights
+            param.data = param.data.to(torch.bfloat16)
+    batch = recipe.training["per_device_train_batch_size"]
+    rows = prepare_data(recipe.data, load_tokenizer(recipe.model)).train["input_ids"][:batch]
+    input_ids = torch.tensor([ids[:MAX_LENGTH] for ids in rows])
+    assert input_ids.shape == (batch, MAX_LENGTH)  # full rows: no padding, as the estimate assumes
+
+    layer = model.base_model.model.model.layers[1]
+    inside = {"layer": False, "dropout": False}
+    saved: dict[int, int] = {}  # storage -> bytes on a GPU
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def flag(name, value):
+        return lambda *_args: inside.__setitem__(name, value)
+
+    layer.register_forward_pre_hook(flag("layer", True))
+    layer.register_forward_hook(flag("layer", False))
+    for module in layer.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_pre_hook(flag("dropout", True))
+            module.register_forward_hook(flag("dropout", False))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if inside["layer"] and storage.data_ptr() not in params:
+            saved.setdefault(storage.data_ptr(), tensor.numel() if inside["dropout"] else storage.nbytes())
+        return tensor
+
+    model.train()
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+
+    est = estimate(recipe, load_config(recipe), device="cuda")
+    layers = model.config.num_hidden_layers
+    terms = {t.name: t.bytes for t in est.phases[est.peak_phase]}
+    predicted = terms[f"saved activations ({layers} layers)"] / layers
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.02), (predicted, sum(saved.values()))
