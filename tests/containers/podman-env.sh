@@ -107,15 +107,24 @@ EOF
     || die "podman cannot run a container from $LOCAL_BASE_IMAGE (see the error above)"
 
   # 5. The Docker-compatible API socket that docker-compose talks to.
+  #    Both background processes start in / : one started in a checkout that is deleted later
+  #    (a CI clone) keeps a deleted working directory, and conmon, which the service starts for
+  #    every container, then fails ("Failed to get working directory", "write child: broken
+  #    pipe"). One left running like that by an earlier checkout is replaced.
   local sock=$PODMAN_SOCK
+  local service_pid=${sock%.sock}.pid
+  if _qlora_cwd_deleted "$service_pid"; then
+    say "the podman API service (pid $(cat "$service_pid")) runs in a deleted folder: restarting it"
+    _qlora_stop "$service_pid"
+  fi
   if curl -fsS --max-time 5 --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; then
     say "podman API already answers on $sock"
   else
     rm -f "$sock"
     local log=${sock%.sock}.log
     say "starting podman system service on unix://$sock (log: $log)"
-    setsid nohup podman --runtime runc system service --time=0 "unix://$sock" >"$log" 2>&1 </dev/null &
-    echo $! >"${sock%.sock}.pid"
+    (cd / && exec setsid nohup podman --runtime runc system service --time=0 "unix://$sock" >"$log" 2>&1 </dev/null) &
+    echo $! >"$service_pid"
     local i
     for i in $(seq 1 50); do
       curl -fsS --max-time 2 --unix-socket "$sock" http://d/_ping >/dev/null 2>&1 && break
@@ -130,15 +139,39 @@ EOF
   # 6. Podman runs healthchecks from systemd timers, and this machine has no systemd: every
   #    health status would stay "starting", so `compose up --wait` and `service_healthy` hang.
   local pump_pid=${sock%.sock}-healthcheck-pump.pid
+  if _qlora_cwd_deleted "$pump_pid"; then
+    say "the healthcheck pump (pid $(cat "$pump_pid")) runs in a deleted folder: restarting it"
+    _qlora_stop "$pump_pid"
+  fi
   if [ -f "$pump_pid" ] && grep -qs -- --healthcheck-pump "/proc/$(cat "$pump_pid")/cmdline"; then
     say "healthcheck pump already running (pid $(cat "$pump_pid"))"
   else
-    setsid nohup bash "$QLORA_PODMAN_ENV_SCRIPT" --healthcheck-pump \
-      >"${sock%.sock}-healthcheck-pump.log" 2>&1 </dev/null &
+    (cd / && exec setsid nohup bash "$QLORA_PODMAN_ENV_SCRIPT" --healthcheck-pump \
+      >"${sock%.sock}-healthcheck-pump.log" 2>&1 </dev/null) &
     echo $! >"$pump_pid"
     say "started the healthcheck pump (pid $!): runs each container's healthcheck at its interval"
   fi
 )
+
+# Whether the process whose pid is in file $1 runs in a folder that has been deleted since.
+_qlora_cwd_deleted() {
+  [ -f "$1" ] || return 1
+  local cwd
+  cwd=$(readlink "/proc/$(cat "$1")/cwd" 2>/dev/null) || return 1
+  [[ "$cwd" == *" (deleted)" ]]
+}
+
+# Stop the process whose pid is in file $1 (waiting up to 10 s for it to go) and forget it.
+_qlora_stop() {
+  local pid i
+  pid=$(cat "$1")
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  rm -f "$1"
+}
 
 # What systemd timers do for podman elsewhere: run `podman healthcheck run` for every running
 # container that has a healthcheck, once per its interval (Docker's default 30 s when unset).
