@@ -18,15 +18,16 @@ import logging
 
 import torch
 
+from training.errors import RecipeError
 from training.model.lora_dropout import fuse_lora_dropout
 from training.recipe import Recipe
 from training.train.distributed import ranks
 from training.train.estimate import (
     UNCHECKPOINTED_SHARE,
-    activation_checkpointing_default,
     checkpointing_is_default,
-    human,
-    physical_memory,
+    checkpointing_reason,
+    estimate,
+    memory_budget,
 )
 from training.train.hardware import liger_supports
 from training.train.sft_config import check_training_keys
@@ -44,26 +45,16 @@ def apply_model_defaults(recipe: Recipe, config, sft_args, device) -> None:
     world = ranks()
     if not checkpointing_is_default(training, recipe.distributed.strategy, world.world_size):
         return
-    if device.type == "cuda":
-        memory = gpu_memory_available()
-    else:  # the processes of a CPU run on one machine share its memory
-        machine = physical_memory()
-        memory = machine // world.local_world_size if machine else None
-    checkpointing = activation_checkpointing_default(
-        recipe, config, device=device.type, memory=memory, gpus=world.world_size
-    )
+    budget = memory_budget(device.type, gpu_memory_available() if device.type == "cuda" else None)
+    try:
+        est = estimate(recipe, config, device=device.type, gpus=world.world_size, memory=budget)
+    except RecipeError:  # an architecture the estimator does not know: the recipe's default, on
+        checkpointing, reason = True, "on (the memory estimator does not know this architecture)"
+    else:
+        checkpointing, reason = est.setup.checkpointing, checkpointing_reason(est, budget)
     # TRL still reads the old name; TrainingArguments mirrors them only when it is built.
     sft_args.activation_checkpointing = sft_args.gradient_checkpointing = checkpointing
-    share = f"{UNCHECKPOINTED_SHARE[device.type]:.0%} of "
-    budget = share + (human(memory) if memory else "this machine's memory")
-    budget += " of GPU memory" if device.type == "cuda" else ""
-    log.info(
-        "Activation checkpointing: %s",
-        f"on (the default unless the estimated peak without it is within {budget})"
-        if checkpointing
-        else f"off (the default where the estimated peak without it is within {budget}: "
-        "recomputing costs a third of a step)",
-    )
+    log.info("Activation checkpointing %s", reason)
 
 
 def apply_trainer_defaults(trainer, device) -> None:

@@ -47,7 +47,7 @@ from training.errors import RecipeError
 from training.model.lora import AUTO_TARGETS
 from training.model.tiny import resolve_model_name
 from training.recipe import Recipe
-from training.train.distributed import zero_stage
+from training.train.distributed import ranks, zero_stage
 from training.train.hardware import installed, liger_supports
 from training.train.sft_config import check_training_keys
 
@@ -266,8 +266,9 @@ def resolve_setup(
 ) -> Setup:
     """The run's settings on `device`: the recipe's, else this stack's defaults there.
 
-    `memory` (bytes) is what one device can hold, for the activation checkpointing default; on the
-    CPU it defaults to this machine's memory. A GPU run without it keeps checkpointing on.
+    `memory` (bytes) is what one device can hold, for the activation checkpointing default
+    (memory_budget: on the CPU this process's share of the machine by default; a GPU run without
+    it keeps checkpointing on).
     """
 
     training = check_training_keys(recipe.training, "<recipe>")  # values typed, old names moved over
@@ -329,11 +330,20 @@ def resolve_setup(
         dora=lora.use_dora,
     )
     if checkpointing_is_default(training, setup.strategy, gpus):
-        budget = memory if memory is not None else (physical_memory() if device == "cpu" else None)
+        budget = memory_budget(device, memory)
         if budget:
             unchecked = _estimate("", shape, replace(setup, checkpointing=False)).allocated_peak
             setup = replace(setup, checkpointing=unchecked > UNCHECKPOINTED_SHARE[device] * budget)
     return setup
+
+
+def memory_budget(device: str, memory: int | None = None) -> int | None:
+    """The memory the checkpointing default weighs against: `memory` where given, else on the CPU
+    this machine's memory divided among the run's processes on it; on a GPU, unknown (None)."""
+    if memory is not None or device != "cpu":
+        return memory
+    machine = physical_memory()
+    return machine // ranks().local_world_size if machine else None
 
 
 def checkpointing_is_default(training: dict, strategy: str, gpus: int) -> bool:
@@ -431,31 +441,36 @@ def estimate(
     est = _estimate(recipe.model.name, shape, s)
     flipped = _estimate(recipe.model.name, shape, replace(s, checkpointing=not s.checkpointing))
     est.other_checkpointing = flipped.allocated_peak
-    est.notes += _default_notes(recipe, shape, est, memory)
+    est.notes += _default_notes(recipe, shape, est, memory_budget(device, memory))
     return est
 
 
-def _default_notes(recipe: Recipe, shape: Shape, est: Estimate, memory: int | None) -> list[str]:
+def checkpointing_reason(est: Estimate, budget: int | None) -> str:
+    """Why the default turned activation checkpointing on or off for this estimate, against `budget`
+    (memory_budget's): the figures the decision compared."""
+    s = est.setup
+    share = UNCHECKPOINTED_SHARE[s.device]
+    unchecked = est.other_checkpointing if s.checkpointing else est.allocated_peak
+    where = "this machine's memory" if s.device == "cpu" else "the GPU memory a run can use"
+    if not budget:
+        return (
+            f"counted on (no GPU size given): a run turns it off by default where the peak without it "
+            f"({human(unchecked)}) is at most {share:.0%} of {where}, i.e. on GPUs with "
+            f"{human(unchecked / share)} or more (--card or --gpu-memory decides it here)"
+        )
+    state, verdict = ("on", "over") if s.checkpointing else ("off", "within")
+    return (
+        f"{state} by default: the peak without it ({human(unchecked)}) is {verdict} {share:.0%} of "
+        f"{where} ({human(budget)})"
+    )
+
+
+def _default_notes(recipe: Recipe, shape: Shape, est: Estimate, budget: int | None) -> list[str]:
     """How this stack's defaults were decided for this estimate, where the recipe leaves them unset."""
     s, notes = est.setup, []
     training = check_training_keys(recipe.training, "<recipe>")
     if checkpointing_is_default(training, s.strategy, s.gpus):
-        share = UNCHECKPOINTED_SHARE[s.device]
-        unchecked = est.other_checkpointing if s.checkpointing else est.allocated_peak
-        budget = memory if memory is not None else (physical_memory() if s.device == "cpu" else None)
-        where = "this machine's memory" if s.device == "cpu" else "the GPU memory a run can use"
-        if budget:
-            state, verdict = ("on", "over") if s.checkpointing else ("off", "within")
-            notes.append(
-                f"activation checkpointing {state} by default: the peak without it ({human(unchecked)}) is "
-                f"{verdict} {share:.0%} of {where} ({human(budget)})"
-            )
-        else:
-            notes.append(
-                f"activation checkpointing counted on (no GPU size given): a run turns it off by default "
-                f"where the peak without it ({human(unchecked)}) is at most {share:.0%} of {where}, i.e. on "
-                f"GPUs with {human(unchecked / share)} or more (--card or --gpu-memory decides it here)"
-            )
+        notes.append(f"activation checkpointing {checkpointing_reason(est, budget)}")
     liger_missing = "use_liger_kernel" not in training and not installed("liger_kernel")
     if s.device == "cuda" and liger_missing and shape.family == "llama":
         notes.append(
