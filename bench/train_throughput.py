@@ -112,18 +112,35 @@ def common_overrides(steps: int) -> list[str]:
     ]
 
 
+def switch_backs(variant: Variant) -> list[tuple[object, str, object]]:
+    """The stack's names a variant replaces, as (module, name, replacement), to switch a CPU default back.
+
+    Each name must exist where it is replaced: a default that moves must move here too, or the
+    variant would silently measure the recipe as shipped (tests/bench checks each one).
+    """
+    from training.train import builder, device_defaults
+
+    found = []
+    if variant.trl_loss_head:
+        from trl import SFTTrainer
+
+        found.append(
+            (builder, "QLoRASFTTrainer", SFTTrainer)
+        )  # what the stack built before its CPU loss head
+    if variant.peft_dropout:
+        found.append((device_defaults, "fuse_lora_dropout", lambda model: 0))  # peft's dropout modules stay
+    return found
+
+
 def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict:
     from training.recipe import load_recipe
-    from training.train import builder
     from training.train.run import run_training
 
     chosen = VARIANTS[variant]
-    if chosen.trl_loss_head:
-        from trl import SFTTrainer
-
-        builder.QLoRASFTTrainer = SFTTrainer  # what the stack built before its CPU loss head
-    if chosen.peft_dropout:
-        builder.fuse_lora_dropout = lambda model: 0  # peft's own dropout modules stay
+    for module, name, replacement in switch_backs(chosen):
+        if not hasattr(module, name):
+            raise SystemExit(f"{variant}: {module.__name__} has no {name} to switch back")
+        setattr(module, name, replacement)
     overrides = [*common_overrides(steps), f"output.dir={out_dir}", *chosen.overrides]
     recipe = load_recipe(recipe_path, overrides)
     assert run_training(recipe, recipe_path, measure_memory=chosen.measure_memory) == 0
