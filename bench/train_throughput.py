@@ -151,6 +151,7 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
         "steady_tokens_per_second": metrics["steady_tokens_per_second"],
         # Tensor memory during training alone (what `python -m training estimate` predicts).
         "peak_train_bytes": metrics.get("peak_memory_bytes"),
+        "estimated_peak_bytes": metrics.get("estimated_peak_memory_bytes"),
     }
 
 
@@ -470,9 +471,16 @@ def main() -> None:
                 runs[variant].append(measure(variant, args.recipe, args.steps))
             r = runs[variant][-1]
             memory = r.get("peak_cuda_bytes") or r["peak_rss_bytes"]
+            # Training's tensor peak beside what the estimator predicts for it, in the same unit.
+            trained, estimated = r.get("peak_train_bytes"), r.get("estimated_peak_bytes")
+            check = (
+                f", training {trained / 2**30:.2f} GiB vs {estimated / 2**30:.2f} estimated"
+                if trained and estimated
+                else ""
+            )
             print(
                 f"[{i + 1}/{args.repeats}] {variant:<22} {r['tokens_per_second']:8.0f} tokens/s, "
-                f"{r['tokens'] / args.steps:6.0f} tokens/step, peak {memory / 2**30:5.2f} GiB "
+                f"{r['tokens'] / args.steps:6.0f} tokens/step, peak {memory / 2**30:5.2f} GiB{check} "
                 f"({time.perf_counter() - t:.0f} s with start-up)",
                 flush=True,
             )

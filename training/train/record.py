@@ -107,6 +107,8 @@ def log_summary(record: dict, run: RunDir) -> None:
         if m["peak_memory_bytes"] is not None
         else f"{human_size(m['peak_memory']['process_rss'])} (process RSS)"
     )
+    if m.get("estimated_peak_memory_bytes") and m["peak_memory_bytes"] is not None:
+        memory += f"; estimated {human_size(m['estimated_peak_memory_bytes'])} for rows of max_length tokens"
     lines += [
         f"  speed           {m['tokens_per_second']} tokens/s",
         f"  peak memory     {memory}",

@@ -39,10 +39,16 @@ from training.train.distributed import (
     process_group_environment,
     ranks,
 )
+from training.train.estimate import estimate
 from training.train.hardware import hardware_notes
 from training.train.memtrack import track_peak
 from training.train.record import log_summary, loss_metrics, run_record
-from training.train.sft_config import RESUMABLE_CHANGES, build_sft_config, save_total_limit
+from training.train.sft_config import (
+    RESUMABLE_CHANGES,
+    build_sft_config,
+    check_training_keys,
+    save_total_limit,
+)
 from training.train.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -110,6 +116,9 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
 
     metrics = loss_metrics(trainer, built.data.eval is not None)
     metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
+    metrics["estimated_peak_memory_bytes"] = _estimated_peak(
+        recipe, sft_args, trainer.model.config, device, world
+    )
     if world.world_size > 1:
         # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
         tps = metrics.get("tokens_per_second")
@@ -194,6 +203,22 @@ def _memory_metrics(measured_peak, world: Ranks) -> dict:
         metrics["peak_memory_bytes_per_rank"] = tensor_peaks
         metrics["peak_memory_per_rank"] = peaks
     return metrics
+
+
+def _estimated_peak(recipe: Recipe, sft_args, config, device, world: Ranks) -> int | None:
+    """What `python -m training estimate` predicts for this run with its defaults as they were decided,
+    recorded beside the measured peak so that every run checks the estimator (None where it does
+    not know the architecture)."""
+    training = check_training_keys(recipe.training, "<recipe>")
+    training.update(
+        activation_checkpointing=bool(sft_args.activation_checkpointing),
+        use_liger_kernel=bool(sft_args.use_liger_kernel),
+    )
+    as_run = recipe.model_copy(update={"training": training})
+    try:
+        return estimate(as_run, config, device=device.type, gpus=world.world_size).allocated_peak
+    except RecipeError:
+        return None
 
 
 def _save_adapter(trainer, run: RunDir, record: dict, world: Ranks) -> None:
