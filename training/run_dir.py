@@ -2,6 +2,8 @@
 
 outputs/<run>/
   recipe.json         the resolved recipe the run started with (checked on resume)
+  data_order.json     this stack's defaults that decide which rows each step sees, as the run
+                      started with them (a resumed run keeps them)
   checkpoints/        checkpoint-N/ with a completion marker; the newest complete one resumes
   adapter/            the finished peft adapter + tokenizer (chat_template) + run.json
   run.json            what the run did: data counts, losses, speed, memory, versions
@@ -45,6 +47,10 @@ class RunDir:
     @property
     def recipe_json(self) -> Path:
         return self.path / "recipe.json"
+
+    @property
+    def data_order_json(self) -> Path:
+        return self.path / "data_order.json"
 
     @property
     def checkpoints(self) -> Path:

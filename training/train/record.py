@@ -52,6 +52,7 @@ def run_record(
             "max_length": recipe.data.max_length,
             "packing": recipe.data.packing,
             "completion_only_loss": recipe.data.loss_on_completion_only,
+            "train_sampling_strategy": trainer.args.train_sampling_strategy,
         },
         "resumed_from": str(checkpoint) if checkpoint else None,
         "history": history(trainer.state.log_history),

@@ -53,6 +53,9 @@ from training.train.throughput import Throughput
 
 log = logging.getLogger(__name__)
 
+# This stack's defaults that decide which rows each step sees (sft_config.sft_kwargs).
+DATA_ORDER_DEFAULTS = ("train_sampling_strategy",)
+
 
 def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_memory: bool = False) -> int:
     """Train, resuming where an earlier run of the same recipe stopped. Returns an exit code.
@@ -80,6 +83,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
     if _finished_already(run, recipe, world, force=force):
         return 0
     checkpoint = _resume_point(run, recipe, world)
+    _keep_data_order(run, recipe, sft_args, checkpoint, world)
 
     stop, throughput = GracefulStop(world), Throughput()
     built = build_trainer(
@@ -172,6 +176,41 @@ def _resume_point(run: RunDir, recipe: Recipe, world: Ranks) -> Path | None:
     elif world.is_main:
         write_json(run.recipe_json, recipe.to_dict())
     return checkpoint
+
+
+def _keep_data_order(run: RunDir, recipe: Recipe, sft_args, checkpoint: Path | None, world: Ranks) -> None:
+    """Record this stack's data-order defaults when a run starts; resume with the recorded ones.
+
+    The Trainer resumes mid-epoch by skipping the batches already trained in the order its sampler
+    gives. A default that changed since the run started (length-grouped batches on GPUs since
+    2026-12-06) would give another order: some rows of that epoch trained twice, others never.
+    """
+    if checkpoint is None:
+        if world.is_main:
+            write_json(run.data_order_json, {key: getattr(sft_args, key) for key in DATA_ORDER_DEFAULTS})
+        return
+    training = check_training_keys(recipe.training, "<recipe>")
+    if not run.data_order_json.is_file():
+        log.warning(
+            "%s started before this stack recorded its data-order defaults; it resumes with "
+            "train_sampling_strategy=%s. If it started with another (GPU runs before 2026-12-06 used "
+            'random), write {"train_sampling_strategy": "random"} to %s and run again, or the rest of '
+            "this epoch may repeat some rows and skip others.",
+            run.path,
+            sft_args.train_sampling_strategy,
+            run.data_order_json,
+        )
+        return
+    recorded = json.loads(run.data_order_json.read_text(encoding="utf-8"))
+    for key, value in recorded.items():
+        if key in DATA_ORDER_DEFAULTS and key not in training and getattr(sft_args, key) != value:
+            log.info(
+                "Resuming with %s=%s, as this run started (the default is now %s)",
+                key,
+                value,
+                getattr(sft_args, key),
+            )
+            setattr(sft_args, key, value)
 
 
 def _stopped(trainer, run: RunDir, record: dict, signum: int, world: Ranks) -> int:

@@ -34,6 +34,10 @@ def test_quickstart_qlora_lowers_eval_loss_and_records_the_run(quickstart_run):
     data = run["data"]
     assert data["train"]["rows"] + data["eval"]["rows"] == 80 and data["train"]["rows_skipped_bad"] == 0
     assert data["max_length"] == 256 and data["completion_only_loss"] is True and data["packing"] is False
+    assert data["train_sampling_strategy"] == "group_by_length"
+    assert json.loads((quickstart_run / "data_order.json").read_text()) == {
+        "train_sampling_strategy": "group_by_length"
+    }
     assert data["train"]["loss_tokens"] < data["train"]["tokens"]  # prompts are masked out
     assert metrics["tokens_per_second"] > 0 and metrics["steady_tokens_per_second"] > 0
     assert metrics["peak_memory"]["process_rss"] > 0
@@ -145,6 +149,28 @@ def test_resume_refuses_a_changed_recipe(interrupted_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"changed: lora.r: 16 -> 8") as caught:
         train_in_process(QUICK, tmp_path, "lora.r=8", "eval.tasks=[kobest]", "training.max_steps=400")
     assert "eval" not in str(caught.value)  # how a run is judged does not change its checkpoints
+
+
+def test_resume_keeps_the_data_order_defaults_the_run_started_with(interrupted_run, tmp_path, caplog):
+    """A run started under another default (as GPU runs before length-grouped batches did) resumes
+    with the batches it started with, so that the rest of its epoch is the same rows; a run from
+    before the record resumes with today's default and says how to pin the old one."""
+    caplog.set_level(logging.INFO, logger="training")
+    run = copy_run(interrupted_run, tmp_path)
+    step, _ = checkpoints(run / "checkpoints")[0]
+    (run / "data_order.json").write_text('{"train_sampling_strategy": "random"}')
+    assert train_in_process(QUICK, tmp_path, f"training.max_steps={step + 1}") == 0
+    assert read_run(run)["data"]["train_sampling_strategy"] == "random"
+    assert "Resuming with train_sampling_strategy=random, as this run started" in caplog.text
+    assert json.loads((run / "data_order.json").read_text()) == {"train_sampling_strategy": "random"}
+
+    caplog.clear()
+    legacy = copy_run(interrupted_run, tmp_path / "legacy")
+    (legacy / "data_order.json").unlink()
+    assert train_in_process(QUICK, tmp_path / "legacy", f"training.max_steps={step + 1}") == 0
+    assert read_run(legacy)["data"]["train_sampling_strategy"] == "group_by_length"
+    assert "started before this stack recorded its data-order defaults" in caplog.text
+    assert str(legacy / "data_order.json") in caplog.text
 
 
 def test_resume_refuses_a_checkpoint_without_optimizer_state(interrupted_run, tmp_path):
