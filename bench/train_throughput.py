@@ -24,11 +24,10 @@ The peers' environments go to ~/.cache/qlora-stack/bench-venvs (--peer-venv-root
 first use (a few minutes and 2-8 GB each); --peer-venv NAME=DIR uses an existing one after
 checking its pinned version.
 
-MFU counts model FLOPs the way PaLM's appendix does, 6 N + 12 L h s per token (N: the
-parameters of every matmul including the output head; L layers, h hidden size, s the mean
-sequence length), over the GPU's dense bf16 peak. LoRA computes no gradients for the
-frozen weights, so the GPU really does about 4 N + recomputation per token; the 6 N
-convention keeps the figure comparable with full fine-tuning reports.
+MFU is reported on two bases over the GPU's dense bf16 peak (bench/mfu.py): the model basis,
+6 N + 12 L h s per token as PaLM's appendix counts it (comparable with full fine-tuning
+reports), and the LoRA basis, 4 N + 6 N_lora + 12 L h s, what LoRA training needs (no weight
+gradients for the frozen matmuls). Recomputation counts on neither.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mfu import flop_terms, flops_per_token, lora_targets, peak_flops
 from peers import PEERS, command, default_venv_root, ensure_venv, installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +99,6 @@ VARIANTS = {
     **{name: Variant() for name in PEERS},
 }
 DEFAULT_VARIANTS = "tutorial,recipe,recipe+packing"
-# Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, in TFLOP/s.
-GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0}
 
 
 def common_overrides(steps: int) -> list[str]:
@@ -153,24 +151,6 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
         "peak_train_bytes": metrics.get("peak_memory_bytes"),
         "estimated_peak_bytes": metrics.get("estimated_peak_memory_bytes"),
     }
-
-
-def flops_per_token(config, seq_len: float) -> float | None:
-    """Model FLOPs per trained token: 6 N (forward and backward of every matmul) + 12 L h s (attention)."""
-    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    if config.model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o; k, v
-        mlp = 3 * h * inter  # gate, up, down
-    elif config.model_type == "gpt_neox":
-        attention = 4 * h * h  # query_key_value (3 h^2) and dense (h^2)
-        mlp = 2 * h * inter
-    else:
-        return None
-    matmul_params = layers * (attention + mlp) + h * config.vocab_size  # + the output head
-    return 6 * matmul_params + 12 * layers * h * seq_len
 
 
 def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
@@ -242,7 +222,6 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
 
     from training.data.prepare import prepare_data
     from training.model.loading import compute_dtype, detect_device, load_tokenizer
-    from training.model.lora import AUTO_TARGETS
     from training.model.tiny import resolve_model_name
     from training.recipe import load_recipe
     from training.train.device_defaults import gpu_memory_available
@@ -288,11 +267,7 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     model_dir = resolve_model_name(recipe.model.name)
     config = AutoConfig.from_pretrained(model_dir)
     lora, training = recipe.lora, recipe.training
-    if lora.target_modules == "auto":
-        auto = AUTO_TARGETS[config.model_type]
-        targets = auto["attention"] + (auto["mlp"] if lora.include_mlp else [])
-    else:
-        targets = list(lora.target_modules)
+    targets = lora_targets(lora.target_modules, lora.include_mlp, config)
     memory = gpu_memory_available() if device.type == "cuda" else None
     checkpointing = activation_checkpointing_default(recipe, config, device=device.type, memory=memory)
     settings = {
@@ -329,9 +304,10 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
         else:
             result = run_recipe(recipe_path, int(steps), out, variant)
     recipe = load_recipe(recipe_path, [])
-    batch = recipe.training.get("per_device_train_batch_size", 8)
     config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
-    result["flops_per_token"] = flops_per_token(config, result["tokens"] / int(steps) / batch)
+    targets = lora_targets(recipe.lora.target_modules, recipe.lora.include_mlp, config)
+    result["flop_terms"] = flop_terms(config, recipe.lora.r, targets)
+    result["batch"] = recipe.training.get("per_device_train_batch_size", 8)
     if torch.cuda.is_available():
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         result["gpu"] = torch.cuda.get_device_name()
@@ -378,6 +354,7 @@ def measure_peer(name: str, venv: Path, peer_data: Path, steps: int) -> dict:
         "tokens": figures["tokens_trained"],
         "seconds": figures["train_seconds"],
         "steady_tokens_per_second": figures["steady_tokens_per_second"],
+        **{key: figures[key] for key in ("peak_cuda_bytes", "gpu") if key in figures},
     }
     return with_rss(result, usage)
 
@@ -389,13 +366,18 @@ def with_rss(result: dict, usage) -> dict:
     return result
 
 
-def peak_flops(gpu: str | None, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    for name, tflops in GPU_PEAK_TFLOPS.items():
-        if gpu and name in gpu:
-            return tflops * 1e12
-    return None
+def mfus(summary: dict, gpu: str | None, model: dict | None, peak_tflops: float | None) -> dict:
+    """MFU on the model basis (6 N) and on the LoRA basis (4 N + adapters): bench/mfu.py."""
+    peak = peak_flops(gpu, peak_tflops)
+    if not (peak and model and model["flop_terms"]):
+        return {"mfu": None, "mfu_lora": None}
+    seq_len = summary["tokens_per_step"] / model["batch"]
+    return {
+        f"mfu{suffix}": round(
+            summary["tokens_per_second"] * flops_per_token(model["flop_terms"], seq_len, basis) / peak, 4
+        )
+        for suffix, basis in (("", "model"), ("_lora", "lora"))
+    }
 
 
 def main() -> None:
@@ -486,6 +468,8 @@ def main() -> None:
             )
 
     summary = {}
+    # The model and batch every variant trains (peers included), as the recipe's runs report them.
+    model = next((r for results in runs.values() for r in results if r.get("flop_terms")), None)
     for variant, results in runs.items():
         memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in results[0] else "peak_rss_bytes"
         summary[variant] = {
@@ -494,11 +478,7 @@ def main() -> None:
             "peak_memory_bytes": int(statistics.median(r[memory_key] for r in results)),
             "memory_measure": memory_key,
         }
-        peak = peak_flops(results[0].get("gpu"), args.peak_tflops)
-        flops = results[0].get("flops_per_token")
-        summary[variant]["mfu"] = (
-            round(summary[variant]["tokens_per_second"] * flops / peak, 4) if peak and flops else None
-        )
+        summary[variant].update(mfus(summary[variant], results[0].get("gpu"), model, args.peak_tflops))
     base = summary["tutorial"]
     for s in summary.values():
         s["speed_vs_tutorial"] = round(s["tokens_per_second"] / base["tokens_per_second"], 2)
@@ -517,14 +497,15 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"\n{'variant':<22}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}{'MFU':>7}"
+        f"\n{'variant':<22}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}"
+        f"{'MFU':>7}{'LoRA MFU':>10}"
     )
     for variant, s in summary.items():
-        mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "-"
+        mfu, lora = (f"{s[k]:.1%}" if s[k] is not None else "-" for k in ("mfu", "mfu_lora"))
         print(
             f"{variant:<22}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
             f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x"
-            f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}"
+            f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}{lora:>10}"
         )
     print(f"-> {args.json}")
 

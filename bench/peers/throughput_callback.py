@@ -3,7 +3,7 @@
 The class is loaded from training/train/throughput.py by path ($BENCH_THROUGHPUT), so the
 peers are timed by the same code as the recipe, without importing this stack or its
 dependencies. At the end of training the main process writes its figures as JSON to
-$PEER_RESULT.
+$PEER_RESULT (on a GPU with its peak CUDA memory, so that the bench compares like with like).
 """
 
 from __future__ import annotations
@@ -28,5 +28,14 @@ class PeerThroughput(_module.Throughput):
         control = super().on_train_end(args, state, control, **kwargs)
         if state.is_world_process_zero:
             with open(os.environ["PEER_RESULT"], "w", encoding="utf-8") as f:
-                json.dump(self.as_dict(), f)
+                json.dump({**self.as_dict(), **_gpu_figures()}, f)
         return control
+
+
+def _gpu_figures() -> dict:
+    """On a GPU, its name and the peak CUDA memory allocated, as the bench records for the recipe."""
+    import torch  # the peer's own
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_cuda_bytes": torch.cuda.max_memory_allocated(), "gpu": torch.cuda.get_device_name()}
