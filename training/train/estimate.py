@@ -29,7 +29,7 @@ Checked against measured peaks on the CPU, and the per-layer activations of the 
 peft's dropout) against what autograd saves under bf16 autocast (tests/training/train/test_estimate.py).
 On GPUs (BENCHMARKS.md, the 7B bench) the allocated peak was 4-5% over the estimate with
 checkpointing and within 1% of it without, once each layer's SDPA bias is counted (before, the
-estimate was 7% under there).
+estimate was 7% under there). Every run records the estimate beside its measured peak in run.json.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ HEAD_VOCAB_CHUNK = 32768
 # - cpu: of the machine's physical memory (other processes and the page cache live there too).
 # - cuda: of the GPU memory the process can use (free + what it already holds). Without
 #   checkpointing the estimate is within 1% of the allocated peaks measured on the 7B bench
-#   (61.6 vs 61.4 GB, 71.6 vs 71.7 GB, BENCHMARKS.md "GPU (H200)"), and the allocator reserves up
+#   (61.6 vs 61.4 GB, 71.6 vs 71.7 GB, BENCHMARKS.md "GPU (H200)": figures that run did not keep
+#   raw, so the next GPU run confirms them; were they GiB, 7% under), and the allocator reserves up
 #   to about a tenth more, so a predicted 75% lands near 83% of the card: room left for an error
 #   of the estimate as large as the 4-5% seen with checkpointing, no out-of-memory error mid-run.
 UNCHECKPOINTED_SHARE = {"cpu": 0.25, "cuda": 0.75}
