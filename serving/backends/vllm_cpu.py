@@ -212,6 +212,10 @@ class VLLMCPU(VLLM):
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
+            # vLLM's engine leaves its shared memory and a semaphore to Python's resource tracker,
+            # which frees them when the server stops and warns that it did, on every stop
+            # (vllm-project/vllm#8933; "safe to ignore", #5439): nothing a user can act on.
+            "PYTHONWARNINGS": "ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker",
         }
         if api_key:
             env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it

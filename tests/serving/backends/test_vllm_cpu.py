@@ -24,7 +24,7 @@ from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
 from serving.launcher import vllm_python
 from serving.model_dir import ModelDir
-from tests.serving.conftest import API_KEY, ServerProcess
+from tests.serving.conftest import API_KEY, VLLM_START_TIMEOUT, ServerProcess
 from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
 from training.data.templates import BUILTIN_TEMPLATES
 from training.model.tiny import ARCHITECTURES as TINY_ARCHITECTURES
@@ -208,6 +208,22 @@ def test_serve_falls_back_to_the_local_server_and_says_why(merged_model, tmp_pat
     log = "".join(server.output)
     assert f"vLLM cannot serve {narrow} on this machine: its attention heads are 16 wide" in log
     assert "serving it with the local server" in log
+
+
+def test_a_stopped_server_exits_cleanly_without_the_resource_trackers_warnings(merged_model, vllm_env):
+    """Stopped as Ctrl-C or `docker stop` stops it: status 0, and none of the 'leaked shared_memory'
+    warnings Python's resource tracker prints for the memory vLLM's engine leaves it to free
+    (vllm-project/vllm#8933), which users would otherwise read on every stop."""
+    server = ServerProcess(merged_model, "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT)
+    try:
+        with ServingClient(server.url, api_key=API_KEY) as client:
+            assert client.generate("Hello", max_new_tokens=2).generated_tokens >= 1
+    finally:
+        status = server.stop()
+    log = "".join(server.output)
+    assert status == 0, log[-3000:]
+    assert "Application shutdown complete" in log  # it shut down, rather than being killed
+    assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
 
 
 # --- the real server: vllm_server, the merged quickstart model -------------------------------
