@@ -94,6 +94,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
         callbacks=[ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput],
     )
     trainer = built.trainer
+    estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
     stop.install()
     # The peak the memory estimator predicts (python -m training estimate), measured the same way.
     tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
@@ -120,9 +121,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
 
     metrics = loss_metrics(trainer, built.data.eval is not None)
     metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
-    metrics["estimated_peak_memory_bytes"] = _estimated_peak(
-        recipe, sft_args, trainer.model.config, device, world
-    )
+    metrics["estimated_peak_memory_bytes"] = estimated_peak
     if world.world_size > 1:
         # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
         tps = metrics.get("tokens_per_second")
@@ -256,7 +255,10 @@ def _estimated_peak(recipe: Recipe, sft_args, config, device, world: Ranks) -> i
     as_run = recipe.model_copy(update={"training": training})
     try:
         return estimate(as_run, config, device=device.type, gpus=world.world_size).allocated_peak
-    except RecipeError:
+    except RecipeError:  # an architecture or a setting it does not model
+        return None
+    except Exception as e:  # noqa: BLE001 - a figure for the record must never stop a run
+        log.warning("The memory estimate for run.json failed (%s: %s); training goes on", type(e).__name__, e)
         return None
 
 
