@@ -27,9 +27,10 @@ full: every row max_length tokens, with padding in the batch (masked attention).
 
 Checked against measured peaks on the CPU, and the per-layer activations of the GPU path (16-bit,
 peft's dropout) against what autograd saves under bf16 autocast (tests/training/train/test_estimate.py).
-On GPUs (BENCHMARKS.md, the 7B bench) the allocated peak was 4-5% over the estimate with
-checkpointing and within 1% of it without, once each layer's SDPA bias is counted (before, the
-estimate was 7% under there). Every run records the estimate beside its measured peak in run.json.
+On GPUs (BENCHMARKS.md, the 7B bench, whose figures are GB or GiB: it says why the unit is
+uncertain) the allocated peak was 4-5% (or 11%) over the estimate with checkpointing and within
+1% of it (or 7% over) without, once each layer's SDPA bias is counted. Every run records the
+estimate beside its measured peak in run.json, which settles it on the next GPU run.
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ HEAD_VOCAB_CHUNK = 32768
 # - cpu: of the machine's physical memory (other processes and the page cache live there too).
 # - cuda: of the GPU memory the process can use (free + what it already holds). Without
 #   checkpointing the estimate is within 1% of the allocated peaks measured on the 7B bench
-#   (61.6 vs 61.4 GB, 71.6 vs 71.7 GB, BENCHMARKS.md "GPU (H200)": figures that run did not keep
-#   raw, so the next GPU run confirms them; were they GiB, 7% under), and the allocator reserves up
-#   to about a tenth more, so a predicted 75% lands near 83% of the card: room left for an error
-#   of the estimate as large as the 4-5% seen with checkpointing, no out-of-memory error mid-run.
+#   (61.6 vs 61.4 GB, 71.6 vs 71.7 GB, BENCHMARKS.md "GPU (H200)"; 7% under if those figures,
+#   whose raw data was not kept, are GiB), and the allocator reserves up to about a tenth more,
+#   so a predicted 75% lands near 83% of the card (88% if 7% under): room left, no out-of-memory
+#   error mid-run.
 UNCHECKPOINTED_SHARE = {"cpu": 0.25, "cuda": 0.75}
 
 # Outside torch's allocator, approximate: CUDA context with cuBLAS workspaces (0.3-0.6 GiB on
