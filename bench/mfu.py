@@ -17,61 +17,24 @@ from __future__ import annotations
 # Dense bf16 tensor-core peaks (no sparsity), from NVIDIA's data sheets, in TFLOP/s.
 GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0}
 
-# Architectures whose decoder layers have Llama's seven linear layers.
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
+def flop_terms(config, lora) -> dict | None:
+    """The model's share of the FLOPs per token, from the shapes the memory estimator reads off the
+    config: frozen matmul and adapter (`lora`: a recipe's lora section) parameters, and the
+    attention's FLOPs per token and per position of context; None for an architecture it does not know."""
+    from training.errors import RecipeError
+    from training.train.estimate import Shape, lora_target_names
 
-def linear_shapes(config) -> dict[str, tuple[int, int]] | None:
-    """(inputs, outputs) of each linear layer of one decoder layer, by name; None if unknown."""
-    h, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    if config.model_type in LLAMA_LIKE:
-        return {
-            "q_proj": (h, heads * head_dim),
-            "k_proj": (h, kv_heads * head_dim),
-            "v_proj": (h, kv_heads * head_dim),
-            "o_proj": (heads * head_dim, h),
-            "gate_proj": (h, inter),
-            "up_proj": (h, inter),
-            "down_proj": (inter, h),
-        }
-    if config.model_type == "gpt_neox":
-        return {
-            "query_key_value": (h, 3 * h),
-            "dense": (h, h),
-            "dense_h_to_4h": (h, inter),
-            "dense_4h_to_h": (inter, h),
-        }
-    return None
-
-
-def lora_targets(target_modules, include_mlp: bool, config) -> list[str]:
-    """The layer names a recipe's lora.target_modules (a list, auto or all-linear) adapts."""
-    from training.model.lora import AUTO_TARGETS
-
-    if target_modules == "auto":
-        auto = AUTO_TARGETS[config.model_type]
-        return auto["attention"] + (auto["mlp"] if include_mlp else [])
-    if target_modules == "all-linear":
-        return list(linear_shapes(config) or {})
-    return list(target_modules)
-
-
-def flop_terms(config, lora_r: int, targets: list[str]) -> dict | None:
-    """The model's share of the FLOPs per token: frozen matmul and adapter parameters, and the
-    attention's FLOPs per token and per position of context; None for an unknown architecture."""
-    shapes = linear_shapes(config)
-    if shapes is None:
+    try:
+        shape = Shape.from_config(config)
+        targets = lora_target_names(lora, shape)
+    except RecipeError:
         return None
-    layers, h = config.num_hidden_layers, config.hidden_size
-    per_layer = sum(i * o for i, o in shapes.values())
-    adapters = sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    adapters = sum(lora.r * (lin.inputs + lin.outputs) for lin in shape.linears if lin.name in targets)
     return {
-        "matmul_params": layers * per_layer + h * config.vocab_size,  # + the output head
-        "lora_params": layers * adapters,
-        "attention_per_position": 12 * layers * h,
+        "matmul_params": shape.linear_params + shape.hidden * shape.vocab,  # + the output head
+        "lora_params": shape.layers * adapters,
+        "attention_per_position": 12 * shape.layers * shape.hidden,
     }
 
 

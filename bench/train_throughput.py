@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfu import flop_terms, flops_per_token, lora_targets, peak_flops
+from mfu import flop_terms, flops_per_token, peak_flops
 from peers import PEERS, command, default_venv_root, ensure_venv, installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     from training.model.tiny import resolve_model_name
     from training.recipe import load_recipe
     from training.train.device_defaults import gpu_memory_available
-    from training.train.estimate import activation_checkpointing_default
+    from training.train.estimate import Shape, activation_checkpointing_default, lora_target_names
 
     recipe = load_recipe(recipe_path, common_overrides(int(steps)))
     tokenizer = load_tokenizer(recipe.model)
@@ -267,7 +267,8 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     model_dir = resolve_model_name(recipe.model.name)
     config = AutoConfig.from_pretrained(model_dir)
     lora, training = recipe.lora, recipe.training
-    targets = lora_targets(lora.target_modules, lora.include_mlp, config)
+    shape = Shape.from_config(config)
+    targets = [lin.name for lin in shape.linears if lin.name in lora_target_names(lora, shape)]  # layer order
     memory = gpu_memory_available() if device.type == "cuda" else None
     checkpointing = activation_checkpointing_default(recipe, config, device=device.type, memory=memory)
     settings = {
@@ -305,8 +306,7 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
             result = run_recipe(recipe_path, int(steps), out, variant)
     recipe = load_recipe(recipe_path, [])
     config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
-    targets = lora_targets(recipe.lora.target_modules, recipe.lora.include_mlp, config)
-    result["flop_terms"] = flop_terms(config, recipe.lora.r, targets)
+    result["flop_terms"] = flop_terms(config, recipe.lora)
     result["batch"] = recipe.training.get("per_device_train_batch_size", 8)
     if torch.cuda.is_available():
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -366,15 +366,16 @@ def with_rss(result: dict, usage) -> dict:
     return result
 
 
-def mfus(summary: dict, gpu: str | None, model: dict | None, peak_tflops: float | None) -> dict:
-    """MFU on the model basis (6 N) and on the LoRA basis (4 N + adapters): bench/mfu.py."""
+def mfus(summary: dict, gpu: str | None, reference: dict | None, peak_tflops: float | None) -> dict:
+    """MFU on the model basis (6 N) and on the LoRA basis (4 N + adapters): bench/mfu.py. `reference`:
+    a recipe run's result, with the model's flop terms and the batch size."""
     peak = peak_flops(gpu, peak_tflops)
-    if not (peak and model and model["flop_terms"]):
+    if not (peak and reference):
         return {"mfu": None, "mfu_lora": None}
-    seq_len = summary["tokens_per_step"] / model["batch"]
+    seq_len = summary["tokens_per_step"] / reference["batch"]
     return {
         f"mfu{suffix}": round(
-            summary["tokens_per_second"] * flops_per_token(model["flop_terms"], seq_len, basis) / peak, 4
+            summary["tokens_per_second"] * flops_per_token(reference["flop_terms"], seq_len, basis) / peak, 4
         )
         for suffix, basis in (("", "model"), ("_lora", "lora"))
     }
@@ -469,7 +470,7 @@ def main() -> None:
 
     summary = {}
     # The model and batch every variant trains (peers included), as the recipe's runs report them.
-    model = next((r for results in runs.values() for r in results if r.get("flop_terms")), None)
+    reference = next((r for results in runs.values() for r in results if r.get("flop_terms")), None)
     for variant, results in runs.items():
         memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in results[0] else "peak_rss_bytes"
         summary[variant] = {
@@ -478,7 +479,7 @@ def main() -> None:
             "peak_memory_bytes": int(statistics.median(r[memory_key] for r in results)),
             "memory_measure": memory_key,
         }
-        summary[variant].update(mfus(summary[variant], results[0].get("gpu"), model, args.peak_tflops))
+        summary[variant].update(mfus(summary[variant], results[0].get("gpu"), reference, args.peak_tflops))
     base = summary["tutorial"]
     for s in summary.values():
         s["speed_vs_tutorial"] = round(s["tokens_per_second"] / base["tokens_per_second"], 2)

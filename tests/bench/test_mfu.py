@@ -17,7 +17,7 @@ from training.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is scripts, not a package: as the script itself sees it
 
-from mfu import flop_terms, flops_per_token, lora_targets, peak_flops  # noqa: E402
+from mfu import flop_terms, flops_per_token, peak_flops  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
@@ -34,15 +34,16 @@ def test_terms_count_the_matmuls_and_adapters_of_a_real_model(tiny_dir, arch, ta
     peft_model = get_peft_model(model, lora_config(recipe.lora, model))
     adapters = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
 
-    chosen = lora_targets(recipe.lora.target_modules, recipe.lora.include_mlp, config)
-    terms = flop_terms(config, recipe.lora.r, chosen)
+    terms = flop_terms(config, recipe.lora)
     assert terms["matmul_params"] == matmuls  # every decoder layer's linears and the output head
     assert terms["lora_params"] == adapters
 
 
 def test_llama_2_7b_matmuls_are_its_published_parameters_less_embeddings_and_norms():
     config = AutoConfig.from_pretrained(ROOT / "bench" / "configs" / "llama-2-7b.json")
-    terms = flop_terms(config, 16, lora_targets("auto", True, config))
+    terms = flop_terms(
+        config, load_recipe("bench/recipes/gpu-7b-varlen.yaml", []).lora
+    )  # r 16, attention and MLP
     norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
     assert terms["matmul_params"] == 6_738_415_616 - config.vocab_size * config.hidden_size - norms
     # LoRA's basis drops the frozen weights' gradients: about two thirds of the model basis at 2,048 tokens.

@@ -264,18 +264,8 @@ class Setup:
         return self.strategy != "none" and self.gpus > 1
 
 
-def resolve_setup(
-    recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: int = 1, memory: int | None = None
-) -> Setup:
-    """The run's settings on `device`: the recipe's, else this stack's defaults there.
-
-    `memory` (bytes) is what one device can hold, for the activation checkpointing default
-    (memory_budget: on the CPU this process's share of the machine by default; a GPU run without
-    it keeps checkpointing on).
-    """
-
-    training = check_training_keys(recipe.training, "<recipe>")  # values typed, old names moved over
-    lora = recipe.lora
+def lora_target_names(lora, shape: Shape) -> frozenset[str]:
+    """The linear layers of each decoder layer that the recipe's lora section adapts."""
     if lora.target_modules == "auto":
         auto = AUTO_TARGETS.get(shape.model_type)
         if auto is None:
@@ -290,6 +280,22 @@ def resolve_setup(
         raise RecipeError(
             f"lora.target_modules {sorted(unknown)}: not linear layers of a {shape.model_type} model"
         )
+    return frozenset(targets)
+
+
+def resolve_setup(
+    recipe: Recipe, shape: Shape, *, device: str = "cuda", gpus: int = 1, memory: int | None = None
+) -> Setup:
+    """The run's settings on `device`: the recipe's, else this stack's defaults there.
+
+    `memory` (bytes) is what one device can hold, for the activation checkpointing default
+    (memory_budget: on the CPU this process's share of the machine by default; a GPU run without
+    it keeps checkpointing on).
+    """
+
+    training = check_training_keys(recipe.training, "<recipe>")  # values typed, old names moved over
+    lora = recipe.lora
+    targets = lora_target_names(lora, shape)
 
     # This stack computes in float32 on the CPU, in the recipe's dtype (16-bit unless float32) on GPUs.
     compute = 4 if device == "cpu" or recipe.model.dtype == "float32" else 2
@@ -313,7 +319,7 @@ def resolve_setup(
         lora_bytes=lora_bytes,
         batch=int(training.get("per_device_train_batch_size", 8)),
         seq=recipe.data.max_length,
-        targets=frozenset(targets),
+        targets=targets,
         rank=lora.r,
         dropout=lora.dropout > 0,
         quant=recipe.quantization.method,
