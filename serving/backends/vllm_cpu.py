@@ -144,6 +144,12 @@ def lora_rank(adapters: Sequence[tuple[str, Path]]) -> int:
     return fitting[0]
 
 
+# vLLM's engine leaves its shared memory and a semaphore to Python's resource tracker, which frees
+# them when the server stops and warns that it did, on every stop (vllm-project/vllm#8933; "safe to
+# ignore", #5439): nothing a user can act on, so the server runs with this warning filter.
+RESOURCE_TRACKER_WARNINGS = "ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker"
+
+
 class VLLMCPU(VLLM):
     name = "vllm-cpu"
     title = "vLLM (CPU)"
@@ -212,10 +218,10 @@ class VLLMCPU(VLLM):
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",
-            # vLLM's engine leaves its shared memory and a semaphore to Python's resource tracker,
-            # which frees them when the server stops and warns that it did, on every stop
-            # (vllm-project/vllm#8933; "safe to ignore", #5439): nothing a user can act on.
-            "PYTHONWARNINGS": "ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker",
+            # The user's own warning filters, then this one.
+            "PYTHONWARNINGS": ",".join(
+                filter(None, [os.environ.get("PYTHONWARNINGS"), RESOURCE_TRACKER_WARNINGS])
+            ),
         }
         if api_key:
             env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` shows it

@@ -9,6 +9,7 @@ run.json are written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from trl import SFTConfig
 
 from training.atomic import move_into_place, remove_stale_partials, write_json
 from training.errors import CheckpointError, OutOfMemory, RecipeError
@@ -200,9 +202,9 @@ def _keep_data_order(run: RunDir, recipe: Recipe, sft_args, checkpoint: Path | N
             run.data_order_json,
         )
         return
-    recorded = json.loads(run.data_order_json.read_text(encoding="utf-8"))
+    recorded = _recorded_data_order(run.data_order_json)
     for key, value in recorded.items():
-        if key in DATA_ORDER_DEFAULTS and key not in training and getattr(sft_args, key) != value:
+        if key not in training and getattr(sft_args, key) != value:
             log.info(
                 "Resuming with %s=%s, as this run started (the default is now %s)",
                 key,
@@ -210,6 +212,31 @@ def _keep_data_order(run: RunDir, recipe: Recipe, sft_args, checkpoint: Path | N
                 getattr(sft_args, key),
             )
             setattr(sft_args, key, value)
+
+
+def _recorded_data_order(path: Path) -> dict[str, str]:
+    """data_order.json, checked: users may write it by hand (the advice above)."""
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f'{path}: expected an object such as {{"train_sampling_strategy": "random"}}')
+    for key, value in recorded.items():
+        if key not in DATA_ORDER_DEFAULTS:
+            raise CheckpointError(
+                f"{path}: {key!r} is not recorded there; allowed: {', '.join(DATA_ORDER_DEFAULTS)}"
+            )
+        allowed = _choices(key)
+        if allowed and value not in allowed:
+            raise CheckpointError(f"{path}: {key} {value!r} is not one of {', '.join(allowed)}")
+    return recorded
+
+
+def _choices(key: str) -> list[str]:
+    """The values transformers' TrainingArguments documents for `key`."""
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    return list(fields[key].metadata.get("choices", []))
 
 
 def _stopped(trainer, run: RunDir, record: dict, signum: int, world: Ranks) -> int:

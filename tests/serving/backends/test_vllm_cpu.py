@@ -18,7 +18,14 @@ from huggingface_hub import constants as hub_constants
 
 from serving import bench
 from serving.backends.base import LaunchError
-from serving.backends.vllm_cpu import ARCHITECTURES, HEAD_SIZES, LORA_RANKS, VLLMCPU, platform_problem
+from serving.backends.vllm_cpu import (
+    ARCHITECTURES,
+    HEAD_SIZES,
+    LORA_RANKS,
+    RESOURCE_TRACKER_WARNINGS,
+    VLLMCPU,
+    platform_problem,
+)
 from serving.cli import main
 from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
@@ -118,6 +125,7 @@ def test_the_architectures_head_sizes_and_lora_ranks_are_the_installed_vllms(vll
 
 def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_model, tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
     command = VLLMCPU().local_command(
         ModelDir.open(merged_model),
         served_name="quickstart",
@@ -143,6 +151,8 @@ def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_m
     assert "s3cret" not in " ".join(argv) and command.env["VLLM_API_KEY"] == "s3cret"
     assert command.env["TMPDIR"] == command.env["VLLM_RPC_BASE_PATH"] == str(tmp_path)
     assert command.env["VLLM_HOST_IP"] == "127.0.0.1" and command.env["VLLM_NO_USAGE_STATS"] == "1"
+    # The user's warning filters stay, the resource tracker's warning is filtered after them.
+    assert command.env["PYTHONWARNINGS"] == f"error::DeprecationWarning,{RESOURCE_TRACKER_WARNINGS}"
 
 
 def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(tiny_dir, tmp_path):

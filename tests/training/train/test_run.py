@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -171,6 +172,25 @@ def test_resume_keeps_the_data_order_defaults_the_run_started_with(interrupted_r
     assert read_run(legacy)["data"]["train_sampling_strategy"] == "group_by_length"
     assert "started before this stack recorded its data-order defaults" in caplog.text
     assert str(legacy / "data_order.json") in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("written", "message"),
+    [
+        ("{random", "not valid JSON"),
+        ('["random"]', "expected an object"),
+        ('{"seed": 1}', "'seed' is not recorded there; allowed: train_sampling_strategy"),
+        ('{"train_sampling_strategy": "randm"}', "'randm' is not one of random, sequential, group_by_length"),
+    ],
+)
+def test_a_hand_written_data_order_that_is_wrong_is_refused_naming_the_file(
+    interrupted_run, tmp_path, written, message
+):
+    run = copy_run(interrupted_run, tmp_path)
+    (run / "data_order.json").write_text(written)
+    with pytest.raises(CheckpointError, match=re.escape(message)) as caught:
+        train_in_process(QUICK, tmp_path, "training.max_steps=400")
+    assert str(run / "data_order.json") in str(caught.value)
 
 
 def test_resume_refuses_a_checkpoint_without_optimizer_state(interrupted_run, tmp_path):
