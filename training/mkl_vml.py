@@ -1,0 +1,32 @@
+"""Settle oneMKL's vector-math dispatch on one thread, before torch calls it from several.
+
+torch's CPU wheels (2.13 bundles oneMKL 2024.2) send contiguous float unary ops (cos, sin,
+exp, sqrt, ...) to MKL's VML, called from every intra-op thread on its own chunk. oneMKL
+picks each VML function's kernel on that function's first call; when the first call runs on
+several threads at once, one thread may run a low-accuracy kernel for its whole chunk of
+that call (pytorch/pytorch#188792; no longer seen from oneMKL 2025.0). Seen here: the rotary
+cos of the streamed merge verification's first forward off by 1.5e-4 in about one process
+in ten, which failed correct merges. One call of each function on a one-element tensor,
+on this thread, settles its dispatch for every later call from any thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# torch's names of the ops ATen routes to VML: IMPLEMENT_VML_MKL in ATen/cpu/vml.h (torch 2.13),
+# each for float32 and float64.
+VML_FUNCTIONS = (
+    "acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp",
+    "log", "log10", "log2", "sin", "sqrt", "tan", "tanh", "trunc",
+)  # fmt: skip
+
+
+def warm_up() -> None:
+    """Call every VML-routed op once per dtype on the calling thread (well under a millisecond)."""
+    if not torch.backends.mkl.is_available():
+        return
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_FUNCTIONS:
+            getattr(torch, name)(x)
