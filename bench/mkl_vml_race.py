@@ -17,7 +17,9 @@ import sys
 CHILD = """
 import sys, torch
 if sys.argv[1] == "warm":
-    import training  # noqa: F401  (the package warms VML up when imported)
+    from training import mkl_vml
+
+    mkl_vml.warm_up()  # as training, merge, export and evaluation do when they start
 torch.set_num_threads(2)
 torch.randn(512, 128) @ torch.randn(128, 128)
 positions = torch.arange(81, dtype=torch.float32)

@@ -23,9 +23,3 @@ warnings.filterwarnings(
 # huggingface_hub's loggers print through a handler of their own and also pass each record on
 # to the root logger, which the CLI gives a handler: every hub warning appeared twice.
 logging.getLogger("huggingface_hub").propagate = False
-
-# Before any multi-threaded work: torch's bundled oneMKL can otherwise return low-accuracy
-# results from the first concurrent call of a vector-math function (see training.mkl_vml).
-from training import mkl_vml  # noqa: E402
-
-mkl_vml.warm_up()

@@ -12,6 +12,8 @@ on this thread, settles its dispatch for every later call from any thread.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # torch's names of the ops ATen routes to VML: IMPLEMENT_VML_MKL in ATen/cpu/vml.h (torch 2.13),
@@ -22,8 +24,14 @@ VML_FUNCTIONS = (
 )  # fmt: skip
 
 
+@functools.cache
 def warm_up() -> None:
-    """Call every VML-routed op once per dtype on the calling thread (well under a millisecond)."""
+    """Call every VML-routed op once per dtype on the calling thread (well under a millisecond).
+
+    Called where work that computes on the CPU starts (training, merge, export, evaluation),
+    not when the package is imported: that would cost `--help` and argument errors the 2 s
+    of importing torch.
+    """
     if not torch.backends.mkl.is_available():
         return
     for dtype in (torch.float32, torch.float64):

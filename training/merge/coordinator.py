@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.backends.tgi_checks import check_serving
+from training import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, temp_dir_beside, write_json
 from training.errors import UserError
 from training.merge.adapters import Adapter, read_adapter
@@ -90,6 +91,7 @@ def resolve_base_dir(adapter: Adapter) -> Path:
 def merge_adapter(
     adapter_dir: str | Path, out_dir: str | Path, settings: MergeSettings, *, force: bool = False
 ) -> dict:
+    mkl_vml.warm_up()
     adapter = read_adapter(adapter_dir)
     out_dir = Path(out_dir)
     remove_stale_partials(out_dir.parent, out_dir.name)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from training import mkl_vml
 from training.atomic import remove_stale_partials, temp_dir_beside, write_json, write_text
 from training.data.templates import PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.errors import UserError
@@ -104,6 +105,7 @@ def _sha256(path: Path) -> str:
 
 def export_gguf(merged: str | Path, run: RunDir, settings: ExportSettings) -> dict[str, dict]:
     """Convert, quantize, verify and publish; returns the export record of each quantization type."""
+    mkl_vml.warm_up()
     merged = Path(merged)
     config, merge_record = _read_merged(merged)
     converter = llama_cpp.converter_dir()

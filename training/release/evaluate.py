@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from training import mkl_vml
 from training.atomic import write_json
 from training.data.validation import eval_data
 from training.errors import UserError
@@ -119,6 +120,7 @@ def evaluate(
     prompts: int = 8,
     harness: HarnessSettings | None = None,
 ) -> dict:
+    mkl_vml.warm_up()
     run = RunDir(recipe.output.run_dir())
     tokenizer_dir = run.adapter if run.adapter.is_dir() else run.merged
     if not (harness and harness.tasks) and any(map(is_server, variants)):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
+from training import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
 from training.errors import CheckpointError, OutOfMemory, RecipeError
 from training.model.loading import compute_dtype, detect_device
@@ -71,6 +72,7 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
     the collective steps (training, evaluation, saving).
     """
     started = time.time()
+    mkl_vml.warm_up()
     run = RunDir(recipe.output.run_dir())
     world = ranks()
     _join_process_group(recipe, world, source)
