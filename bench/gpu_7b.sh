@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-bench/results}
 STEPS=${STEPS:-8}
-VARIANTS=${VARIANTS:-tutorial,recipe,recipe+before-gpu-defaults,recipe+random-batches,recipe+checkpointing,recipe-liger,recipe+packing}
+VARIANTS=${VARIANTS:-tutorial,recipe,recipe+before-gpu-defaults,recipe+random-batches,recipe+checkpointing,recipe-liger,recipe+packing,recipe+packing+block-mask}
 WORK=outputs/bench  # where bench/recipes/gpu-7b-varlen.yaml looks
 mkdir -p "$RESULTS" "$WORK"
 
@@ -28,7 +28,7 @@ $PY bench/synthetic.py model --shape llama-smoke --out "$WORK/llama-smoke"
 $PY bench/synthetic.py data --out "$WORK/varlen.jsonl" --rows 2000
 sed "s#$WORK/llama-7b#$WORK/llama-smoke#" bench/recipes/gpu-7b-varlen.yaml >"$WORK/smoke.yaml"
 $PY bench/train_throughput.py --recipe "$WORK/smoke.yaml" --steps 2 --repeats 1 \
-    --variants tutorial,recipe --json "$RESULTS/gpu_smoke.json"
+    --variants tutorial,recipe,recipe+packing --json "$RESULTS/gpu_smoke.json"
 
 echo "== 7B"
 $PY bench/synthetic.py model --shape llama-7b --out "$WORK/llama-7b"

@@ -56,6 +56,9 @@ class Variant:
     measure_memory: bool = False  # as `train --measure-memory`: count live CPU tensors
     trl_loss_head: bool = False  # TRL's chunked loss head on the CPU too, instead of training.train.loss
     peft_dropout: bool = False  # peft's nn.Dropout on the CPU too, instead of training.model.lora_dropout
+    block_mask: bool = (
+        False  # packed batches under SDPA's block mask, instead of training.model.varlen_attention
+    )
 
 
 # The CPU defaults each switched back, one at a time and all together: what each one buys.
@@ -80,12 +83,18 @@ VARIANTS = {
     # TRL packs best-fit-decreasing into padding-free batches (one row of concatenated
     # sequences, position ids restarting per sequence): packing is the padding-free option.
     "recipe+packing": Variant(("data.packing=true",)),
+    # Packed batches as before 2026-12-07: one block-diagonal mask over the batch, SDPA over all of it.
+    "recipe+packing+block-mask": Variant(("data.packing=true",), block_mask=True),
     "recipe+liger": Variant(("training.use_liger_kernel=true",)),
     "recipe+packing+liger": Variant(("data.packing=true", "training.use_liger_kernel=true")),
     "recipe-checkpointing": Variant(("training.activation_checkpointing=false",)),
     "recipe+packing-checkpointing": Variant(("data.packing=true", "training.activation_checkpointing=false")),
     "recipe+packing+liger-checkpointing": Variant(
         ("data.packing=true", "training.use_liger_kernel=true", "training.activation_checkpointing=false")
+    ),
+    "recipe+packing+liger-checkpointing+block-mask": Variant(
+        ("data.packing=true", "training.use_liger_kernel=true", "training.activation_checkpointing=false"),
+        block_mask=True,
     ),
     "recipe+checkpointing": Variant(("training.activation_checkpointing=true",)),
     "recipe+random-batches": Variant(("training.train_sampling_strategy=random",)),
@@ -127,6 +136,8 @@ def switch_backs(variant: Variant) -> list[tuple[object, str, object]]:
         )  # what the stack built before its CPU loss head
     if variant.peft_dropout:
         found.append((device_defaults, "fuse_lora_dropout", lambda model: 0))  # peft's dropout modules stay
+    if variant.block_mask:
+        found.append((builder, "enable_varlen_attention", lambda model: False))  # the model keeps plain SDPA
     return found
 
 

@@ -46,3 +46,18 @@ def test_the_recipe_as_shipped_keeps_the_cpu_defaults(tiny_dir, tmp_path):
     trainer = trainer_of(tmp_path)
     assert type(trainer) is QLoRASFTTrainer
     assert any(isinstance(m, DroppedLinear) for m in trainer.model.modules())
+
+
+def test_block_mask_variant_keeps_plain_sdpa_for_packed_batches(tiny_dir, tmp_path, monkeypatch):
+    def packed_trainer():
+        recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null", "data.packing=true"])
+        device = detect_device()
+        args = build_sft_config(recipe, device, "float32", QUICK)
+        return build_trainer(recipe, args, device, compute_dtype(recipe.model.dtype, device)).trainer
+
+    assert packed_trainer().model.config._attn_implementation == "sdpa_varlen"
+    switched = switch_backs(VARIANTS["recipe+packing+block-mask"])
+    assert len(switched) == 1
+    for module, name, replacement in switched:
+        monkeypatch.setattr(module, name, replacement)
+    assert packed_trainer().model.config._attn_implementation == "sdpa"

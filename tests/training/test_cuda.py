@@ -64,3 +64,33 @@ def test_gpu_defaults_group_batches_drop_checkpointing_where_memory_allows_and_u
     assert trainer.args.train_sampling_strategy == "group_by_length"
     assert trainer.args.activation_checkpointing is False  # the tiny model fits any GPU without it
     assert trainer.args.use_liger_kernel is installed("liger_kernel")  # llama is in Liger's table
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
+def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(tiny_dir, arch):
+    """sdpa_varlen takes torch's flash varlen kernel on the GPU (bf16) and gives the block mask's
+    logits and gradients within bf16's precision."""
+    from tests.training.model.test_varlen_attention import LENGTHS, forward_backward, packed_inputs, tiny
+    from training.model import varlen_attention
+
+    masked = tiny(arch).to("cuda", torch.bfloat16)
+    varlen = tiny(arch).to("cuda", torch.bfloat16)
+    assert varlen_attention.enable_varlen_attention(varlen)
+    inputs = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in packed_inputs(LENGTHS).items()}
+    flash_calls = []
+    original = varlen_attention._flash_varlen
+
+    def counting(*args):
+        flash_calls.append(1)
+        return original(*args)
+
+    varlen_attention._flash_varlen = counting
+    try:
+        varlen_logits, varlen_grads = forward_backward(varlen, inputs)
+    finally:
+        varlen_attention._flash_varlen = original
+    mask_logits, mask_grads = forward_backward(masked, inputs)
+    assert len(flash_calls) == varlen.config.num_hidden_layers
+    torch.testing.assert_close(varlen_logits.float(), mask_logits.float(), rtol=2e-2, atol=2e-2)
+    for name, grad in varlen_grads.items():
+        torch.testing.assert_close(grad.float(), mask_grads[name].float(), rtol=5e-2, atol=5e-3, msg=name)

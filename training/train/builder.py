@@ -12,6 +12,8 @@ import torch
 from training.data.prepare import PreparedData, prepare_data
 from training.model.loading import load_model, load_tokenizer
 from training.model.lora import lora_config
+from training.model.varlen_attention import NAME as VARLEN_ATTENTION
+from training.model.varlen_attention import enable_varlen_attention
 from training.recipe import Recipe
 from training.train.device_defaults import apply_model_defaults, apply_trainer_defaults
 from training.train.distributed import ranks, shards_weights
@@ -45,6 +47,11 @@ def build_trainer(recipe: Recipe, sft_args, device, dtype, *, callbacks=()) -> B
         sharded=shards_weights(recipe),
         local_rank=world.local_rank if world.world_size > 1 else None,
     )
+    if recipe.data.packing and enable_varlen_attention(model):
+        log.info(
+            "Packed batches: attention within each sequence (%s), no block mask over the batch",
+            VARLEN_ATTENTION,
+        )
     apply_model_defaults(recipe, model.config, sft_args, device)
     with warnings.catch_warnings():
         # TRL 1.16 points use_liger_kernel users to the Hub's kernels, which need the Hub when the

@@ -23,7 +23,8 @@ count (CUDA context, NCCL buffers, allocator slack) to say whether a card is big
 The peak is the largest of the moments where these meet: the loss head's backward, the
 backward of one (recomputed) layer, the optimizer step, and, with FSDP or ZeRO-3, the
 loading of the whole 4-bit model on every GPU before it is sharded. Batches are assumed
-full: every row max_length tokens, with padding in the batch (masked attention).
+full: every row max_length tokens, with padding in the batch (masked attention); packed batches
+under SDPA attend per sequence without a mask (training.model.varlen_attention).
 
 Checked against measured peaks on the CPU, and the per-layer activations of the GPU path (16-bit,
 peft's dropout) against what autograd saves under bf16 autocast (tests/training/train/test_estimate.py).
@@ -310,6 +311,7 @@ def resolve_setup(
     if device == "cpu" and optim.startswith("paged_"):
         optim = "adamw_torch"
     strategy = recipe.distributed.strategy if gpus > 1 else "none"
+    packing = recipe.data.packing or bool(training.get("padding_free"))
     if strategy in ("fsdp", "deepspeed") and "optim" not in training:
         optim = "adamw_torch"
     setup = Setup(
@@ -328,8 +330,8 @@ def resolve_setup(
         every_n_layers=int(kwargs.get("every_n_layers", 1)),
         offload_checkpoints=bool(kwargs.get("offload", False)),
         selective=bool(kwargs.get("selective", False)),
-        attention=recipe.model.attn_implementation,
-        packing=recipe.data.packing or bool(training.get("padding_free")),
+        attention=_attention(recipe.model.attn_implementation, packing),
+        packing=packing,
         # On GPUs Liger's kernels are the default where they are installed and know the architecture.
         liger=bool(training.get("use_liger_kernel", device == "cuda" and liger_supports(shape.model_type))),
         optim=optim,
@@ -645,7 +647,7 @@ def _layer_saved(shape: Shape, s: Setup) -> list[Term]:
 
     q = d * T * shape.heads * shape.head_dim
     kv = d * T * shape.kv_heads * shape.head_dim
-    masked = s.attention in ("sdpa", "eager")  # padded or packed batches need an explicit mask
+    masked = s.attention in ("sdpa", "eager")  # padded batches (and packed ones under eager) need a mask
     if masked and shape.kv_heads != shape.heads:
         kv = q  # with a mask, transformers repeats the key/value heads before SDPA
     # GPT-NeoX: rotated q and k are new tensors; v is a view that keeps the fused qkv output alive.
@@ -665,6 +667,11 @@ def _layer_saved(shape: Shape, s: Setup) -> list[Term]:
     return terms
 
 
+def _attention(implementation: str, packing: bool) -> str:
+    """Packed batches under SDPA train with attention per sequence (training.model.varlen_attention)."""
+    return "sdpa_varlen" if packing and implementation == "sdpa" else implementation
+
+
 def _mask_positions(s: Setup) -> int:
     """Entries of the boolean attention mask: a query-by-key square per row, or, packed (padding-free
     batches are one row), one square over the whole batch."""
@@ -679,7 +686,9 @@ def _kept_activations(shape: Shape, s: Setup, layer_bytes: float) -> list[Term]:
     """Activations alive across the whole backward pass."""
     T, L = s.tokens, shape.layers
     terms = []
-    if s.attention in ("sdpa", "eager"):
+    if s.attention in ("sdpa", "eager", "sdpa_varlen"):
+        # transformers builds the boolean mask once per forward pass; sdpa_varlen does not use it, but
+        # activation checkpointing keeps it with each layer's inputs.
         terms.append(
             Term(
                 "attention mask",

@@ -92,11 +92,11 @@ def hardware_notes(recipe: Recipe, training: dict, *, cuda: bool) -> list[str]:
     """Settings that work but waste the GPU: worth a line in the log, not a refusal."""
     notes = []
     batch = training.get("per_device_train_batch_size", 8)
-    if cuda and recipe.data.packing and recipe.model.attn_implementation not in FLASH_ATTENTION and batch > 1:
+    if cuda and recipe.data.packing and recipe.model.attn_implementation == "eager" and batch > 1:
         notes.append(
-            f"data.packing with {recipe.model.attn_implementation}: TRL flattens each batch into one "
-            f"sequence of {batch} x {recipe.data.max_length} tokens and attention runs over all of it with a "
-            "block mask; flash_attention_2 attends within each packed row only (less compute)"
+            f"data.packing with eager attention: TRL flattens each batch into one sequence of {batch} x "
+            f"{recipe.data.max_length} tokens and eager attention computes all of it under a block mask; "
+            "sdpa (the default) and flash_attention_2 attend within each packed sequence only (less compute)"
         )
     return notes
 

@@ -46,6 +46,8 @@ def run_record(
             "trainable_parameters": built.trainable,
             "total_parameters": built.total,
             "lora_target_modules": sorted(trainer.model.peft_config["default"].target_modules),
+            # sdpa_varlen where packed batches attend per example (training.model.varlen_attention)
+            "attn_implementation": trainer.model.config._attn_implementation,
         },
         "data": {
             **built.data.report(),

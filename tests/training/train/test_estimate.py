@@ -213,14 +213,16 @@ def test_a_16_bit_layers_estimated_activations_are_what_autograd_saves(tiny_dir,
     largest term of a run that turns checkpointing off) against what autograd saves for one decoder
     layer, computed as a GPU run computes it (bf16 autocast, bf16 LoRA weights) on this CPU. Dropout
     masks count one byte per element, as CUDA keeps them (the CPU keeps them in the input's dtype).
-    Both batch layouts need an attention mask, which SDPA turns into a 16-bit bias in every layer:
-    padded rows (one square per row) and packed ones (TRL's padding-free batch: one row, positions
-    restarting per sequence, one square over the whole batch)."""
+    Padded rows need an attention mask, which SDPA turns into a 16-bit bias in every layer (one
+    square per row). Packed ones (TRL's padding-free batch: one row, positions restarting per
+    sequence, the boundaries beside them) attend per sequence, as the trainer runs them
+    (training.model.varlen_attention), and keep no mask or bias."""
     from peft import get_peft_model
 
     from training.data.prepare import prepare_data
     from training.model.loading import Device, load_model, load_tokenizer
     from training.model.lora import lora_config
+    from training.model.varlen_attention import enable_varlen_attention
 
     recipe = load_recipe(
         "recipes/quickstart.yaml",
@@ -232,6 +234,8 @@ def test_a_16_bit_layers_estimated_activations_are_what_autograd_saves(tiny_dir,
         ],
     )
     model, _ = load_model(recipe.model, recipe.quantization, Device("cpu", "cpu", 1, True), torch.bfloat16)
+    if layout == "packed":
+        assert enable_varlen_attention(model)
     model = get_peft_model(model, lora_config(recipe.lora, model))
     for param in model.parameters():
         if param.requires_grad:  # as TRL keeps a quantized model's LoRA weights
@@ -246,7 +250,13 @@ def test_a_16_bit_layers_estimated_activations_are_what_autograd_saves(tiny_dir,
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     else:
         positions = torch.arange(MAX_LENGTH).repeat(batch)
-        inputs = {"input_ids": input_ids.reshape(1, -1), "position_ids": positions.reshape(1, -1)}
+        boundaries = torch.arange(0, batch * MAX_LENGTH + 1, MAX_LENGTH, dtype=torch.int32)
+        inputs = {
+            "input_ids": input_ids.reshape(1, -1),
+            "position_ids": positions.reshape(1, -1),
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+        }
 
     # Each saved tensor counts for the first layer that saves it: layer 0 takes what all layers
     # share (the rotary tables, the boolean mask); layer 1's are its own.
