@@ -42,12 +42,7 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
     """AttentionInterface function: query [1, heads, tokens, dim], key/value [1, kv_heads, tokens, dim];
     returns ([1, tokens, heads, dim], None) like transformers' SDPA."""
     boundaries = kwargs.get("cu_seq_lens_q")
-    if (
-        boundaries is None
-        or query.shape[0] != 1
-        or kwargs.get("sliding_window")
-        or key.shape[2] != query.shape[2]
-    ):
+    if boundaries is None or not _per_example_applies(module, query, key, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -64,6 +59,19 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout=0.0
         )
     ]
     return torch.cat(outputs, 2).transpose(1, 2).contiguous(), None
+
+
+def _per_example_applies(module, query, key, kwargs) -> bool:
+    """One flattened row of causal self-attention with nothing else the mask would carry."""
+    causal = kwargs.get("is_causal")
+    return (
+        query.shape[0] == 1
+        and key.shape[2] == query.shape[2]  # no cache in front of the queries
+        and (getattr(module, "is_causal", True) if causal is None else causal)
+        and not kwargs.get("sliding_window")
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions")
+    )
 
 
 def _flash_varlen_applies(query: torch.Tensor, dropout: float) -> bool:

@@ -4,6 +4,7 @@ and as SDPA's block mask, on real tiny models; everything else falls through to 
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tests.conftest import read_run, train_in_process
 from training.model.tiny import resolve_model_name
@@ -86,11 +88,13 @@ def test_packed_attention_equals_each_sequence_alone_and_the_block_mask(tiny_dir
     mask_logits, mask_grads = forward_backward(masked, inputs)
     varlen_logits, varlen_grads = forward_backward(varlen, inputs)
 
-    torch.testing.assert_close(varlen_logits, alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(varlen_logits, mask_logits, rtol=1e-5, atol=1e-5)
+    # float32 sums over other lengths (the mask's masked-out keys add zeros): last-bit differences,
+    # a few 1e-6 here; attending across examples would change logits by whole units.
+    torch.testing.assert_close(varlen_logits, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(varlen_logits, mask_logits, rtol=1e-4, atol=1e-4)
     assert varlen_grads.keys() == mask_grads.keys() and varlen_grads
     for name, grad in varlen_grads.items():
-        torch.testing.assert_close(grad, mask_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, mask_grads[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_batches_without_sequence_boundaries_are_plain_sdpa(tiny_dir):
@@ -121,7 +125,23 @@ def test_sliding_window_models_keep_the_mask(tiny_dir):
     assert enable_varlen_attention(varlen)
     inputs = packed_inputs([40, 30, 50])
     alone = each_alone(masked, inputs, [40, 30, 50])
-    torch.testing.assert_close(forward_backward(varlen, inputs)[0], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forward_backward(varlen, inputs)[0], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"is_causal": False}, {"output_attentions": True}], ids=["bidirectional", "weights"]
+)
+def test_attention_the_boundaries_cannot_express_is_left_to_sdpa(settings):
+    """Bidirectional attention, or asking for the weights: plain SDPA with the mask it was given."""
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 10, 8, generator=generator) for _ in range(3))
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1, layer_idx=0, training=False)
+    boundaries = torch.tensor([0, 4, 10], dtype=torch.int32)
+    expected = sdpa_attention_forward(module, query, key, value, None, **settings)[0]
+    got = sdpa_varlen_attention(module, query, key, value, None, cu_seq_lens_q=boundaries, **settings)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    per_example = sdpa_varlen_attention(module, query, key, value, None, cu_seq_lens_q=boundaries)[0]
+    assert not torch.allclose(per_example, expected)
 
 
 def test_only_sdpa_models_are_switched(tiny_dir):
