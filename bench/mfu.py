@@ -1,8 +1,9 @@
 """Model FLOPs utilisation (MFU) of a QLoRA run, on two bases, from the model's config alone.
 
   model basis  6 N + 12 L h s per token, as PaLM's appendix counts it (N: the parameters of every
-               matmul, the output head included; L layers, h hidden size, s the mean sequence
-               length): comparable with full fine-tuning reports.
+               matmul, the output head included; L layers, h hidden size, s the context a token
+               attends over, counted whole as PaLM does: for rows of s_i tokens, padded or packed,
+               sum(s_i^2) / sum(s_i), attention_context): comparable with full fine-tuning reports.
   LoRA basis   4 N + 6 N_lora + 12 L h s: what LoRA training needs. The frozen matmuls run
                forward and pass gradients back to their inputs (2 N + 2 N) but compute no weight
                gradients; the adapters (N_lora: A and B of every targeted layer) do all three; the
@@ -36,6 +37,14 @@ def flop_terms(config, lora) -> dict | None:
         "lora_params": shape.layers * adapters,
         "attention_per_position": 12 * shape.layers * shape.hidden,
     }
+
+
+def attention_context(lengths) -> float:
+    """The mean context a token attends over, weighted by tokens: a row of s tokens gives each of its
+    s tokens a context of s (padding and the other examples of a packed batch are not work the
+    model needs). The mean row length would undercount uneven rows."""
+    lengths = [int(n) for n in lengths]
+    return sum(n * n for n in lengths) / sum(lengths)
 
 
 def flops_per_token(terms: dict, seq_len: float, basis: str = "model") -> float:

@@ -27,7 +27,9 @@ checking its pinned version.
 MFU is reported on two bases over the GPU's dense bf16 peak (bench/mfu.py): the model basis,
 6 N + 12 L h s per token as PaLM's appendix counts it (comparable with full fine-tuning
 reports), and the LoRA basis, 4 N + 6 N_lora + 12 L h s, what LoRA training needs (no weight
-gradients for the frozen matmuls). Recomputation counts on neither.
+gradients for the frozen matmuls), with s the context each training row needs (sum(s^2) / sum(s)
+over the rows: the same for every variant, whatever its padding or packing). Recomputation
+counts on neither.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfu import flop_terms, flops_per_token, peak_flops
+from mfu import attention_context, flop_terms, flops_per_token, peak_flops
 from peers import PEERS, command, default_venv_root, ensure_venv, installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -318,11 +320,21 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
     recipe = load_recipe(recipe_path, [])
     config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
     result["flop_terms"] = flop_terms(config, recipe.lora)
-    result["batch"] = recipe.training.get("per_device_train_batch_size", 8)
+    result["attention_context"] = training_rows_context(recipe)
     if torch.cuda.is_available():
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         result["gpu"] = torch.cuda.get_device_name()
     Path(result_file).write_text(json.dumps(result))
+
+
+def training_rows_context(recipe) -> float:
+    """attention_context over the recipe's training rows as this stack tokenizes and truncates them
+    (every variant trains on these rows, packed or not)."""
+    from training.data.prepare import prepare_data
+    from training.model.loading import load_tokenizer
+
+    rows = prepare_data(recipe.data, load_tokenizer(recipe.model)).train["input_ids"]
+    return attention_context(len(ids) for ids in rows)
 
 
 def measure(variant: str, recipe: str, steps: int) -> dict:
@@ -379,14 +391,15 @@ def with_rss(result: dict, usage) -> dict:
 
 def mfus(summary: dict, gpu: str | None, reference: dict | None, peak_tflops: float | None) -> dict:
     """MFU on the model basis (6 N) and on the LoRA basis (4 N + adapters): bench/mfu.py. `reference`:
-    a recipe run's result, with the model's flop terms and the batch size."""
+    a run's result, with the model's flop terms and the training rows' attention context (the same
+    for every variant: the work the model needs does not depend on padding or packing)."""
     peak = peak_flops(gpu, peak_tflops)
     if not (peak and reference):
         return {"mfu": None, "mfu_lora": None}
-    seq_len = summary["tokens_per_step"] / reference["batch"]
+    context = reference["attention_context"]
     return {
         f"mfu{suffix}": round(
-            summary["tokens_per_second"] * flops_per_token(reference["flop_terms"], seq_len, basis) / peak, 4
+            summary["tokens_per_second"] * flops_per_token(reference["flop_terms"], context, basis) / peak, 4
         )
         for suffix, basis in (("", "model"), ("_lora", "lora"))
     }

@@ -17,7 +17,7 @@ from training.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))  # bench/ is scripts, not a package: as the script itself sees it
 
-from mfu import flop_terms, flops_per_token, peak_flops  # noqa: E402
+from mfu import attention_context, flop_terms, flops_per_token, peak_flops  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
@@ -55,3 +55,11 @@ def test_peak_flops_knows_the_data_sheet_gpus_and_takes_an_override():
     assert peak_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
     assert peak_flops("NVIDIA GeForce RTX 4090") is None
     assert peak_flops("NVIDIA GeForce RTX 4090", 165.2) == pytest.approx(165.2e12)
+
+
+def test_attention_context_weights_each_row_by_its_tokens():
+    """A row of s tokens is s tokens each attending over s positions: equal rows give their length,
+    uneven ones more than their mean (the mean would undercount their attention)."""
+    assert attention_context([256] * 8) == 256
+    assert attention_context([64, 192]) == pytest.approx((64**2 + 192**2) / 256)  # 160, mean 128
+    assert attention_context(iter([10])) == 10
