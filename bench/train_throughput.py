@@ -83,8 +83,10 @@ VARIANTS = {
     "tutorial": Variant(),
     "recipe": Variant(),
     # TRL packs best-fit-decreasing into padding-free batches (one row of concatenated
-    # sequences, position ids restarting per sequence): packing is the padding-free option.
+    # sequences, position ids restarting per sequence): more rows per step.
     "recipe+packing": Variant(("data.packing=true",)),
+    # The same rows per step as the recipe, flattened into one sequence without padding.
+    "recipe+padding-free": Variant(("training.padding_free=true",)),
     # Packed batches as before 2026-12-07: one block-diagonal mask over the batch, SDPA over all of it.
     "recipe+packing+block-mask": Variant(("data.packing=true",), block_mask=True),
     "recipe+liger": Variant(("training.use_liger_kernel=true",)),

@@ -47,9 +47,9 @@ def build_trainer(recipe: Recipe, sft_args, device, dtype, *, callbacks=()) -> B
         sharded=shards_weights(recipe),
         local_rank=world.local_rank if world.world_size > 1 else None,
     )
-    if recipe.data.packing and enable_varlen_attention(model):
+    if (recipe.data.packing or sft_args.padding_free) and enable_varlen_attention(model):
         log.info(
-            "Packed batches: attention within each sequence (%s), no block mask over the batch",
+            "Padding-free batches: attention within each example (%s), no mask over the batch",
             VARLEN_ATTENTION,
         )
     apply_model_defaults(recipe, model.config, sft_args, device)

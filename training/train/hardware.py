@@ -56,14 +56,6 @@ def hardware_problems(recipe: Recipe, training: dict, *, cuda: bool) -> list[str
                 f"model.attn_implementation {attention} needs the {FLASH_ATTENTION[attention]} package "
                 "(prebuilt wheels for your CUDA and torch versions: https://github.com/Dao-AILab/flash-attention)"
             )
-    if training.get("padding_free") and not recipe.data.packing:
-        # TRL refuses unpacked padding-free batches while max_length is set (it would not enforce
-        # it), and this stack always sets it: the error would come only after the model loaded.
-        problems.append(
-            "training.padding_free without data.packing: TRL cannot enforce data.max_length on unpacked "
-            "padding-free batches and refuses them. Use data.packing: true instead: TRL packs rows "
-            "best-fit and flattens each batch without padding (padding-free batches)"
-        )
     if training.get("use_liger_kernel"):
         if not cuda:
             problems.append(

@@ -183,7 +183,11 @@ def sft_kwargs(recipe: Recipe, device: Device, dtype_name: str, source: str = "<
         **training,
         # Owned by other sections.
         "output_dir": str(run_dir / "checkpoints"),
-        "max_length": recipe.data.max_length,
+        # Unpacked padding-free batches: this stack's data preparation already truncated every row
+        # to max_length, and TRL refuses them while max_length is set (it would not truncate them).
+        "max_length": None
+        if training.get("padding_free") and not recipe.data.packing
+        else recipe.data.max_length,
         "packing": recipe.data.packing,
         "completion_only_loss": recipe.data.loss_on_completion_only,
         "bf16": dtype_name == "bfloat16",

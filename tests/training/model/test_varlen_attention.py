@@ -152,9 +152,10 @@ def test_only_sdpa_models_are_switched(tiny_dir):
 
 
 @pytest.mark.slow
-def test_packed_training_attends_per_sequence(tiny_dir, tmp_path, caplog, monkeypatch):
-    """The trainer switches a packed run to sdpa_varlen and TRL's batches reach it with their
-    sequence boundaries, in training and in evaluation."""
+@pytest.mark.parametrize("layout", ["data.packing=true", "training.padding_free=true"])
+def test_padding_free_training_attends_per_example(tiny_dir, tmp_path, caplog, monkeypatch, layout):
+    """The trainer switches a packed or padding-free run to sdpa_varlen and TRL's batches reach it
+    with their sequence boundaries, in training and in evaluation."""
     calls = {"with boundaries": 0, "without": 0}
 
     def counting(module, query, key, value, attention_mask, **kwargs):
@@ -162,10 +163,31 @@ def test_packed_training_attends_per_sequence(tiny_dir, tmp_path, caplog, monkey
         return sdpa_varlen_attention(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(AttentionInterface._global_mapping, NAME, counting)
-    settings = ["data.packing=true", "training.max_steps=2", "training.save_steps=1000"]
+    settings = [layout, "training.max_steps=2", "training.save_steps=1000"]
     with caplog.at_level(logging.INFO, logger="training.train.builder"):
         assert train_in_process("recipes/quickstart.yaml", tmp_path, *settings) == 0
     assert any(NAME in record.getMessage() for record in caplog.records)
     run = read_run(tmp_path / "quickstart")
     assert run["status"] == "complete" and run["model"]["attn_implementation"] == NAME
     assert calls["with boundaries"] >= 2 * 2 and calls["without"] == 0, calls
+
+
+@pytest.mark.slow
+def test_padding_free_rows_train_the_same_batches_to_the_same_losses(tiny_dir, tmp_path):
+    """Unpacked padding-free batches are the recipe's own rows, flattened: the same tokens per step
+    and the same losses as padded batches (dropout off, whose draws depend on the padding)."""
+    settings = [
+        "lora.dropout=0",
+        "training.max_steps=4",
+        "training.logging_steps=1",
+        "training.save_steps=1000",
+    ]
+    runs = {}
+    for name, extra in (("padded", []), ("padding-free", ["training.padding_free=true"])):
+        assert train_in_process("recipes/quickstart.yaml", tmp_path / name, *settings, *extra) == 0
+        runs[name] = read_run(tmp_path / name / "quickstart")
+    padded, flat = runs["padded"], runs["padding-free"]
+    assert padded["model"]["attn_implementation"] == "sdpa" and flat["model"]["attn_implementation"] == NAME
+    assert flat["metrics"]["tokens_trained"] == padded["metrics"]["tokens_trained"]
+    losses = [[entry["loss"] for entry in run["history"] if "loss" in entry] for run in (padded, flat)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4)
