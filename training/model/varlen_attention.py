@@ -1,26 +1,26 @@
-"""Attention within each packed sequence, for padding-free (packed) batches under SDPA.
+"""Attention within each example of a padding-free batch, under SDPA.
 
-TRL's packing flattens a batch into one row of sequences whose position ids restart at 0, and
-hands the sequence boundaries to the model as `cu_seq_lens_q` (what flash attention's varlen
-kernels take). With `sdpa`, transformers instead builds a block-diagonal causal mask over the
-whole row and SDPA turns it into a 16-bit bias in every layer: the attention costs
-(sum of the sequence lengths)^2 in compute and memory, where the sequences alone cost the sum of
-their squares. On the 7B bench's packed batches (4 x 2,048 tokens, median row 380) that is
-several times the attention work and a 128 MiB bias per layer (BENCHMARKS.md).
+TRL's padding-free batches (`data.packing`, or `training.padding_free` with the recipe's own rows)
+flatten a batch into one row of examples whose position ids restart at 0, and hand the example
+boundaries to the model as `cu_seq_lens_q` (what flash attention's varlen kernels take). With
+`sdpa`, transformers instead builds a block-diagonal causal mask over the whole row and SDPA turns
+it into a 16-bit bias in every layer: the attention costs (sum of the example lengths)^2 in compute
+and memory, where the examples alone cost the sum of their squares. On the 7B bench's packed
+batches (4 x 2,048 tokens, median row 380) that is 7.5x the query-key pairs and a 128 MiB bias per
+layer (BENCHMARKS.md).
 
 `sdpa_varlen` is registered with transformers' AttentionInterface and computes exactly the same
-attention, per sequence, with no mask:
+attention, per example, with no mask:
   CUDA (fp16/bf16, flash-capable GPU)  torch.nn.attention.varlen.varlen_attn: torch's own flash
-                                       attention over all sequences in one kernel
-  otherwise (the CPU, float32)         SDPA with is_causal on each sequence in turn
-Batches without sequence boundaries (padded or unpacked ones, evaluation with a cache), sliding-
-window attention and models that do not take an attention function fall through to transformers'
-own SDPA, mask and all.
+                                       attention over all examples in one kernel
+  otherwise (the CPU, float32)         SDPA with is_causal on each example in turn
+Batches without boundaries (padded ones, evaluation with a cache) and what the boundaries cannot
+express (sliding windows, bidirectional attention, softcapping, attention weights) fall through
+to transformers' own SDPA, mask and all.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
@@ -28,8 +28,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-log = logging.getLogger(__name__)
 
 NAME = "sdpa_varlen"
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
