@@ -58,9 +58,8 @@ class Variant:
     measure_memory: bool = False  # as `train --measure-memory`: count live CPU tensors
     trl_loss_head: bool = False  # TRL's chunked loss head on the CPU too, instead of training.train.loss
     peft_dropout: bool = False  # peft's nn.Dropout on the CPU too, instead of training.model.lora_dropout
-    block_mask: bool = (
-        False  # packed batches under SDPA's block mask, instead of training.model.varlen_attention
-    )
+    # Padding-free batches under SDPA's block mask, instead of training.model.varlen_attention.
+    block_mask: bool = False
 
 
 # The CPU defaults each switched back, one at a time and all together: what each one buys.
@@ -319,10 +318,11 @@ def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
             result = run_tutorial(recipe_path, int(steps), out)
         else:
             result = run_recipe(recipe_path, int(steps), out, variant)
-    recipe = load_recipe(recipe_path, [])
-    config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
-    result["flop_terms"] = flop_terms(config, recipe.lora)
-    result["attention_context"] = training_rows_context(recipe)
+    if variant == "tutorial":  # the baseline every round starts with: MFU's terms, once a round
+        recipe = load_recipe(recipe_path, [])
+        config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
+        result["flop_terms"] = flop_terms(config, recipe.lora)
+        result["attention_context"] = training_rows_context(recipe)
     if torch.cuda.is_available():
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         result["gpu"] = torch.cuda.get_device_name()
@@ -393,7 +393,7 @@ def with_rss(result: dict, usage) -> dict:
 
 def mfus(summary: dict, gpu: str | None, reference: dict | None, peak_tflops: float | None) -> dict:
     """MFU on the model basis (6 N) and on the LoRA basis (4 N + adapters): bench/mfu.py. `reference`:
-    a run's result, with the model's flop terms and the training rows' attention context (the same
+    the tutorial's result, with the model's flop terms and the training rows' attention context (the same
     for every variant: the work the model needs does not depend on padding or packing)."""
     peak = peak_flops(gpu, peak_tflops)
     if not (peak and reference):
@@ -495,8 +495,8 @@ def main() -> None:
             )
 
     summary = {}
-    # The model and batch every variant trains (peers included), as the recipe's runs report them.
-    reference = next((r for results in runs.values() for r in results if r.get("flop_terms")), None)
+    # The model and rows every variant trains (peers included), as the tutorial's runs report them.
+    reference = runs["tutorial"][0] if runs["tutorial"][0].get("flop_terms") else None
     for variant, results in runs.items():
         memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in results[0] else "peak_rss_bytes"
         summary[variant] = {

@@ -10,6 +10,7 @@ from trl import SFTTrainer
 
 from training.model.loading import compute_dtype, detect_device
 from training.model.lora_dropout import DroppedLinear
+from training.model.varlen_attention import NAME as VARLEN_ATTENTION
 from training.recipe import load_recipe
 from training.train.builder import build_trainer
 from training.train.loss import QLoRASFTTrainer
@@ -23,8 +24,8 @@ from train_throughput import VARIANTS, switch_backs  # noqa: E402
 QUICK = "recipes/quickstart.yaml"
 
 
-def trainer_of(tmp_path):
-    recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null"])
+def trainer_of(tmp_path, *overrides):
+    recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null", *overrides])
     device = detect_device()
     args = build_sft_config(recipe, device, "float32", QUICK)
     return build_trainer(recipe, args, device, compute_dtype(recipe.model.dtype, device)).trainer
@@ -49,15 +50,9 @@ def test_the_recipe_as_shipped_keeps_the_cpu_defaults(tiny_dir, tmp_path):
 
 
 def test_block_mask_variant_keeps_plain_sdpa_for_packed_batches(tiny_dir, tmp_path, monkeypatch):
-    def packed_trainer():
-        recipe = load_recipe(QUICK, [f"output.dir={tmp_path}", "data.validation=null", "data.packing=true"])
-        device = detect_device()
-        args = build_sft_config(recipe, device, "float32", QUICK)
-        return build_trainer(recipe, args, device, compute_dtype(recipe.model.dtype, device)).trainer
-
-    assert packed_trainer().model.config._attn_implementation == "sdpa_varlen"
+    assert trainer_of(tmp_path, "data.packing=true").model.config._attn_implementation == VARLEN_ATTENTION
     switched = switch_backs(VARIANTS["recipe+packing+block-mask"])
     assert len(switched) == 1
     for module, name, replacement in switched:
         monkeypatch.setattr(module, name, replacement)
-    assert packed_trainer().model.config._attn_implementation == "sdpa"
+    assert trainer_of(tmp_path, "data.packing=true").model.config._attn_implementation == "sdpa"

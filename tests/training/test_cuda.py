@@ -67,7 +67,7 @@ def test_gpu_defaults_group_batches_drop_checkpointing_where_memory_allows_and_u
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
-def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(tiny_dir, arch):
+def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(tiny_dir, arch, monkeypatch):
     """sdpa_varlen takes torch's flash varlen kernel on the GPU (bf16) and gives the block mask's
     logits and gradients within bf16's precision."""
     from tests.training.model.test_varlen_attention import LENGTHS, forward_backward, packed_inputs, tiny
@@ -84,11 +84,8 @@ def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(t
         flash_calls.append(1)
         return original(*args)
 
-    varlen_attention._flash_varlen = counting
-    try:
-        varlen_logits, varlen_grads = forward_backward(varlen, inputs)
-    finally:
-        varlen_attention._flash_varlen = original
+    monkeypatch.setattr(varlen_attention, "_flash_varlen", counting)
+    varlen_logits, varlen_grads = forward_backward(varlen, inputs)
     mask_logits, mask_grads = forward_backward(masked, inputs)
     assert len(flash_calls) == varlen.config.num_hidden_layers
     torch.testing.assert_close(varlen_logits.float(), mask_logits.float(), rtol=2e-2, atol=2e-2)

@@ -48,6 +48,7 @@ from transformers import AutoConfig
 from training.errors import RecipeError
 from training.model.lora import AUTO_TARGETS
 from training.model.tiny import resolve_model_name
+from training.model.varlen_attention import NAME as VARLEN_ATTENTION
 from training.recipe import Recipe
 from training.train.distributed import ranks, zero_stage
 from training.train.hardware import installed, liger_supports
@@ -668,8 +669,8 @@ def _layer_saved(shape: Shape, s: Setup) -> list[Term]:
 
 
 def _attention(implementation: str, packing: bool) -> str:
-    """Packed batches under SDPA train with attention per sequence (training.model.varlen_attention)."""
-    return "sdpa_varlen" if packing and implementation == "sdpa" else implementation
+    """Padding-free batches (packed or not) under SDPA attend per example (training.model.varlen_attention)."""
+    return VARLEN_ATTENTION if packing and implementation == "sdpa" else implementation
 
 
 def _mask_positions(s: Setup) -> int:
@@ -686,7 +687,7 @@ def _kept_activations(shape: Shape, s: Setup, layer_bytes: float) -> list[Term]:
     """Activations alive across the whole backward pass."""
     T, L = s.tokens, shape.layers
     terms = []
-    if s.attention in ("sdpa", "eager", "sdpa_varlen"):
+    if s.attention in ("sdpa", "eager", VARLEN_ATTENTION):
         # transformers builds the boolean mask once per forward pass; sdpa_varlen does not use it, but
         # activation checkpointing keeps it with each layer's inputs.
         terms.append(

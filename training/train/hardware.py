@@ -84,9 +84,10 @@ def hardware_notes(recipe: Recipe, training: dict, *, cuda: bool) -> list[str]:
     """Settings that work but waste the GPU: worth a line in the log, not a refusal."""
     notes = []
     batch = training.get("per_device_train_batch_size", 8)
-    if cuda and recipe.data.packing and recipe.model.attn_implementation == "eager" and batch > 1:
+    padding_free = recipe.data.packing or training.get("padding_free")
+    if cuda and padding_free and recipe.model.attn_implementation == "eager" and batch > 1:
         notes.append(
-            f"data.packing with eager attention: TRL flattens each batch into one sequence of {batch} x "
+            f"padding-free batches with eager attention: TRL flattens each batch into one sequence of {batch} x "
             f"{recipe.data.max_length} tokens and eager attention computes all of it under a block mask; "
             "sdpa (the default) and flash_attention_2 attend within each packed sequence only (less compute)"
         )

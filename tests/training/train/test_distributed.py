@@ -22,7 +22,7 @@ from training.model.loading import Device, quantization_config
 from training.recipe import load_recipe
 from training.train.checkpoints import MARKER, check_resumable, checkpoints, mark_complete
 from training.train.distributed import shards_weights
-from training.train.hardware import hardware_problems
+from training.train.hardware import hardware_notes, hardware_problems
 from training.train.launcher import accelerate_command, topology
 from training.train.sft_config import build_sft_config, sft_kwargs
 
@@ -204,6 +204,10 @@ def test_speed_options_that_need_a_gpu_or_a_package(capsys):
     for padding_free in (["training.padding_free=true"], ["data.packing=true", "training.padding_free=true"]):
         recipe = load_recipe(QUICK, padding_free)
         assert not [p for p in hardware_problems(recipe, recipe.training, cuda=False) if "padding_free" in p]
+        # Eager attention computes a padding-free batch whole under its block mask: a note on GPUs.
+        eager = load_recipe(QUICK, [*padding_free, "model.attn_implementation=eager"])
+        assert any("eager attention" in n for n in hardware_notes(eager, eager.training, cuda=True))
+        assert not hardware_notes(recipe, recipe.training, cuda=True)
 
     # What a GPU machine without the optional packages is told (this machine lacks them too).
     recipe = load_recipe(
