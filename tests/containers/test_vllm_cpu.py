@@ -68,6 +68,8 @@ def test_it_serves_the_run_on_vllm_from_the_host(stack, vllm_cpu):
     assert (
         "--dtype float32" in logs and "--max-model-len 256" in logs
     )  # the model's dtype, the recipe's limit
+    # The image installs the project's vLLM plugin (pyproject.toml): the warm-up of serving/mkl_vml.py.
+    assert "oneMKL vector math settled" in logs
 
 
 def test_it_answers_another_container_by_service_name(stack, vllm_cpu, port):

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from serving import mkl_vml
 from serving.backends.tgi_checks import check_serving
-from training import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, temp_dir_beside, write_json
 from training.errors import UserError
 from training.merge.adapters import Adapter, read_adapter

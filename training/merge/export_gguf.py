@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from training import mkl_vml
+from serving import mkl_vml
 from training.atomic import remove_stale_partials, temp_dir_beside, write_json, write_text
 from training.data.templates import PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.errors import UserError

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training import mkl_vml
+from serving import mkl_vml
 from training.atomic import write_json
 from training.data.validation import eval_data
 from training.errors import UserError

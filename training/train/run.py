@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from trl import SFTConfig
 
-from training import mkl_vml
+from serving import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
 from training.errors import CheckpointError, OutOfMemory, RecipeError
 from training.model.loading import compute_dtype, detect_device

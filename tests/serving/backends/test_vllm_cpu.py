@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -253,6 +254,25 @@ def test_the_client_finds_vllm_serving_the_run_with_the_recipes_limit(client, vl
     assert [(m["id"], m["owned_by"], m["max_model_len"]) for m in models["data"]] == [
         ("quickstart", "vllm", 256)
     ]
+
+
+def test_the_process_that_builds_the_model_settled_onemkls_vector_math_first(vllm_server):
+    """vLLM computes its rotary cos/sin table once, while it builds the model, with torch's
+    multi-threaded cos: without the warm-up registered as a vLLM plugin, that table is off by 1.5e-4
+    in some starts for the server's whole life (serving/mkl_vml.py, bench/mkl_vml_race.py)."""
+    lines = "".join(vllm_server.process.output).splitlines()
+
+    def process(line: str) -> str | None:  # vLLM prefixes its processes' lines: "(Worker pid=123) "
+        found = re.match(r"\([\w-]+ pid=(\d+)\) ", line)
+        return found and found.group(1)
+
+    builds = [i for i, line in enumerate(lines) if "Starting to load model" in line]
+    assert builds, "vLLM's log no longer says where it loads the model:\n" + "\n".join(lines[-40:])
+    builder = process(lines[builds[0]])
+    warmed = [
+        i for i, line in enumerate(lines) if "oneMKL vector math settled" in line and process(line) == builder
+    ]
+    assert warmed and warmed[0] < builds[0], "\n".join(lines[: builds[0] + 1])
 
 
 def finished(text: str) -> str:

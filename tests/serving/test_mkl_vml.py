@@ -1,14 +1,16 @@
-"""training.mkl_vml warms up exactly the ops the installed torch sends to oneMKL's VML."""
+"""serving.mkl_vml warms up exactly the ops the installed torch sends to oneMKL's VML."""
 
 from __future__ import annotations
 
+import logging
 import re
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import torch
 
-from training import mkl_vml
+from serving import mkl_vml
 
 VML_HEADER = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
 
@@ -28,3 +30,16 @@ def test_each_warmed_up_op_is_a_torch_function_that_agrees_with_float64_after_th
         got = getattr(torch, name)(x).double()
         want = getattr(torch, name)(x.double())
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), name
+
+
+def test_vllm_finds_the_warm_up_as_a_general_plugin_and_logs_it_under_its_own_logger(caplog):
+    """What vLLM's load_general_plugins does in each of its processes (vllm/plugins/__init__.py):
+    entry points of the group vllm.general_plugins, loaded and called."""
+    plugins = {e.name: e for e in entry_points(group="vllm.general_plugins")}
+    assert "qlora_stack_mkl_vml" in plugins, "pyproject.toml no longer registers the vLLM plugin"
+    plugin = plugins["qlora_stack_mkl_vml"].load()
+    assert plugin is mkl_vml.vllm_plugin
+    with caplog.at_level(logging.INFO, logger="vllm"):
+        plugin()
+    assert [r.name for r in caplog.records] == ["vllm.qlora_stack"]
+    assert "oneMKL vector math settled" in caplog.records[0].getMessage()
