@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.backends.base import LaunchError
+from serving.backends.vllm import SHUTDOWN_TIMEOUT
 from serving.backends.vllm_cpu import VERSION, VLLMCPU
 from serving.model_dir import ModelDir
 
@@ -152,7 +153,8 @@ def _supervise(
     notes: list[str],
 ) -> int:
     """Wait until the server answers (then `on_ready`), and until it exits. The first Ctrl-C, SIGTERM
-    or SIGHUP asks it to stop (SIGTERM: it finishes in about 3 s); a second one kills it."""
+    or SIGHUP asks it to stop (SIGTERM: it lets the requests in flight finish, then stops in about
+    3 s); a second one kills it."""
     stopping: list[int] = []
 
     def stop(signum: int, _frame) -> None:
@@ -161,6 +163,12 @@ def _supervise(
         else:
             stopping.append(signum)
             server.terminate()
+            print(
+                f"Stopping vLLM: requests in flight get up to {SHUTDOWN_TIMEOUT} s to finish; "
+                "Ctrl-C again stops it now",
+                file=sys.stderr,
+                flush=True,
+            )
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

