@@ -7,8 +7,9 @@ several threads at once, one thread may run a low-accuracy kernel for its whole 
 that call (pytorch/pytorch#188792; no longer seen from oneMKL 2025.0). Seen here:
 - the rotary cos of the streamed merge verification's first forward off by 1.5e-4 in about
   one process in ten, which failed correct merges;
-- vLLM's rotary cos/sin table, computed once when its CPU engine loads the model, off by
-  1.5e-4 in 2 of 22 processes: every answer of that server's lifetime is computed with it.
+- vLLM's rotary cos/sin table, computed once when its CPU engine builds the model, on the
+  engine's threads (all cores but one), off by 1.5e-4 in 2 of 40 processes on two threads
+  (bench/mkl_vml_race.py --engine vllm): every answer of that server's life uses it.
 One call of each function on a one-element tensor, on this thread, settles its dispatch for
 every later call from any thread.
 
