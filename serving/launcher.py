@@ -78,6 +78,24 @@ def vllm_python() -> str | None:
     return str(python) if python.is_file() else None
 
 
+# The vLLM general plugin pyproject.toml registers (serving/mkl_vml.py): without it, vLLM's rotary
+# table can be inaccurate for the server's life on machines with 3 cores or more.
+PLUGIN = "qlora_stack_mkl_vml"
+_HAS_PLUGIN = (
+    "import importlib.metadata as m, sys; "
+    f"sys.exit({PLUGIN!r} not in {{e.name for e in m.entry_points(group='vllm.general_plugins')}})"
+)
+
+
+def has_plugin(python: str) -> bool:
+    """Whether vLLM started by `python` from this directory finds the project's plugin (well under
+    a second: it reads package metadata, imports neither torch nor vLLM)."""
+    try:
+        return subprocess.run([python, "-c", _HAS_PLUGIN], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -131,6 +149,11 @@ def run_vllm_cpu(
             adapters=adapters,
             python=python,
         )
+        if not has_plugin(python):
+            command.notes.append(
+                f"{python} lacks this project's vLLM plugin, so vLLM's rotary table may be inaccurate "
+                "(pytorch/pytorch#188792): `make vllm-venv`, or `pip install --no-deps -e .` with that Python"
+            )
         argv = command.argv + shlex.split(os.environ.get("VLLM_CPU_ARGS", ""))
         print(f"Starting vLLM {VERSION} on the CPU: {shlex.join(argv)}", file=sys.stderr, flush=True)
         # Its own session: a Ctrl-C reaches this process only, which passes it on once.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from serving import mkl_vml
+from serving.launcher import has_plugin
 
 VML_HEADER = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
 
@@ -43,3 +45,12 @@ def test_vllm_finds_the_warm_up_as_a_general_plugin_and_logs_it_under_its_own_lo
         plugin()
     assert [r.name for r in caplog.records] == ["vllm.qlora_stack"]
     assert "oneMKL vector math settled" in caplog.records[0].getMessage()
+
+
+def test_the_launcher_tells_a_python_with_the_plugin_from_one_without(tmp_path, monkeypatch):
+    """serve notes a vLLM environment that lacks the plugin (a VLLM_PYTHON of the user's, or a
+    .venv-vllm from before the plugin existed) instead of serving with a possibly wrong rotary table."""
+    monkeypatch.chdir(tmp_path)  # not the project root, whose egg-info any Python started there reads
+    assert has_plugin(sys.executable)  # .venv: the project is installed in it
+    assert not has_plugin(sys._base_executable)  # the interpreter .venv was made from
+    assert not has_plugin(str(tmp_path / "no-python"))
