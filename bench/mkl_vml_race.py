@@ -21,7 +21,8 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
+
+from serving.launcher import vllm_python
 
 TORCH_CHILD = """
 import sys, torch
@@ -58,8 +59,6 @@ assert ("serving.mkl_vml" in sys.modules) == (sys.argv[1] == "warm"), "the warm-
 print((rope.cos_sin_cache.double() - exact).abs().max().item())
 """
 
-VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,9 +66,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=("torch", "vllm"), default="torch")
     args = parser.parse_args()
     if args.engine == "vllm":
-        python = os.environ.get("VLLM_PYTHON") or str(VLLM_PYTHON)
-        if not os.access(python, os.X_OK):
-            parser.error(f"--engine vllm needs vLLM's CPU build: {python} is missing (make vllm-venv)")
+        python = vllm_python()  # the one `serve` starts vLLM with: $VLLM_PYTHON, or .venv-vllm's
+        if python is None:
+            parser.error("--engine vllm needs vLLM's CPU build: make vllm-venv (or set VLLM_PYTHON)")
         child = VLLM_CHILD
     else:
         python, child = sys.executable, TORCH_CHILD

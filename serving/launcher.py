@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.backends.base import LaunchError
-from serving.backends.vllm import SHUTDOWN_TIMEOUT
 from serving.backends.vllm_cpu import VERSION, VLLMCPU
 from serving.model_dir import ModelDir
 
@@ -96,6 +95,18 @@ def has_plugin(python: str) -> bool:
         return False
 
 
+def shutdown_timeout(argv: Sequence[str]) -> int:
+    """The --shutdown-timeout vLLM runs with: the last one on its command line (VLLM_CPU_ARGS comes
+    after the launcher's SHUTDOWN_TIMEOUT, so a user's value wins, as vLLM's argument parser has it)."""
+    value = "0"
+    for i, arg in enumerate(argv):
+        if arg == "--shutdown-timeout" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--shutdown-timeout="):
+            value = arg.partition("=")[2]
+    return int(value) if value.isdigit() else 0  # vLLM itself refuses what is not a count of seconds
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
@@ -161,7 +172,13 @@ def run_vllm_cpu(
             argv, env={**os.environ, **command.env}, start_new_session=True, preexec_fn=_die_with_parent
         )
         return _supervise(
-            server, local_url(host, port), command.ready_route, command.start_timeout, on_ready, command.notes
+            server,
+            local_url(host, port),
+            command.ready_route,
+            command.start_timeout,
+            on_ready,
+            command.notes,
+            drain_seconds=shutdown_timeout(argv),
         )
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
@@ -174,6 +191,8 @@ def _supervise(
     start_timeout: float,
     on_ready: Callable[[str, list[str]], None] | None,
     notes: list[str],
+    *,
+    drain_seconds: int = 0,
 ) -> int:
     """Wait until the server answers (then `on_ready`), and until it exits. The first Ctrl-C, SIGTERM
     or SIGHUP asks it to stop (SIGTERM: it lets the requests in flight finish, then stops in about
@@ -186,12 +205,8 @@ def _supervise(
         else:
             stopping.append(signum)
             server.terminate()
-            print(
-                f"Stopping vLLM: requests in flight get up to {SHUTDOWN_TIMEOUT} s to finish; "
-                "Ctrl-C again stops it now",
-                file=sys.stderr,
-                flush=True,
-            )
+            drain = f"requests in flight get up to {drain_seconds} s to finish; " if drain_seconds else ""
+            print(f"Stopping vLLM: {drain}Ctrl-C again stops it now", file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -36,27 +36,28 @@ VML_FUNCTIONS = (
 
 
 @functools.cache
-def warm_up() -> None:
-    """Call every VML-routed op once per dtype on the calling thread (well under a millisecond).
+def warm_up() -> bool:
+    """Call every VML-routed op once per dtype on the calling thread (well under a millisecond);
+    False where torch has no oneMKL (aarch64 builds), so there is nothing to settle.
 
     Called where work that computes on the CPU starts (training, merge, export, evaluation, the
     local server), not when the package is imported: that would cost `--help` and argument
     errors the 2 s of importing torch.
     """
     if not torch.backends.mkl.is_available():
-        return
+        return False
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
         for name in VML_FUNCTIONS:
             getattr(torch, name)(x)
+    return True
 
 
 def vllm_plugin() -> None:
     """vLLM's general-plugin hook (entry point group vllm.general_plugins): warm_up(), logged once per
     process under vLLM's own logger, so its server log shows which of its processes ran it."""
-    if not torch.backends.mkl.is_available():
-        return  # aarch64 builds: no oneMKL, nothing to settle
-    warm_up()
+    if not warm_up():
+        return
     # A child of vLLM's "vllm" logger: vLLM's handler and format, and the process prefix it adds.
     logging.getLogger("vllm.qlora_stack").info(
         "oneMKL vector math settled on one thread before the model loads (pytorch/pytorch#188792)"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serving import mkl_vml
-from serving.launcher import has_plugin
+from serving.launcher import PLUGIN, has_plugin
 
 VML_HEADER = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
 
@@ -38,8 +38,8 @@ def test_vllm_finds_the_warm_up_as_a_general_plugin_and_logs_it_under_its_own_lo
     """What vLLM's load_general_plugins does in each of its processes (vllm/plugins/__init__.py):
     entry points of the group vllm.general_plugins, loaded and called."""
     plugins = {e.name: e for e in entry_points(group="vllm.general_plugins")}
-    assert "qlora_stack_mkl_vml" in plugins, "pyproject.toml no longer registers the vLLM plugin"
-    plugin = plugins["qlora_stack_mkl_vml"].load()
+    assert PLUGIN in plugins, "pyproject.toml no longer registers the vLLM plugin"
+    plugin = plugins[PLUGIN].load()
     assert plugin is mkl_vml.vllm_plugin
     with caplog.at_level(logging.INFO, logger="vllm"):
         plugin()

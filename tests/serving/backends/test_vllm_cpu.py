@@ -19,6 +19,7 @@ from huggingface_hub import constants as hub_constants
 
 from serving import bench
 from serving.backends.base import LaunchError
+from serving.backends.vllm import SHUTDOWN_TIMEOUT
 from serving.backends.vllm_cpu import (
     ARCHITECTURES,
     HEAD_SIZES,
@@ -30,7 +31,7 @@ from serving.backends.vllm_cpu import (
 from serving.cli import main
 from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
-from serving.launcher import vllm_python
+from serving.launcher import shutdown_timeout, vllm_python
 from serving.model_dir import ModelDir
 from tests.serving.conftest import API_KEY, VLLM_START_TIMEOUT, ServerProcess
 from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
@@ -149,6 +150,11 @@ def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_m
     # Keys and values of 2 layers x 2 heads x 64 in float32, for 64 requests of 256 tokens: 32 MiB.
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(2 * 2 * 2 * 64 * 4 * 256 * 64)
     assert "--enforce-eager" in argv and "--enable-lora" not in argv
+    # Requests in flight finish on a stop; VLLM_CPU_ARGS, appended, overrides it, and the launcher's
+    # stop message reads what vLLM runs with.
+    assert shutdown_timeout(argv) == SHUTDOWN_TIMEOUT > 0
+    assert shutdown_timeout([*argv, "--shutdown-timeout", "0"]) == 0
+    assert shutdown_timeout([*argv, "--shutdown-timeout=5"]) == 5
     assert "s3cret" not in " ".join(argv) and command.env["VLLM_API_KEY"] == "s3cret"
     assert command.env["TMPDIR"] == command.env["VLLM_RPC_BASE_PATH"] == str(tmp_path)
     assert command.env["VLLM_HOST_IP"] == "127.0.0.1" and command.env["VLLM_NO_USAGE_STATS"] == "1"
@@ -237,7 +243,7 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    chunks, stopping = [], None
+    chunks, stopping, pool = [], None, ThreadPoolExecutor(1)
     try:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx2.stream(
@@ -248,9 +254,10 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
                     continue
                 chunks.append(json.loads(line.removeprefix("data: ")))
                 if stopping is None:  # the first tokens are out: stop the server now
-                    stopping = ThreadPoolExecutor(1).submit(server.stop)
+                    stopping = pool.submit(server.stop)
     finally:
         status = stopping.result(timeout=120) if stopping else server.stop()
+        pool.shutdown()
     log = "".join(server.output)
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     usage = [c["usage"] for c in chunks if c.get("usage")]
