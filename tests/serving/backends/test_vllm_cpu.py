@@ -232,9 +232,19 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
     (--shutdown-timeout; vLLM's default aborts it mid-stream), then status 0, and none of the 'leaked
     shared_memory' warnings Python's resource tracker prints for the memory vLLM's engine leaves it
     to free (vllm-project/vllm#8933), which users would otherwise read on every stop."""
-    server = ServerProcess(merged_model, "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT)
-    # The longest answer the recipe's 256-token limit leaves room for: over a second of decoding here.
-    length = 240
+    # An answer long enough to be still decoding when the stop arrives (240 tokens, the most the
+    # recipe's 256-token limit allows, were once all decoded before the first chunk reached the
+    # client) and short enough to finish within the drain: 600 tokens, about 3 s here.
+    server = ServerProcess(
+        merged_model,
+        "--backend",
+        "vllm",
+        "--max-model-len",
+        "1024",
+        env=vllm_env,
+        start_timeout=VLLM_START_TIMEOUT,
+    )
+    length = 600
     request = {
         "model": "quickstart",
         "prompt": "Hello",
