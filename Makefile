@@ -39,7 +39,9 @@ SET_ARGS := $(foreach s,$(SET),--set $(s))
 FORCE_ARG := $(if $(FORCE),--force)
 # Train on the CPU a recipe predicted to be too slow or too large for it: ALLOW_CPU=1
 ALLOW_CPU ?=
-TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)
+# Record N training steps with torch.profiler into outputs/<run>/profile/: PROFILE=3
+PROFILE ?=
+TRAIN_ARGS = $(SET_ARGS) $(FORCE_ARG)$(if $(filter 1,$(ALLOW_CPU)), --allow-cpu)$(if $(PROFILE), --profile $(PROFILE))
 STAMP := $(VENV)/.installed
 NB_STAMP := $(VENV)/.installed-notebook
 # vLLM's engine on the CPU (make serve without GPUs, make test-vllm): a virtual environment of its own,

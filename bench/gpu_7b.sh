@@ -7,11 +7,14 @@
 #
 #   bench/gpu_7b.sh                      # results in bench/results/
 #   RESULTS=/tmp/r STEPS=10 bench/gpu_7b.sh
+#   PROFILE=3 VARIANTS=tutorial,recipe bench/gpu_7b.sh   # + 3 steps of each under torch.profiler:
+#                                        # bench/results/gpu_7b_train-profile/<variant>/ops.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 RESULTS=${RESULTS:-bench/results}
 STEPS=${STEPS:-8}
+PROFILE=${PROFILE:-0}  # steps to record per variant after the timed runs (0: none)
 VARIANTS=${VARIANTS:-tutorial,recipe,recipe+before-gpu-defaults,recipe+random-batches,recipe+checkpointing,recipe-liger,recipe+packing,recipe+packing+block-mask}
 WORK=outputs/bench  # where bench/recipes/gpu-7b-varlen.yaml looks
 mkdir -p "$RESULTS" "$WORK"
@@ -28,7 +31,7 @@ $PY bench/synthetic.py model --shape llama-smoke --out "$WORK/llama-smoke"
 $PY bench/synthetic.py data --out "$WORK/varlen.jsonl" --rows 2000
 sed "s#$WORK/llama-7b#$WORK/llama-smoke#" bench/recipes/gpu-7b-varlen.yaml >"$WORK/smoke.yaml"
 $PY bench/train_throughput.py --recipe "$WORK/smoke.yaml" --steps 2 --repeats 1 \
-    --variants tutorial,recipe,recipe+packing --json "$RESULTS/gpu_smoke.json"
+    --variants tutorial,recipe,recipe+packing --json "$RESULTS/gpu_smoke.json" --profile $((PROFILE > 0))
 
 echo "== 7B"
 $PY bench/synthetic.py model --shape llama-7b --out "$WORK/llama-7b"
@@ -37,4 +40,4 @@ for packing in false true; do
       --set data.packing=$packing --json >"$RESULTS/gpu_7b_estimate_packing_$packing.json"
 done
 $PY bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps "$STEPS" --repeats 1 \
-    --variants "$VARIANTS" --json "$RESULTS/gpu_7b_train.json"
+    --variants "$VARIANTS" --json "$RESULTS/gpu_7b_train.json" --profile "$PROFILE"

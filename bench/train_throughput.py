@@ -19,6 +19,7 @@ allocated on a GPU), ratios to the tutorial recipe, and on a GPU the model FLOPs
         --variants tutorial,recipe,recipe+packing,recipe+liger,recipe+packing+liger
     python bench/train_throughput.py --recipe bench/recipes/gpu-7b-varlen.yaml --steps 8 --repeats 3 \
         --variants tutorial,recipe,recipe+packing+liger,unsloth
+    python bench/train_throughput.py --repeats 1 --profile 3      # + where each variant's step time goes
 
 The peers' environments go to ~/.cache/qlora-stack/bench-venvs (--peer-venv-root), built on
 first use (a few minutes and 2-8 GB each); --peer-venv NAME=DIR uses an existing one after
@@ -38,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,12 @@ from mfu import attention_context, flop_terms, flops_per_token, peak_flops
 from peers import PEERS, command, default_venv_root, ensure_venv, installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Profile:
+    steps: int  # optimizer steps recorded, from the run's second
+    folder: Path  # where ops.txt and trace.json.gz go
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,11 @@ def switch_backs(variant: Variant) -> list[tuple[object, str, object]]:
     return found
 
 
-def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict:
+def run_recipe(
+    recipe_path: str, steps: int, out_dir: str, variant: str, profile: Profile | None = None
+) -> dict:
     from training.recipe import load_recipe
+    from training.run_dir import RunDir
     from training.train.run import run_training
 
     chosen = VARIANTS[variant]
@@ -155,7 +166,13 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
         setattr(module, name, replacement)
     overrides = [*common_overrides(steps), f"output.dir={out_dir}", *chosen.overrides]
     recipe = load_recipe(recipe_path, overrides)
-    assert run_training(recipe, recipe_path, measure_memory=chosen.measure_memory) == 0
+    profile_steps = profile.steps if profile else 0
+    assert (
+        run_training(recipe, recipe_path, measure_memory=chosen.measure_memory, profile_steps=profile_steps)
+        == 0
+    )
+    if profile:
+        shutil.copytree(RunDir(recipe.output.run_dir()).profile, profile.folder, dirs_exist_ok=True)
     metrics = json.loads((recipe.output.run_dir() / "run.json").read_text())["metrics"]
     return {
         "tokens": metrics["tokens_trained"],
@@ -167,7 +184,7 @@ def run_recipe(recipe_path: str, steps: int, out_dir: str, variant: str) -> dict
     }
 
 
-def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
+def run_tutorial(recipe_path: str, steps: int, out_dir: str, profile: Profile | None = None) -> dict:
     import torch
     from datasets import Dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -177,6 +194,7 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
     from training.model.loading import compute_dtype, detect_device, load_model, load_tokenizer
     from training.model.lora import lora_config
     from training.recipe import load_recipe
+    from training.train.step_profile import StepProfiler
     from training.train.throughput import Throughput
 
     recipe = load_recipe(recipe_path, common_overrides(steps))
@@ -213,8 +231,11 @@ def run_tutorial(recipe_path: str, steps: int, out_dir: str) -> dict:
         dataloader_pin_memory=device.type == "cuda",
     )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    callbacks = [throughput]
+    if profile:
+        callbacks.append(StepProfiler(profile.steps, profile.folder, cuda=device.type == "cuda"))
     Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[throughput]
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
     ).train()
     result = throughput.as_dict()
     return {
@@ -306,18 +327,21 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     (folder / "settings.json").write_text(json.dumps(settings, indent=1))
 
 
-def child(variant: str, recipe_path: str, steps: str, result_file: str) -> None:
+def child(
+    variant: str, recipe_path: str, steps: str, result_file: str, profile_steps: str, profile_dir: str
+) -> None:
     import torch
     from transformers import AutoConfig
 
     from training.model.tiny import resolve_model_name
     from training.recipe import load_recipe
 
+    profile = Profile(int(profile_steps), Path(profile_dir)) if int(profile_steps) else None
     with tempfile.TemporaryDirectory() as out:
         if variant == "tutorial":
-            result = run_tutorial(recipe_path, int(steps), out)
+            result = run_tutorial(recipe_path, int(steps), out, profile)
         else:
-            result = run_recipe(recipe_path, int(steps), out, variant)
+            result = run_recipe(recipe_path, int(steps), out, variant, profile)
     if variant == "tutorial":  # the baseline every round starts with: MFU's terms, once a round
         recipe = load_recipe(recipe_path, [])
         config = AutoConfig.from_pretrained(resolve_model_name(recipe.model.name))
@@ -339,11 +363,12 @@ def training_rows_context(recipe) -> float:
     return attention_context(len(ids) for ids in rows)
 
 
-def measure(variant: str, recipe: str, steps: int) -> dict:
+def measure(variant: str, recipe: str, steps: int, profile: Profile | None = None) -> dict:
     """One run in a fresh process; the parent imports no torch, so the child's peak RSS is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
         cmd = [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name]
-        usage = run_child(cmd, child_env(), variant, " ".join(cmd[:-1] + ["/tmp/r.json"]))
+        cmd += [str(profile.steps), str(profile.folder)] if profile else ["0", "-"]
+        usage = run_child(cmd, child_env(), variant, " ".join(cmd[:4] + ["/tmp/r.json"] + cmd[5:]))
         result = json.loads(Path(result_file.name).read_text())
     return with_rss(result, usage)
 
@@ -447,7 +472,16 @@ def main() -> None:
         help="interpreter to build a peer's environment from (default: python3.11 for llamafactory, "
         "python3.12 for axolotl, from PATH)",
     )
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed rounds, one more run of each variant of this stack (tutorial included) with N "
+        "steps recorded by torch.profiler (from the second): per-operator tables and timelines in "
+        "<--json without .json>-profile/<variant>/ (training.train.step_profile)",
+    )
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--render-for-peers", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -457,6 +491,8 @@ def main() -> None:
         render_for_peers(*args.render_for_peers)
         return
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.profile < 0:
+        parser.error(f"--profile {args.profile}: the number of steps to profile is 0 (none) or more")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants or variants[0] != "tutorial":
         parser.error(
@@ -535,6 +571,17 @@ def main() -> None:
             f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}{lora:>10}"
         )
     print(f"-> {args.json}")
+    if args.profile:
+        profile_runs(variants, args)
+
+
+def profile_runs(variants: list[str], args: argparse.Namespace) -> None:
+    """One profiled run of each variant of this stack (not the peers): where each one's step time goes."""
+    root = args.json.with_name(args.json.stem + "-profile")
+    for variant in (v for v in variants if v not in PEERS):
+        profile = Profile(args.profile, root / variant)
+        measure(variant, args.recipe, args.profile + 1, profile)
+        print(f"profile of {variant}: {profile.folder / 'ops.txt'}", flush=True)
 
 
 def peer_venvs(

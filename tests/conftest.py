@@ -84,11 +84,18 @@ def neox_tokenizer(tiny_dir):
 
 
 def train_in_process(
-    recipe: str, out_dir: Path, *overrides: str, force: bool = False, measure_memory: bool = False
+    recipe: str,
+    out_dir: Path,
+    *overrides: str,
+    force: bool = False,
+    measure_memory: bool = False,
+    profile_steps: int = 0,
 ) -> int:
 
     loaded = load_recipe(recipe, [f"output.dir={out_dir}", *overrides])
-    return run_training(loaded, recipe, force=force, measure_memory=measure_memory)
+    return run_training(
+        loaded, recipe, force=force, measure_memory=measure_memory, profile_steps=profile_steps
+    )
 
 
 def train_command(recipe: str, out_dir: Path, *overrides: str) -> list[str]:

@@ -65,6 +65,10 @@ class RunDir:
         return self.path / RUN_RECORD
 
     @property
+    def profile(self) -> Path:
+        return self.path / "profile"
+
+    @property
     def merged(self) -> Path:
         return self.path / MERGED
 

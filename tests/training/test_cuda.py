@@ -91,3 +91,13 @@ def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(t
     torch.testing.assert_close(varlen_logits.float(), mask_logits.float(), rtol=2e-2, atol=2e-2)
     for name, grad in varlen_grads.items():
         torch.testing.assert_close(grad.float(), mask_grads[name].float(), rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_a_profiled_gpu_run_counts_the_time_its_kernels_kept_the_gpu_busy(tmp_path, tiny_dir):
+    import re
+
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=3", "data.validation=null", profile_steps=2) == 0
+    ops = (tmp_path / "quickstart" / "profile" / "ops.txt").read_text()
+    busy = re.search(r"GPU kernels: ([0-9.]+) s, (\d+)% of the wall time", ops)
+    assert busy and float(busy.group(1)) > 0 and int(busy.group(2)) > 0, ops[:500]
+    assert "sorted by self_device_time_total" in ops and "Self CUDA" in ops

@@ -31,6 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "estimate` predicts (a Python call per operator: it slows small models severalfold; GPUs always report it)",
     )
     p.add_argument(
+        "--profile",
+        type=_steps,
+        default=0,
+        metavar="N",
+        help="record N optimizer steps (from the second) with torch.profiler: a per-operator table and a "
+        "timeline in outputs/<run>/profile/ (the steps recorded run slower; run.json names them)",
+    )
+    p.add_argument(
         "--allow-cpu",
         action="store_true",
         help="train on the CPU even when the recipe is predicted to be too slow or too large for it "
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         datasets.disable_progress_bars()  # rank 0 tells the story
     recipe = load_recipe(args.recipe, args.overrides)
     if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
-        return run_training(recipe, args.recipe, force=args.force, measure_memory=args.measure_memory)
+        return _train_here(recipe, args)
 
     overrides = list(args.overrides)
     if recipe.distributed.strategy == "none" and ((args.gpus or 1) > 1 or args.num_machines > 1):
@@ -118,10 +126,27 @@ def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> in
         main_process_port=args.main_process_port,
     )
     if topo.world_size == 1:
-        return run_training(recipe, args.recipe, force=args.force, measure_memory=args.measure_memory)
+        return _train_here(recipe, args)
     train_args = ["train", "--recipe", args.recipe, *(f"--set={o}" for o in overrides)]
     train_args += [
         *(["--force"] if args.force else []),
         *(["--measure-memory"] if args.measure_memory else []),
+        *([f"--profile={args.profile}"] if args.profile else []),
     ]
     return launch(recipe, args.recipe, train_args, topo)
+
+
+def _train_here(recipe: Recipe, args: argparse.Namespace) -> int:
+    return run_training(
+        recipe, args.recipe, force=args.force, measure_memory=args.measure_memory, profile_steps=args.profile
+    )
+
+
+def _steps(text: str) -> int:
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps: give a whole number, 1 or more")
+    return steps

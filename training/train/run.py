@@ -52,6 +52,7 @@ from training.train.sft_config import (
     check_training_keys,
     save_total_limit,
 )
+from training.train.step_profile import StepProfiler
 from training.train.throughput import Throughput
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,15 @@ log = logging.getLogger(__name__)
 DATA_ORDER_DEFAULTS = ("train_sampling_strategy",)
 
 
-def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_memory: bool = False) -> int:
+def run_training(
+    recipe: Recipe, source: str, *, force: bool = False, measure_memory: bool = False, profile_steps: int = 0
+) -> int:
     """Train, resuming where an earlier run of the same recipe stopped. Returns an exit code.
 
     `measure_memory` counts live CPU tensors for run.json's peak_memory_bytes on the CPU. It
     costs a Python call per operator, which more than halved the quickstart's speed when it was
-    always on; GPUs always report their allocator's peak, which costs nothing.
+    always on; GPUs always report their allocator's peak, which costs nothing. `profile_steps`
+    records that many steps with torch.profiler into the run's profile/ (training.train.step_profile).
 
     Under a launcher every process runs this. Rank 0 alone writes and deletes run files;
     the others wait for it at barriers, resume from the checkpoint it chose, and take part in
@@ -90,13 +94,12 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
     _keep_data_order(run, recipe, sft_args, checkpoint, world)
 
     stop, throughput = GracefulStop(world), Throughput()
-    built = build_trainer(
-        recipe,
-        sft_args,
-        device,
-        dtype,
-        callbacks=[ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput],
-    )
+    callbacks = [ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput]
+    profiler = None
+    if profile_steps:
+        profiler = StepProfiler(profile_steps, run.profile, cuda=device.type == "cuda", write=world.is_main)
+        callbacks.append(profiler)
+    built = build_trainer(recipe, sft_args, device, dtype, callbacks=callbacks)
     trainer = built.trainer
     estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
     stop.install()
@@ -126,6 +129,8 @@ def run_training(recipe: Recipe, source: str, *, force: bool = False, measure_me
     metrics = loss_metrics(trainer, built.data.eval is not None)
     metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
     metrics["estimated_peak_memory_bytes"] = estimated_peak
+    if profiler is not None:  # these steps ran under the profiler: slower than the others
+        metrics["profiled_steps"] = profiler.profiled_steps
     if world.world_size > 1:
         # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
         tps = metrics.get("tokens_per_second")
