@@ -96,7 +96,10 @@ def test_packed_attention_on_the_gpu_is_flash_varlen_and_equals_the_block_mask(t
 def test_a_profiled_gpu_run_counts_the_time_its_kernels_kept_the_gpu_busy(tmp_path, tiny_dir):
     import re
 
-    assert train_in_process(QUICK, tmp_path, "training.max_steps=3", "data.validation=null", profile_steps=2) == 0
+    assert (
+        train_in_process(QUICK, tmp_path, "training.max_steps=3", "data.validation=null", profile_steps=2)
+        == 0
+    )
     ops = (tmp_path / "quickstart" / "profile" / "ops.txt").read_text()
     busy = re.search(r"GPU kernels: ([0-9.]+) s, (\d+)% of the wall time", ops)
     assert busy and float(busy.group(1)) > 0 and int(busy.group(2)) > 0, ops[:500]
