@@ -365,7 +365,9 @@ else ifeq ($(SERVE_BACKEND),llamacpp)
 	$(PY) -m serving serve --backend llamacpp --quant $(GGUF_QUANT) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 else
 # vLLM's CPU engine when it can run the model (its environment is made on first use), else the
-# local server, saying why; SERVE_BACKEND=local or vllm decides instead.
+# local server, saying why; SERVE_BACKEND=local or vllm decides instead. (tgi, the default, is
+# for GPUs with Docker: here it means the same as auto.)
+	@case "$(SERVE_BACKEND)" in tgi|auto|vllm|local) ;; *) echo "SERVE_BACKEND must be vllm, local or llamacpp here (unset: whichever can run the model; tgi needs Docker and GPUs), not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
 	@backend=$$($(PY) -m serving serve --run $(RUN) --backend $(LOCAL_BACKEND) --choose-backend) \
 	  && if [ "$$backend" = vllm ]; then $(SUBMAKE) vllm-venv; fi \
 	  && exec $(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) --backend $$backend $(SERVE_ARGS)

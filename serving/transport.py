@@ -137,7 +137,11 @@ def error_for_status(status: int, body: bytes | str, url: str, server: str = "th
     text = f"{server} at {url} answered {status}{kind}{said}"
     fields = {"url": url, "status": status, "error_type": error_type, "server_message": message}
     if status in (401, 403):
-        hint = " Set the API key the server was started with (API_KEY, or api_key=/--api-key)."
+        # No --api-key option on purpose: a key on the command line shows in `ps` and shell history.
+        hint = (
+            " Set the API key the server was started with: the API_KEY environment variable (or .env) "
+            "for the command line, api_key= for the Python client."
+        )
         return AuthenticationError(text + "." + hint, **fields)
     if status == 404:
         return NotFoundError(text, **fields)

@@ -518,6 +518,17 @@ def test_make_estimate_passes_a_config_file():
     assert "--config bench/configs/llama-2-7b.json" in done.stdout
 
 
+def test_make_train_passes_profile():
+    done = make("-n", "train", "RUNTIME=local", "STAMP=/dev/null", "PROFILE=3")
+    assert re.search(r"-m training train --recipe \S+ .*--profile 3", done.stdout)
+
+
+def test_make_serve_without_docker_refuses_a_misspelled_backend():
+    done = make("serve", "RUNTIME=local", "STAMP=/dev/null", "SERVE_BACKEND=vlm")
+    assert done.returncode == 2
+    assert "SERVE_BACKEND must be vllm, local or llamacpp here" in done.stderr and "not 'vlm'" in done.stderr
+
+
 def test_make_clean_asks_first_and_keeps_everything_without_a_yes(tmp_path):
     shutil.copy(ROOT / "Makefile", tmp_path)
     (tmp_path / "outputs" / "quickstart").mkdir(parents=True)

@@ -29,6 +29,22 @@ def test_the_local_server_is_refused_for_loglikelihood_tasks(local_server, merge
     assert "vLLM can" in message
 
 
+def test_eval_refuses_such_a_server_before_it_loads_any_model(local_server, tmp_path, monkeypatch):
+    from training.recipe import load_recipe
+    from training.release import evaluate as evaluate_module
+
+    def no_model(*args):
+        raise AssertionError("a model was loaded before the servers were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_variant", no_model)
+    recipe = load_recipe("recipes/quickstart.yaml", [f"output.dir={tmp_path}"])
+    settings = evaluate_module.HarnessSettings(tasks=[TASK], api_key=API_KEY)
+    with pytest.raises(
+        UserError, match="score answers by their log-likelihood"
+    ):  # the server last, as users list it
+        evaluate_module.evaluate(recipe, ["merged", local_server.url], harness=settings)
+
+
 def test_the_local_server_runs_generation_tasks(local_server, merged_model, tmp_path):
     # The shipped questions as a generation task: the answer must be generated, not picked.
     rows = TASKS_DIR / TASK / f"{TASK}.jsonl"

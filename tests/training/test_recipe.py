@@ -138,6 +138,15 @@ def test_training_keys_are_checked_against_sftconfig(tmp_path):
     assert "training.per_device_train_batch_size: Input should be a valid integer" in msg
 
 
+def test_a_value_outside_a_fields_documented_choices_is_refused_with_them(tmp_path):
+    # transformers falls back to random batches for a sampling strategy it does not know.
+    msg = error_of(tmp_path, BASE + "training: {train_sampling_strategy: grouped}\n")
+    assert (
+        "training.train_sampling_strategy: 'grouped' is not one of random, sequential, group_by_length, "
+        "batch_rebalance" in msg
+    )
+
+
 def test_sftconfig_rejects_bad_values_with_its_own_message(tmp_path):
     msg = error_of(tmp_path, BASE + "training: {lr_scheduler_type: sideways}\n")
     assert "SFTConfig rejects" in msg and "cosine" in msg

@@ -1,8 +1,13 @@
-"""What several verbs share: the recipe arguments."""
+"""What several verbs share: the recipe arguments, and the strategy several processes get."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+
+from training.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = "recipes/quickstart.yaml"
 
@@ -19,3 +24,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a recipe key, e.g. --set training.max_steps=10 (repeatable)",
     )
+
+
+def ddp_for_several_processes(recipe: Recipe, source: str, overrides: list[str], processes: int):
+    """(recipe, overrides) with distributed.strategy ddp where the recipe says none but several
+    processes were asked for (--gpus 4): the strategy that needs no other setting. train and
+    estimate decide alike, so the estimate is for the run that would start."""
+    if recipe.distributed.strategy != "none" or processes <= 1:
+        return recipe, overrides
+    log.info("distributed.strategy is none and %d processes were asked for: using ddp", processes)
+    overrides = [*overrides, "distributed.strategy=ddp"]
+    return load_recipe(source, overrides), overrides

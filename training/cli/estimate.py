@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from training.cli.common import add_recipe_arguments
+from training.cli.common import add_recipe_arguments, ddp_for_several_processes
 from training.errors import UserError
 from training.recipe import load_recipe
 from training.train.estimate import GiB, card_capacity, estimate, format_estimate, load_config, parse_capacity
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: must be at least 1")
+    recipe, _ = ddp_for_several_processes(recipe, args.recipe, args.overrides, args.gpus)
     capacity = None
     if args.card:
         capacity = (args.card.lower(), card_capacity(args.card))

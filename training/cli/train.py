@@ -8,7 +8,7 @@ import logging
 import datasets
 import torch
 
-from training.cli.common import add_recipe_arguments
+from training.cli.common import add_recipe_arguments, ddp_for_several_processes
 from training.recipe import Recipe, load_recipe
 from training.train.distributed import ranks, under_launcher
 from training.train.launcher import DEFAULT_PORT, launch, topology
@@ -96,16 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
         return _train_here(recipe, args)
 
-    overrides = list(args.overrides)
-    if recipe.distributed.strategy == "none" and ((args.gpus or 1) > 1 or args.num_machines > 1):
-        # Several processes asked for on the command line (make train GPUS=4): DDP is the strategy
-        # that needs no other setting. Every process gets the same override, and recipe.json records it.
-        log.info(
-            "distributed.strategy is none and %s processes were asked for: training with ddp",
-            (args.gpus or 1) * args.num_machines,
-        )
-        overrides.append("distributed.strategy=ddp")
-        recipe = load_recipe(args.recipe, overrides)
+    # Several processes asked for on the command line (make train GPUS=4): every process gets the
+    # same override, and recipe.json records it.
+    processes = (args.gpus or 1) * args.num_machines
+    recipe, overrides = ddp_for_several_processes(recipe, args.recipe, list(args.overrides), processes)
     return _start(recipe, args, overrides)
 
 

@@ -33,7 +33,7 @@ from training.model.loading import compute_dtype, detect_device, load_model
 from training.model.scoring import greedy_answers, perplexity
 from training.model.tiny import resolve_model_name
 from training.recipe import Recipe, ValidationSplit
-from training.release.harness import TaskSelection, headline, score_model, score_server, select_tasks
+from training.release.harness import TaskSelection, headline, score_lm, score_model, select_tasks, server_lm
 from training.run_dir import MERGE_RECORD, RunDir
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,14 @@ def evaluate(
         raise UserError(f"--model {server}: a server is evaluated with lm-eval tasks only; pass --tasks")
     # Task names and their data are checked before any model loads (minutes for a 7B model).
     selection = select_tasks(harness.tasks, harness.include_paths) if harness and harness.tasks else None
+    # Every server is asked first, so one that cannot be scored is refused before a model loads.
+    servers = {
+        name: server_lm(
+            name, tokenizer_dir, selection, api_key=harness.api_key, concurrency=harness.concurrency
+        )
+        for name in variants
+        if is_server(name)
+    }
     local = [v for v in variants if not is_server(v)]
     if selection is not None and not local:
         tokenizer, data = None, None  # servers only: lm-eval scores, no perplexity
@@ -137,15 +145,8 @@ def evaluate(
     results: dict[str, dict] = {}
     for name in variants:
         if is_server(name):
-            model_id, scores = score_server(
-                name,
-                tokenizer_dir,
-                selection,
-                api_key=harness.api_key,
-                limit=harness.limit,
-                concurrency=harness.concurrency,
-            )
-            results[f"server {model_id}"] = {"url": name, **scores}
+            lm, model_id = servers[name]
+            results[f"server {model_id}"] = {"url": name, **score_lm(lm, selection, limit=harness.limit)}
             continue
         label, model = load_variant(name, recipe, run)
         results[label] = _score_local(model, tokenizer, data, selection, harness)

@@ -90,6 +90,10 @@ def select_tasks(requested: list[str], include_paths: list[str | Path] = ()) -> 
     manager = TaskManager(include_path=[str(p) for p in paths], include_defaults=False)
     if not all(manager.match_tasks([name]) for name in requested):
         hub_tasks = [n for n in requested if not manager.match_tasks([n])]
+        for name in hub_tasks:  # a misspelling of a task here is not a reason to ask the Hub
+            close = difflib.get_close_matches(name, manager.all_tasks, n=1, cutoff=0.85)
+            if close:
+                raise UserError(f"--tasks {name}: no lm-eval task of that name (did you mean {close[0]}?)")
         _require_hub(hub_tasks)
         log.info("Indexing lm-eval's built-in tasks for %s", ", ".join(hub_tasks))
         manager = TaskManager(include_path=[str(p) for p in paths])
@@ -176,9 +180,13 @@ def score_server(
     concurrency: int = 1,
 ) -> tuple[str, dict]:
     """(served model id, scores) of a running OpenAI-compatible server."""
-    lm_eval = require_lm_eval()
     lm, model = server_lm(url, tokenizer_dir, selection, api_key=api_key, concurrency=concurrency)
-    return model, {"harness": scores(_run(lm_eval, lm, selection, limit))}
+    return model, score_lm(lm, selection, limit=limit)
+
+
+def score_lm(lm, selection: TaskSelection, *, limit: float | None = None) -> dict:
+    """lm-eval's scores of a model it already has (server_lm's, for a server checked earlier)."""
+    return {"harness": scores(_run(require_lm_eval(), lm, selection, limit))}
 
 
 def server_lm(

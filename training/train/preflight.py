@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from training.data.sources import is_local
 from training.errors import RecipeError
 from training.model.hub_files import cached_model_dir, dataset_cached, hub_cache, hub_offline, probe
-from training.model.tiny import SCHEME, resolve_model_name
+from training.model.tiny import ARCHITECTURES, SCHEME, resolve_model_name
 from training.recipe import Recipe
 from training.train.estimate import activation_checkpointing_default, estimate, human, physical_memory
 from training.train.sft_config import check_training_keys
@@ -46,9 +46,10 @@ ALLOW_CPU_HINT = "To train on this CPU anyway: --allow-cpu (make train ALLOW_CPU
 
 def preflight(recipe: Recipe, source: str, *, cuda: bool, allow_cpu: bool = False) -> None:
     """Refuse, with every reason at once, a run that cannot start or finish here."""
-    problems = source_problems(recipe)
+    model = model_problems(recipe)
+    problems = model + data_problems(recipe)
     if not cuda:
-        if problems:
+        if model:  # no config.json to judge the model by
             problems.append(
                 f"this machine has no NVIDIA GPU (CUDA) either; whether {recipe.model.name} can train on "
                 "its CPU is judged from the model's config.json once that is available"
@@ -68,21 +69,34 @@ def preflight(recipe: Recipe, source: str, *, cuda: bool, allow_cpu: bool = Fals
         raise RecipeError(f"{source}: this recipe cannot run here\n  " + "\n  ".join(problems))
 
 
-def source_problems(recipe: Recipe) -> list[str]:
-    """The model and data must be local, in the Hugging Face cache, or reachable on the Hub."""
-    problems = []
+def model_problems(recipe: Recipe, *, hub: bool = True) -> list[str]:
+    """The model must be a tiny one, a local directory, in the Hugging Face cache, or on the Hub
+    (`hub`: asked, with one short request; otherwise only what can be checked here)."""
     model = recipe.model
-    if not model.name.startswith(SCHEME) and not Path(model.name).exists():
-        if model.name.startswith(("/", ".", "~")):
-            problems.append(f"model.name {model.name}: no such directory")
-        else:
-            cached = cached_model_dir(model.name, model.revision) is not None
-            problems += _hub_problems("model", model.name, model.revision, cached, "a local model directory")
+    if model.name.startswith(SCHEME):
+        if model.name.removeprefix(SCHEME) in ARCHITECTURES:
+            return []
+        available = ", ".join(SCHEME + a for a in ARCHITECTURES)
+        return [f"model.name {model.name}: no such tiny model; available: {available}"]
+    if Path(model.name).expanduser().is_dir():
+        return []
+    if model.name.startswith(("/", ".", "~")):
+        return [f"model.name {model.name}: no such directory"]
+    if not hub:
+        return []
+    cached = cached_model_dir(model.name, model.revision) is not None
+    return _hub_problems("model", model.name, model.revision, cached, "a local model directory")
+
+
+def data_problems(recipe: Recipe, *, hub: bool = True) -> list[str]:
+    """The data must be a local file, in the Hugging Face cache, or on the Hub (as model_problems)."""
     data = recipe.data
-    if not is_local(data.source):
-        cached = dataset_cached(data.source, data.revision)
-        problems += _hub_problems("dataset", data.source, data.revision, cached, "a local .jsonl file")
-    return problems
+    if is_local(data.source):
+        return [] if Path(data.source).is_file() else [f"data.source {data.source}: data file not found"]
+    if not hub:
+        return []
+    cached = dataset_cached(data.source, data.revision)
+    return _hub_problems("dataset", data.source, data.revision, cached, "a local .jsonl file")
 
 
 def _hub_problems(kind: str, repo: str, revision: str | None, cached: bool, local: str) -> list[str]:

@@ -9,7 +9,6 @@ run.json are written atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl import SFTConfig
 
 from serving import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
@@ -50,6 +48,7 @@ from training.train.sft_config import (
     RESUMABLE_CHANGES,
     build_sft_config,
     check_training_keys,
+    choices,
     save_total_limit,
 )
 from training.train.step_profile import StepProfiler
@@ -234,16 +233,10 @@ def _recorded_data_order(path: Path) -> dict[str, str]:
             raise CheckpointError(
                 f"{path}: {key!r} is not recorded there; allowed: {', '.join(DATA_ORDER_DEFAULTS)}"
             )
-        allowed = _choices(key)
+        allowed = choices(key)
         if allowed and value not in allowed:
             raise CheckpointError(f"{path}: {key} {value!r} is not one of {', '.join(allowed)}")
     return recorded
-
-
-def _choices(key: str) -> list[str]:
-    """The values transformers' TrainingArguments documents for `key`."""
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    return list(fields[key].metadata.get("choices", []))
 
 
 def _stopped(trainer, run: RunDir, record: dict, signum: int, world: Ranks) -> int:

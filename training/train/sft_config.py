@@ -98,8 +98,14 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
         except ValidationError as e:
             problem = e.errors()[0]["msg"]
             problems.append(f"training.{key}: {problem} (got {value!r})")
+            continue
         except Exception:  # noqa: BLE001 - an annotation pydantic cannot check: let SFTConfig judge
             checked[key] = value
+        # A str field with documented choices (train_sampling_strategy, ...): transformers itself
+        # falls back to its default for a value it does not know, silently.
+        allowed = choices(key)
+        if allowed and isinstance(checked[key], str) and checked[key] not in allowed:
+            problems.append(f"training.{key}: {checked[key]!r} is not one of {', '.join(allowed)}")
     # transformers still accepts the old gradient_checkpointing* names, but only where the new
     # activation_checkpointing* ones are unset, and this stack sets those by default: the old name
     # (in most tutorials) would be silently ignored. It is moved over instead.
@@ -111,6 +117,12 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
     if problems:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(problems))
     return checked
+
+
+def choices(key: str) -> list[str]:
+    """The values transformers' TrainingArguments (or TRL's SFTConfig) documents for `key`, if it lists them."""
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    return [str(c) for c in fields[key].metadata.get("choices", [])] if key in fields else []
 
 
 def _validate(annotation: Any, value: Any) -> Any:

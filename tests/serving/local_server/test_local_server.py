@@ -199,9 +199,12 @@ def test_api_key_is_required_except_for_health(local_server):
     assert httpx2.get(f"{local_server.url}/v1/models", headers=authorized).status_code == 200
     with (
         ServingClient(local_server.url, api_key="wrong") as c,
-        pytest.raises(AuthenticationError, match="401"),
+        pytest.raises(AuthenticationError, match="401") as refused,
     ):
         c.chat("x", max_new_tokens=1)
+    # The hint names only ways that exist: the chat CLI takes no --api-key (it would show in `ps`).
+    assert "the API_KEY environment variable (or .env)" in str(refused.value)
+    assert "--api-key" not in str(refused.value)
 
 
 def test_cli_chat_prints_the_answer(local_server, merged_reference):

@@ -113,6 +113,16 @@ def test_unknown_task_names_are_refused_with_suggestions():
         select_tasks([TASK], include_paths=["no/such/dir"])
 
 
+def test_a_misspelled_task_is_named_as_such_when_the_hub_is_unreachable(monkeypatch):
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(UserError, match=r"--tasks qlora_stak_mc: .*did you mean qlora_stack_mc"):
+        select_tasks(["qlora_stak_mc"])
+
+
 def test_a_task_whose_data_is_on_the_hub_fails_offline_with_its_name(tmp_path):
     (tmp_path / "hub_task.yaml").write_text(
         "task: my_hub_task\ndataset_path: someone/not-cached\noutput_type: multiple_choice\ntest_split: test\n"

@@ -131,6 +131,11 @@ def test_sharding_divides_weights_and_states_by_the_gpus(estimate_json):
     assert "loading" in four["phases"]  # every GPU holds the whole 4-bit model before sharding
 
 
+def test_several_gpus_with_strategy_none_are_estimated_as_the_ddp_run_train_would_start(estimate_json):
+    four = estimate_json("--gpus", "4")  # make estimate GPUS=4, as make train GPUS=4 trains with ddp
+    assert (four["gpus"], four["strategy"]) == (4, "ddp")
+
+
 def test_fit_verdict_for_a_given_card_or_size(capsys):
     code, out, _ = estimate_cli(capsys, "--gpu-memory", "4GiB")
     assert code == 0 and "does NOT fit" in out and "where the memory goes" in out

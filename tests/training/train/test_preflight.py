@@ -14,10 +14,12 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from training.errors import RecipeError
 from training.recipe import load_recipe
-from training.train.preflight import cpu_problems, preflight, source_problems
+from training.train.preflight import cpu_problems, data_problems, model_problems, preflight
+
+QUICK = "recipes/quickstart.yaml"
 
 LLAMA_7B_CONFIG = ROOT / "bench" / "configs" / "llama-2-7b.json"
 
@@ -49,6 +51,10 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def sources(recipe) -> list[str]:
+    return model_problems(recipe) + data_problems(recipe)
+
+
 @pytest.fixture
 def hub_online_but_unreachable(monkeypatch):
     """HF_HUB_OFFLINE unset and the Hub at an address where nothing listens (connection refused)."""
@@ -58,8 +64,25 @@ def hub_online_but_unreachable(monkeypatch):
 
 def test_the_quickstart_passes(tiny_dir):
     recipe = load_recipe("recipes/quickstart.yaml")
-    assert source_problems(recipe) == [] and cpu_problems(recipe) == []
+    assert sources(recipe) == [] and cpu_problems(recipe) == []
     preflight(recipe, "recipes/quickstart.yaml", cuda=False)
+
+
+def test_a_missing_data_file_or_tiny_model_is_refused_before_anything_is_written(tiny_dir, tmp_path):
+    out = tmp_path / "outputs"
+    done = run_cli(
+        "train", "--recipe", QUICK, "--set", "data.source=data/nope.jsonl", "--set", f"output.dir={out}"
+    )
+    assert done.returncode == 2
+    assert "data.source data/nope.jsonl: data file not found" in done.stderr
+    assert "judged from the model's config.json" not in done.stderr  # the tiny model is here to judge
+    assert not out.exists()  # no recipe.json, no run folder
+    # validate finds the same without the Hub, and a misspelled tiny model too.
+    done = run_cli("validate", "--recipe", QUICK, "--set", "data.source=data/nope.jsonl")
+    assert done.returncode == 2 and "data.source data/nope.jsonl: data file not found" in done.stderr
+    done = run_cli("validate", "--recipe", QUICK, "--set", "model.name=tiny://lama")
+    assert done.returncode == 2
+    assert "model.name tiny://lama: no such tiny model; available: tiny://llama, " in done.stderr
 
 
 def test_a_7b_recipe_needs_a_gpu_unless_the_user_insists(tmp_path, caplog):
@@ -82,7 +105,7 @@ def test_a_7b_recipe_needs_a_gpu_unless_the_user_insists(tmp_path, caplog):
 def test_offline_and_not_cached_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     recipe = load_recipe("recipes/open-calm-7b-dolly-ja.yaml")
-    problems = source_problems(recipe)
+    problems = sources(recipe)
     assert len(problems) == 2
     assert problems[0].startswith("model.name cyberagent/open-calm-7b: not in the Hugging Face cache")
     assert problems[1].startswith("data.source kunishou/databricks-dolly-15k-ja: not in the Hugging Face")
@@ -94,13 +117,13 @@ def test_an_unreachable_hub_is_asked_once_and_a_cached_copy_is_pointed_out(
 ):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(fake_hub_cache(tmp_path, "meta-llama/Llama-2-7b-hf")))
     recipe = load_recipe("recipes/llama2-7b-ko-instructions.yaml")
-    model, data = source_problems(recipe)
+    model, data = sources(recipe)
     assert "is unreachable (ConnectError" in model and "set HF_HUB_OFFLINE=1 to train from that copy" in model
     assert "is unreachable" in data and "set data.source to a local .jsonl file" in data
     # Offline, the cached copy is used: the model is there, and then its size decides.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     recipe = load_recipe("recipes/llama2-7b-ko-instructions.yaml", ["data.source=data/ja_dolly.jsonl"])
-    assert source_problems(recipe) == []
+    assert sources(recipe) == []
     assert "6.61 billion linear-layer weights" in cpu_problems(recipe)[0]
 
 
