@@ -140,6 +140,11 @@ class DataSection(_Section):
     def _fraction_shorthand(cls, v: Any) -> Any:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return {"fraction": v}
+        if isinstance(v, str):  # `--set data.validation=0.1.5`, or a file name written bare
+            raise ValueError(
+                "give a fraction between 0 and 1 (0.1), {file: path.jsonl}, {split: 'test[:500]'} "
+                "(a hub dataset's own split), or null"
+            )
         return v
 
     @model_validator(mode="after")

@@ -138,6 +138,11 @@ def test_training_keys_are_checked_against_sftconfig(tmp_path):
     assert "training.per_device_train_batch_size: Input should be a valid integer" in msg
 
 
+def test_a_validation_split_that_is_no_number_says_what_is_allowed(tmp_path):
+    msg = error_of(tmp_path, BASE + "data: {source: d.jsonl, format: text, validation: 0.1.5}\n")
+    assert "data.validation: give a fraction between 0 and 1 (0.1), {file: path.jsonl}" in msg
+
+
 def test_a_value_outside_a_fields_documented_choices_is_refused_with_them(tmp_path):
     # transformers falls back to random batches for a sampling strategy it does not know.
     msg = error_of(tmp_path, BASE + "training: {train_sampling_strategy: grouped}\n")
