@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.training.train.peak import measure_training_peak
 from training import cli
 from training.recipe import load_recipe
@@ -134,6 +135,18 @@ def test_sharding_divides_weights_and_states_by_the_gpus(estimate_json):
 def test_several_gpus_with_strategy_none_are_estimated_as_the_ddp_run_train_would_start(estimate_json):
     four = estimate_json("--gpus", "4")  # make estimate GPUS=4, as make train GPUS=4 trains with ddp
     assert (four["gpus"], four["strategy"]) == (4, "ddp")
+
+
+@pytest.mark.skipif(installed("liger_kernel"), reason="the README shows the estimate without liger-kernel")
+def test_the_readmes_sample_estimate_is_what_the_command_prints(capsys):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = (
+        f"$ python -m training estimate --recipe {SEED_7B} \\\n    --config {LLAMA_7B} --card h100-80gb\n"
+    )
+    assert command in readme
+    shown = readme.split(command, 1)[1].split("```", 1)[0].strip()
+    code, out, _ = estimate_cli(capsys, "--card", "h100-80gb")
+    assert code == 0 and out.strip() == shown, "regenerate the README's sample with the command above it"
 
 
 def test_fit_verdict_for_a_given_card_or_size(capsys):
