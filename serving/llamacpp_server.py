@@ -20,6 +20,13 @@ from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError
 
 INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
+# llama-cpp-python 0.3.36 (Llama._create_completion) never ends an answer inside a UTF-8 character:
+# it generates up to 3 more tokens after max_tokens, but caps max_tokens at exactly what its context
+# leaves after the prompt. An answer that ran to the context's end mid-character then had no room
+# left in the KV cache ("decode: failed to find a memory slot", llama_decode returned 1): a 500, or a
+# stream cut off and its connection left to be reset under the next request. So llama.cpp gets these
+# 3 positions beyond the limit, and requests are held to the limit itself (_hold_to_limit).
+UTF8_HEADROOM = 3
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ def settings_for(
 def build_app(settings: LlamaCppSettings, api_key: str | None = None):
     """llama-cpp-python's server app for the GGUF (loads the model)."""
     try:
+        from llama_cpp.server import app as server_app
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
@@ -94,12 +102,46 @@ def build_app(settings: LlamaCppSettings, api_key: str | None = None):
         {
             "model": str(settings.gguf),
             "model_alias": settings.served_name,
-            "n_ctx": settings.n_ctx,
+            "n_ctx": settings.n_ctx + UTF8_HEADROOM,
             "verbose": False,
             **threads,
         }
     )
-    return create_app(server_settings=server, model_settings=[model])
+    app = create_app(server_settings=server, model_settings=[model])
+    # create_app loaded the model into its module-level proxy (0.3.36); the proxy returns it.
+    _hold_to_limit(server_app._llama_proxy(), settings.n_ctx)
+    return app
+
+
+def _hold_to_limit(llama, limit: int) -> None:
+    """Completions and chats (whose handlers call llama.create_completion too) as llama.cpp would
+    answer them with an n_ctx of `limit`: the same refusal of a prompt that leaves no room, and
+    max_tokens capped at what the limit leaves, so the UTF-8 headroom stays free."""
+    from llama_cpp import StoppingCriteriaList
+
+    create = llama.create_completion
+    n_ctx = llama.n_ctx()
+    # Where the headroom is not enough (a run of lead bytes that never completes a character, which
+    # a random model can write), the answer ends there instead of failing.
+    at_context_end = StoppingCriteriaList([lambda ids, _logits: len(ids) >= n_ctx])
+
+    def create_completion(prompt, suffix=None, max_tokens=16, **kwargs):
+        # Counted as /extras/tokenize/count and the completion count it: with BOS; token lists as given.
+        n = (
+            len(prompt)
+            if isinstance(prompt, list)
+            else len(llama.tokenize(prompt.encode("utf-8"), special=True))
+        )
+        if n >= limit:
+            # The message llama-cpp-python's server turns into its 400 context_length_exceeded.
+            raise ValueError(f"Requested tokens ({n}) exceed context window of {limit}")
+        room = limit - n
+        max_tokens = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
+        guard = kwargs.pop("stopping_criteria", None)
+        guard = StoppingCriteriaList([*(guard or []), *at_context_end])
+        return create(prompt, suffix, max_tokens, stopping_criteria=guard, **kwargs)
+
+    llama.create_completion = create_completion
 
 
 def banner(settings: LlamaCppSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:

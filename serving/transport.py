@@ -248,10 +248,18 @@ class Transport:
                     f"({type(e).__name__}). A long generation may need a larger timeout, or stream=True.",
                     url=url,
                 ) from e
-            except httpx2.TransportError as e:
+            except (httpx2.ConnectError, httpx2.ProxyError, httpx2.UnsupportedProtocol) as e:
                 raise ServerUnavailableError(
                     f"no server answered at {url} ({type(e).__name__}: {e}). Is it running? "
                     "Start one with `make serve`, or check the URL (SERVE_URL / --url).",
+                    url=url,
+                ) from e
+            except httpx2.TransportError as e:
+                # Connected, then the connection was reset or closed mid-request: the server is
+                # there, and its log says what went wrong (e.g. it failed while generating).
+                raise ServerUnavailableError(
+                    f"{self.server_name} at {url} closed the connection before answering "
+                    f"({type(e).__name__}: {e}); its log may say why",
                     url=url,
                 ) from e
 

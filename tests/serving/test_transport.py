@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
+import threading
 
 import pytest
 
@@ -128,6 +130,35 @@ def test_no_server_gives_a_clear_unavailable_error():
             client.chat("x")
         with pytest.raises(ServerTimeoutError, match="no healthy server"):
             client.wait_until_healthy(timeout=0.3, interval=0.1)
+
+
+def test_a_connection_reset_mid_request_says_the_server_closed_it_not_that_none_is_running():
+    """llama.cpp's server did this when it failed while generating: the client must not send the
+    user looking for a server that is running."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def reset_each_request() -> None:
+            for _ in range(2):  # the client may retry once on a fresh connection
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.recv(65536)
+                # Linger 0: close with a RST, as a reset connection arrives ("Connection reset by peer").
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        server = threading.Thread(target=reset_each_request, daemon=True)
+        server.start()
+        with (
+            ServingClient(url) as client,
+            pytest.raises(ServerUnavailableError, match="closed the connection before answering") as e,
+        ):
+            client.transport.post_json("/v1/completions", {"prompt": "x"})
+        assert "Is it running" not in str(e.value)
 
 
 @pytest.mark.parametrize(
