@@ -450,16 +450,22 @@ class ServingClient:
             )
 
     def _tgi_chunks(self, events) -> Iterator[Chunk]:
+        finished = False
         for event in events:
             details = event.details
+            # TGI's last event carries the whole text (and the details, where they were asked for).
+            finished = finished or details is not None or event.generated_text is not None
             yield Chunk(
                 text="" if event.token.special else event.token.text,
                 tokens=1,
                 finish_reason=_finish(details.finish_reason) if details else None,
                 generated_tokens=details.generated_tokens if details else None,
             )
+        if not finished:
+            raise self._cut_off()
 
     def _completion_chunks(self, lines: Iterator[str]) -> Iterator[Chunk]:
+        finished = False
         for line in lines:
             if not line.startswith("data:"):
                 continue
@@ -471,14 +477,19 @@ class ServingClient:
             usage = payload.get("usage") or {}
             text = choice.get("text") or ""
             finish = _finish(choice.get("finish_reason"))
+            finished = finished or finish is not None
             if text or finish or usage:
                 yield Chunk(text=text, finish_reason=finish, generated_tokens=usage.get("completion_tokens"))
+        if not finished:
+            raise self._cut_off()
 
     def _chat_chunks(self, chunks) -> Iterator[Chunk]:
+        finished = False
         for chunk in chunks:
             choice = chunk.choices[0] if chunk.choices else None
             text = (choice.delta.content or "") if choice and choice.delta else ""
             finish = _finish(choice.finish_reason) if choice else None
+            finished = finished or finish is not None
             usage = chunk.usage
             if text or finish or usage:
                 yield Chunk(
@@ -486,3 +497,14 @@ class ServingClient:
                     finish_reason=finish,
                     generated_tokens=usage.completion_tokens if usage else None,
                 )
+        if not finished:
+            raise self._cut_off()
+
+    def _cut_off(self) -> ServerError:
+        # A server that fails while generating may just end the stream (llama.cpp's did): without
+        # this the caller would take a cut-off answer for a whole one.
+        return ServerError(
+            f"{self.transport.server_name} at {self.url} ended the stream before the answer was finished "
+            "(no finish_reason); its log may say why",
+            url=self.url,
+        )

@@ -187,3 +187,20 @@ def test_a_connection_reset_mid_request_says_the_server_closed_it_not_that_none_
 )
 def test_error_bodies_of_every_backend(body, expected):
     assert parse_error_body(body) == expected
+
+
+def test_a_stream_that_ends_without_finishing_the_answer_is_an_error_not_a_short_answer():
+    """A server that fails while generating may close its stream cleanly (llama.cpp's did before its
+    context fix): the answer so far must not pass for the whole one."""
+    client = ServingClient("http://127.0.0.1:9")  # no request is sent: the stream is given
+    cut = [
+        'data: {"choices": [{"text": "Tok", "finish_reason": null}]}',
+        'data: {"choices": [{"text": "yo"}]}',
+    ]
+    chunks = client._completion_chunks(iter(cut))
+    assert next(chunks).text == "Tok" and next(chunks).text == "yo"
+    with pytest.raises(ServerError, match="ended the stream before the answer was finished"):
+        next(chunks)
+    whole = [*cut, 'data: {"choices": [{"text": "", "finish_reason": "length"}]}']
+    assert [c.finish_reason for c in client._completion_chunks(iter(whole))][-1] == "length"
+    assert len(list(client._completion_chunks(iter([*cut, "data: [DONE]"])))) == 2
