@@ -12,6 +12,7 @@ from pathlib import Path
 from serving.backends.base import LaunchError
 from serving.backends.llamacpp import DEFAULT_QUANT
 from serving.backends.tgi import CONTAINER_OUTPUTS, parse_lora_adapters
+from serving.backends.vllm_cpu import lora_context_length
 from serving.client import ServingClient
 from serving.errors import ServingError
 from serving.launch_env import LAUNCHED, plan_from_env, shell
@@ -215,7 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
     if choice.backend == "vllm-cpu":
         if args.threads or args.device != "cpu":
             print("warning: --threads and --device apply to the local server, not vLLM", file=sys.stderr)
-        length, source = model.context_length(args.max_model_len)
+        length, source = lora_context_length(model, adapters, args.max_model_len)
         name = args.name or (model.path.name if adapters else model.run_name)
         return run_vllm_cpu(
             model,

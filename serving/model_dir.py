@@ -33,6 +33,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_chat_template(path: Path) -> str | None:
+    """The chat template a tokenizer saved in `path` carries (a model's or an adapter's), as transformers
+    loads it: chat_template.jinja before tokenizer_config.json's chat_template (a string, or named
+    templates of which "default" is the one used)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    template = (read_json(path / "tokenizer_config.json") or {}).get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template else None
+
+
 @dataclass(frozen=True)
 class ModelDir:
     path: Path

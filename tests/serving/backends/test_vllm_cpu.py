@@ -26,13 +26,15 @@ from serving.backends.vllm_cpu import (
     LORA_RANKS,
     RESOURCE_TRACKER_WARNINGS,
     VLLMCPU,
+    lora_chat_template,
+    lora_context_length,
     platform_problem,
 )
 from serving.cli import main
 from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
 from serving.launcher import shutdown_timeout, vllm_python
-from serving.model_dir import ModelDir
+from serving.model_dir import ModelDir, read_chat_template
 from tests.serving.conftest import API_KEY, VLLM_START_TIMEOUT, ServerProcess
 from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
 from training.data.templates import BUILTIN_TEMPLATES
@@ -191,6 +193,67 @@ def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(t
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
     with pytest.raises(LaunchError, match="adapter b uses DoRA, which vLLM cannot apply"):
         command()
+
+
+def test_lora_chat_gets_the_adapters_template_and_differing_templates_are_refused(tiny_dir, tmp_path):
+    # vLLM 0.32 formats every chat request with one template: the base model's, or --chat-template.
+    base = ModelDir.open(tiny_dir / "llama")
+    assert read_chat_template(base.path) is None  # as a hub base model may be
+    adapters = []
+    for name in ("a", "b", "plain"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+        adapters.append((name, tmp_path / name))
+    dolly = BUILTIN_TEMPLATES["dolly-ja"].chat_template(add_bos=True)
+    (tmp_path / "a" / "chat_template.jinja").write_text(dolly)  # where transformers 5 saves it
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"chat_template": dolly}))
+
+    def command(runtime_dir):
+        runtime_dir.mkdir(exist_ok=True)
+        return VLLMCPU().local_command(
+            base,
+            served_name="llama",
+            max_model_len=256,
+            host="127.0.0.1",
+            port=1,
+            api_key=None,
+            runtime_dir=runtime_dir,
+            adapters=adapters,
+        )
+
+    served = command(tmp_path / "run1")
+    template = Path(served.argv[served.argv.index("--chat-template") + 1])
+    assert template.parent == tmp_path / "run1" and template.read_text() == dolly
+    assert any("the adapters' chat template" in note for note in served.notes)
+    assert lora_chat_template(base, adapters[2:]) is None  # an adapter without one: nothing to pass
+    (tmp_path / "b" / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": BUILTIN_TEMPLATES["koalpaca"].chat_template(add_bos=True)})
+    )
+    with pytest.raises(LaunchError, match=r"different chat templates \(a; b\).*one server \(--port\) per"):
+        command(tmp_path / "run2")
+    # A base model with a template of its own, which vLLM would format the adapters' chat with.
+    (tmp_path / "chat").mkdir()
+    for f in base.path.iterdir():
+        (tmp_path / "chat" / f.name).symlink_to(f)
+    (tmp_path / "chat" / "chat_template.jinja").write_text(dolly)
+    chat_base = ModelDir.open(tmp_path / "chat")
+    assert lora_chat_template(chat_base, adapters[:1]) is None  # the same: vLLM uses it already
+    with pytest.raises(LaunchError, match="adapter b carries a chat template other than the base model's"):
+        lora_chat_template(chat_base, adapters[1:])
+
+
+def test_lora_limit_is_the_adapters_recipes(tiny_dir, quickstart_run, tmp_path):
+    base = ModelDir.open(tiny_dir / "llama")
+    assert base.context_length()[0] == 2048  # the tiny model's positions, not what anything trained on
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "run.json").write_text(json.dumps({"recipe": {"data": {"max_length": 384}}}))
+    adapters = [("quickstart", quickstart_run / "adapter"), ("long", tmp_path / "long")]
+    assert lora_context_length(base, adapters) == (
+        256,
+        "the adapters' recipes (the shortest data.max_length, run.json)",
+    )
+    assert lora_context_length(base, adapters, 512) == (512, "set explicitly")
+    assert lora_context_length(base, [("x", tmp_path / "none")])[0] == 2048
 
 
 def test_serve_picks_vllm_when_it_can_and_says_why_not(merged_model, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Multi-LoRA on the CPU without merging: vLLM serves the tiny Llama with the quickstart run's adapter and
 a second one, picked per request by model name, each answering what peft answers locally, also when
-base and adapter requests share a batch."""
+base and adapter requests share a batch; chat with an adapter formatted by its training template."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from serving.client import ServingClient
 from serving.errors import InvalidParameterError
 from tests.serving.conftest import API_KEY
 from tests.serving.local_server.test_local_server import INSTRUCTION, dolly_prompt
+from training.data.templates import BUILTIN_TEMPLATES
 
 PROMPTS = [dolly_prompt(f"{INSTRUCTION} {i}") for i in range(6)]
 NEW_TOKENS = 12
@@ -98,6 +99,22 @@ def test_the_client_picks_an_adapter_and_refuses_one_vllm_does_not_serve(
     assert result.text == tokenizer.decode(expected["quickstart"][0], skip_special_tokens=True)
     with pytest.raises(InvalidParameterError, match="serves no adapter 'other'; adapters: "):
         client.generate(PROMPTS[0], max_new_tokens=2, adapter_id="other")
+
+
+def test_chat_with_an_adapter_is_formatted_with_its_training_template(vllm_lora_server, base_dir, expected):
+    # The tiny base model has no chat template; the quickstart adapter carries its training's (dolly-ja),
+    # which serve passes vLLM. Without it vLLM answers every chat request 400 ("default chat template is
+    # no longer allowed").
+    messages = BUILTIN_TEMPLATES["dolly-ja"].instruction_messages(f"{INSTRUCTION} 0")
+    trained_ids = AutoTokenizer.from_pretrained(base_dir)(PROMPTS[0])["input_ids"]  # BOS + dolly-ja
+    with ServingClient(vllm_lora_server.url, api_key=API_KEY, adapter_id="quickstart") as with_adapter:
+        body = {"model": "quickstart", "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0}
+        answer = with_adapter.transport.post_json("/v1/chat/completions", {**body, "return_token_ids": True})
+        result = with_adapter.chat(messages, max_new_tokens=NEW_TOKENS)  # what `make chat --adapter` sends
+    assert answer["prompt_token_ids"] == trained_ids
+    assert answer["choices"][0]["token_ids"] == expected["quickstart"][0]  # peft's answer to that prompt
+    assert result.text == answer["choices"][0]["message"]["content"]
+    assert result.prompt_tokens == len(trained_ids)
 
 
 def test_sigterm_stops_the_server_cleanly(vllm_lora_server):
