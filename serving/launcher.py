@@ -34,6 +34,7 @@ from serving.model_dir import ModelDir
 BACKEND_CHOICES = ("auto", "vllm", "local")
 VENV = Path(__file__).resolve().parents[1] / ".venv-vllm"
 STOP_TIMEOUT = 30.0  # seconds vLLM gets to shut down after SIGTERM (it takes about 3)
+STARTING_STOP_TIMEOUT = 5.0  # the same for a vLLM stopped before it answered
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,25 @@ def run_vllm_cpu(
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
+def _kill(server: subprocess.Popen) -> None:
+    """SIGKILL to the server's whole session (it was started in one of its own): vLLM's engine process
+    and resource tracker would otherwise outlive it, holding memory and CPU."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def _wait_for_exit(server: subprocess.Popen, deadline: list[float]) -> int:
+    """The server's exit status. Once asked to stop, it is killed if still running at the deadline: vLLM
+    0.32 asked to stop while it starts goes on starting (and its engine process outlived a second
+    Ctrl-C, which killed the server alone)."""
+    while (code := server.poll()) is None:
+        if deadline and time.monotonic() > deadline[0]:
+            _kill(server)
+            return server.wait()
+        time.sleep(0.2)
+    return code
+
+
 def _supervise(
     server: subprocess.Popen,
     url: str,
@@ -196,23 +216,33 @@ def _supervise(
 ) -> int:
     """Wait until the server answers (then `on_ready`), and until it exits. The first Ctrl-C, SIGTERM
     or SIGHUP asks it to stop (SIGTERM: it lets the requests in flight finish, then stops in about
-    3 s); a second one kills it."""
+    3 s; before it answered, it is killed after STARTING_STOP_TIMEOUT); a second one kills it, engine
+    process and all."""
     stopping: list[int] = []
+    ready = False
 
     def stop(signum: int, _frame) -> None:
         if stopping:
-            server.kill()
+            _kill(server)
         else:
             stopping.append(signum)
+            # Before it answered there is nothing in flight, and vLLM 0.32 acts on SIGTERM only once
+            # it is up (tens of seconds later on a CPU): it gets a few seconds. After, its drain first.
+            if ready:
+                deadline.append(time.monotonic() + drain_seconds + STOP_TIMEOUT)
+                drain = f"requests in flight get up to {drain_seconds} s to finish; " if drain_seconds else ""
+                print(f"Stopping vLLM: {drain}Ctrl-C again stops it now", file=sys.stderr, flush=True)
+            else:
+                deadline.append(time.monotonic() + STARTING_STOP_TIMEOUT)
+                print("Stopping vLLM before it is up", file=sys.stderr, flush=True)
             server.terminate()
-            drain = f"requests in flight get up to {drain_seconds} s to finish; " if drain_seconds else ""
-            print(f"Stopping vLLM: {drain}Ctrl-C again stops it now", file=sys.stderr, flush=True)
 
+    deadline: list[float] = []  # when a stopping server is killed
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        deadline = time.monotonic() + start_timeout
+        started_by = time.monotonic() + start_timeout
         while not stopping and server.poll() is None and not _answers(url + ready_route):
-            if time.monotonic() > deadline:
+            if time.monotonic() > started_by:
                 print(
                     f"error: vLLM did not answer {ready_route} within {start_timeout:.0f} s", file=sys.stderr
                 )
@@ -220,19 +250,20 @@ def _supervise(
                 server.wait(STOP_TIMEOUT)
                 return 1
             time.sleep(0.5)
-        if not stopping and server.poll() is None and on_ready is not None:
+        ready = not stopping and server.poll() is None
+        if ready and on_ready is not None:
             on_ready(url, notes)
-        code = server.wait()
+        code = _wait_for_exit(server, deadline)
     finally:
         if server.poll() is None:  # this process is going down on an error of its own
-            server.kill()
+            _kill(server)
             server.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopping:
         # Asked to stop, it stopped: a clean stop. The status vLLM's shutdown reports depends on how its
         # engine process ended, so it is shown, not returned.
-        if code not in (0, -signal.SIGTERM):
+        if ready and code not in (0, -signal.SIGTERM):
             print(f"vLLM stopped (its exit status {code})", file=sys.stderr)
         return 0
     print(f"error: vLLM exited with status {code}; its log is above", file=sys.stderr)
