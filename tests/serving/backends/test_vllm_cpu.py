@@ -164,24 +164,34 @@ def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_m
     assert command.env["PYTHONWARNINGS"] == f"error::DeprecationWarning,{RESOURCE_TRACKER_WARNINGS}"
 
 
-def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(tiny_dir, tmp_path):
+def adapter_dirs(tmp_path: Path, ranks: dict[str, int]) -> list[tuple[str, Path]]:
+    """(name, folder) of LoRA adapters as vLLM's command sees them: their adapter_config.json alone."""
     adapters = []
-    for name, rank in (("a", 8), ("b", 10)):
+    for name, rank in ranks.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
         adapters.append((name, tmp_path / name))
+    return adapters
+
+
+def lora_command(model: ModelDir, adapters: list[tuple[str, Path]], runtime_dir: Path):
+    return VLLMCPU().local_command(
+        model,
+        served_name="llama",
+        max_model_len=256,
+        host="127.0.0.1",
+        port=1,
+        api_key=None,
+        runtime_dir=runtime_dir,
+        adapters=adapters,
+    )
+
+
+def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(tiny_dir, tmp_path):
+    adapters = adapter_dirs(tmp_path, {"a": 8, "b": 10})
 
     def command():
-        return VLLMCPU().local_command(
-            ModelDir.open(tiny_dir / "llama"),
-            served_name="llama",
-            max_model_len=256,
-            host="127.0.0.1",
-            port=1,
-            api_key=None,
-            runtime_dir=tmp_path,
-            adapters=adapters,
-        )
+        return lora_command(ModelDir.open(tiny_dir / "llama"), adapters, tmp_path)
 
     argv = command().argv
     assert argv[argv.index("--lora-modules") + 1 : argv.index("--lora-modules") + 3] == [
@@ -199,27 +209,14 @@ def test_lora_chat_gets_the_adapters_template_and_the_banner_says_where_it_canno
     # vLLM 0.32 formats every chat request with one template: the base model's, or --chat-template.
     base = ModelDir.open(tiny_dir / "llama")
     assert read_chat_template(base.path) is None  # as a hub base model may be
-    adapters = []
-    for name in ("a", "b", "plain"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
-        adapters.append((name, tmp_path / name))
+    adapters = adapter_dirs(tmp_path, {"a": 8, "b": 8, "plain": 8})
     dolly = BUILTIN_TEMPLATES["dolly-ja"].chat_template(add_bos=True)
     (tmp_path / "a" / "chat_template.jinja").write_text(dolly)  # where transformers 5 saves it
     (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps({"chat_template": dolly}))
 
     def command(runtime_dir):
         runtime_dir.mkdir(exist_ok=True)
-        return VLLMCPU().local_command(
-            base,
-            served_name="llama",
-            max_model_len=256,
-            host="127.0.0.1",
-            port=1,
-            api_key=None,
-            runtime_dir=runtime_dir,
-            adapters=adapters,
-        )
+        return lora_command(base, adapters, runtime_dir)
 
     served = command(tmp_path / "run1")
     template = Path(served.argv[served.argv.index("--chat-template") + 1])
