@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import datasets
 import torch
@@ -15,8 +14,6 @@ from training.train.launcher import DEFAULT_PORT, launch, topology
 from training.train.preflight import preflight
 from training.train.run import run_training
 from training.train.sft_config import check_before_launch
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
