@@ -218,39 +218,37 @@ def _supervise(
     or SIGHUP asks it to stop (SIGTERM: it lets the requests in flight finish, then stops in about
     3 s; before it answered, it is killed after STARTING_STOP_TIMEOUT); a second one kills it, engine
     process and all."""
-    stopping: list[int] = []
     ready = False
+    deadline: list[float] = []  # set by the first stop: when a server still running is killed
 
     def stop(signum: int, _frame) -> None:
-        if stopping:
+        if deadline:
             _kill(server)
+            return
+        # Before it answered there is nothing in flight, and vLLM 0.32 acts on SIGTERM only once it
+        # is up (tens of seconds later on a CPU): it gets a few seconds. After, its drain first.
+        if ready:
+            deadline.append(time.monotonic() + drain_seconds + STOP_TIMEOUT)
+            drain = f"requests in flight get up to {drain_seconds} s to finish; " if drain_seconds else ""
+            print(f"Stopping vLLM: {drain}Ctrl-C again stops it now", file=sys.stderr, flush=True)
         else:
-            stopping.append(signum)
-            # Before it answered there is nothing in flight, and vLLM 0.32 acts on SIGTERM only once
-            # it is up (tens of seconds later on a CPU): it gets a few seconds. After, its drain first.
-            if ready:
-                deadline.append(time.monotonic() + drain_seconds + STOP_TIMEOUT)
-                drain = f"requests in flight get up to {drain_seconds} s to finish; " if drain_seconds else ""
-                print(f"Stopping vLLM: {drain}Ctrl-C again stops it now", file=sys.stderr, flush=True)
-            else:
-                deadline.append(time.monotonic() + STARTING_STOP_TIMEOUT)
-                print("Stopping vLLM before it is up", file=sys.stderr, flush=True)
-            server.terminate()
+            deadline.append(time.monotonic() + STARTING_STOP_TIMEOUT)
+            print("Stopping vLLM before it is up", file=sys.stderr, flush=True)
+        server.terminate()
 
-    deadline: list[float] = []  # when a stopping server is killed
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         started_by = time.monotonic() + start_timeout
-        while not stopping and server.poll() is None and not _answers(url + ready_route):
+        while not deadline and server.poll() is None and not _answers(url + ready_route):
             if time.monotonic() > started_by:
                 print(
                     f"error: vLLM did not answer {ready_route} within {start_timeout:.0f} s", file=sys.stderr
                 )
-                server.terminate()
-                server.wait(STOP_TIMEOUT)
+                _kill(server)  # still starting: it would not act on SIGTERM (above)
+                server.wait()
                 return 1
             time.sleep(0.5)
-        ready = not stopping and server.poll() is None
+        ready = not deadline and server.poll() is None
         if ready and on_ready is not None:
             on_ready(url, notes)
         code = _wait_for_exit(server, deadline)
@@ -260,7 +258,7 @@ def _supervise(
             server.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stopping:
+    if deadline:
         # Asked to stop, it stopped: a clean stop. The status vLLM's shutdown reports depends on how its
         # engine process ended, so it is shown, not returned.
         if ready and code not in (0, -signal.SIGTERM):

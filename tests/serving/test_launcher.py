@@ -47,3 +47,17 @@ def test_a_server_stopped_while_starting_that_hangs_is_killed_with_its_children_
     assert not alive(engine)  # the whole session went, not the server alone
     err = capsys.readouterr().err
     assert err == "Stopping vLLM before it is up\n"  # nothing in flight to wait for, no status to report
+
+
+def test_a_server_that_never_answers_is_killed_with_its_children_at_the_start_timeout(capsys):
+    server = subprocess.Popen(
+        [sys.executable, "-c", STUCK], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    engine = int(server.stdout.readline())
+    started = time.monotonic()
+    code = launcher._supervise(server, "http://127.0.0.1:9", "/health", 1.0, None, [])
+    assert time.monotonic() - started < 10  # it ignores SIGTERM: killed, not waited on
+    assert code == 1 and server.poll() == -signal.SIGKILL
+    time.sleep(0.2)
+    assert not alive(engine)
+    assert "error: vLLM did not answer /health within 1 s" in capsys.readouterr().err
