@@ -366,9 +366,10 @@ def training_rows_context(recipe) -> float:
 def measure(variant: str, recipe: str, steps: int, profile: Profile | None = None) -> dict:
     """One run in a fresh process; the parent imports no torch, so the child's peak RSS is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
-        cmd = [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name]
-        cmd += [str(profile.steps), str(profile.folder)] if profile else ["0", "-"]
-        usage = run_child(cmd, child_env(), variant, " ".join(cmd[:4] + ["/tmp/r.json"] + cmd[5:]))
+        profiling = [str(profile.steps), str(profile.folder)] if profile else ["0", "-"]
+        cmd = [sys.executable, __file__, "--child", variant, recipe, str(steps), result_file.name, *profiling]
+        rerun = [*cmd[:6], "/tmp/r.json", *profiling]  # the temporary result file is gone by then
+        usage = run_child(cmd, child_env(), variant, " ".join(rerun))
         result = json.loads(Path(result_file.name).read_text())
     return with_rss(result, usage)
 

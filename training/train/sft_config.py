@@ -121,8 +121,12 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
 
 def choices(key: str) -> list[str]:
     """The values transformers' TrainingArguments (or TRL's SFTConfig) documents for `key`, if it lists them."""
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    return [str(c) for c in fields[key].metadata.get("choices", [])] if key in fields else []
+    return _field_choices().get(key, [])
+
+
+@functools.cache
+def _field_choices() -> dict[str, list[str]]:
+    return {f.name: [str(c) for c in f.metadata.get("choices", [])] for f in dataclasses.fields(SFTConfig)}
 
 
 def _validate(annotation: Any, value: Any) -> Any:

@@ -46,19 +46,21 @@ class StepProfiler(TrainerCallback):
             raise ValueError(f"steps to profile must be at least 1, not {steps}")
         self.steps, self.out_dir, self.cuda, self.write = steps, Path(out_dir), cuda, write
         self.session_start = 0  # the step this session started from (0, or a checkpoint's)
-        self.first: int | None = None  # the first profiled step, counted as the Trainer does
         self.recorded = 0
         self._profiler: profile | None = None
         self._started = 0.0
 
     @property
+    def first(self) -> int:
+        """The first step profiled (1-based, as the Trainer's logs count them): the session's second."""
+        return self.session_start + 2
+
+    @property
     def profiled_steps(self) -> list[int]:
-        """The optimizer steps recorded (1-based, as the Trainer's logs count them)."""
-        return list(range(self.first, self.first + self.recorded)) if self.first else []
+        return list(range(self.first, self.first + self.recorded))
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.session_start = state.global_step  # a resumed session starts after its checkpoint's step
-        self.first = self.session_start + 2
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
