@@ -9,12 +9,13 @@ compose service serve-llamacpp starts the same server with the same settings as 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.backends.llamacpp import DEFAULT_QUANT, gguf_path
+from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
 from serving.errors import ServingError
 from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError
@@ -65,8 +66,8 @@ def settings_for(
             f"{path}: no such GGUF. Export the run first: make export FORMAT=gguf QUANT={quant} (RUN={run}), "
             "or pass --gguf FILE"
         )
-    merged = path.parent.parent / "merged"
-    if merged.is_dir():
+    name, merged = exported_from(path)
+    if merged is not None and merged.is_dir():
         n_ctx, source = ModelDir.open(merged).context_length(max_model_len)
     elif max_model_len:
         n_ctx, source = max_model_len, "set explicitly"
@@ -75,8 +76,26 @@ def settings_for(
         if found is None:
             raise ModelDirError(f"{path}: no context length in its metadata; pass --max-model-len")
         n_ctx, source = found, "the GGUF's context_length (no merged model beside it)"
-    name = served_name or (path.parent.parent.name if path.parent.name == "gguf" else path.stem)
-    return LlamaCppSettings(path.resolve(), name, n_ctx, source, threads)
+    return LlamaCppSettings(path.resolve(), served_name or name, n_ctx, source, threads)
+
+
+def exported_from(path: Path) -> tuple[str, Path | None]:
+    """The model a GGUF export is of: its name (the default model id) and its merged model folder.
+    `python -m training export` writes <name>-<quant>.gguf and <name>-<quant>.export.json into a gguf/
+    folder beside the merged model: outputs/<name>/merged for a run, <name>/ for `export --merged
+    <name>`. A GGUF from elsewhere is named after its file and has no merged model."""
+    record = path.with_name(f"{path.stem}.export.json")
+    quant = json.loads(record.read_text(encoding="utf-8")).get("quant") if record.is_file() else None
+    folder = path.parent.parent
+    if path.parent.name != GGUF_DIR:
+        return path.stem, None
+    if quant and path.stem.endswith(f"-{quant}"):
+        name = path.stem.removesuffix(f"-{quant}")
+    elif path.stem.startswith(f"{folder.name}-"):  # an export without its record: a run's, by its name
+        name = folder.name
+    else:
+        return path.stem, None
+    return name, folder / ("merged" if name == folder.name else name)
 
 
 def build_app(settings: LlamaCppSettings, api_key: str | None = None):

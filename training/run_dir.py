@@ -36,13 +36,23 @@ ARTIFACTS = (ADAPTER, MERGED)  # what can be published or evaluated by name
 @dataclass(frozen=True)
 class RunDir:
     path: Path
+    # A merged model outside a run folder (export --merged DIR, DIR not named merged/): DIR's name.
+    # DIR is then this run's merged model and names its exports, which go to gguf/ beside it.
+    model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
 
+    @classmethod
+    def of_merged(cls, merged: str | Path) -> RunDir:
+        """The run whose merged model is MERGED: outputs/<run>/ for outputs/<run>/merged, else the
+        folder that holds MERGED, with MERGED's name as the model's."""
+        merged = Path(merged).resolve()
+        return cls(merged.parent, None if merged.name == MERGED else merged.name)
+
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.model or self.path.name
 
     @property
     def recipe_json(self) -> Path:
@@ -70,7 +80,7 @@ class RunDir:
 
     @property
     def merged(self) -> Path:
-        return self.path / MERGED
+        return self.path / (self.model or MERGED)
 
     @property
     def merge_json(self) -> Path:

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merged",
         type=Path,
-        help="merged model directory (default: outputs/<run>/merged of the recipe); the GGUF goes to gguf/ beside it",
+        help="merged model directory (default: outputs/<run>/merged of the recipe); the GGUF goes to gguf/ beside "
+        "it, named after the run (outputs/<run>/merged) or else after the directory",
     )
     p.add_argument("--no-verify", action="store_true", help="skip comparing the GGUF with the merged model")
     p.add_argument("--threads", type=int, default=None, help="quantizer threads (default: every core)")
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         merged = run_dir.merged
     else:
         merged = args.merged
-        run_dir = RunDir(merged.resolve().parent)
+        run_dir = RunDir.of_merged(merged)
     settings = ExportSettings(
         quants=parse_quants(args.quant or ["q4_k_m"]),
         verify=not args.no_verify,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -19,6 +20,7 @@ import openai
 import pytest
 import torch
 
+from serving import llamacpp_server
 from serving.backends import BACKENDS
 from serving.backends.base import LaunchError
 from serving.backends.llamacpp import LlamaCpp
@@ -108,6 +110,23 @@ def test_launch_settings_take_the_merged_models_limits_and_need_the_export(tmp_p
         )
     with pytest.raises(LaunchError, match="API_KEY set but empty"):
         plan_from_env("llamacpp", num_shard=None, outputs=tmp_path, env={"RUN": "quickstart", "API_KEY": " "})
+
+
+def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_path):
+    fake_run(tmp_path)
+    run = llamacpp_server.settings_for(outputs=tmp_path, run="quickstart")
+    assert (run.served_name, run.n_ctx) == ("quickstart", 256)
+    # `export --merged models/my-llama` writes models/gguf/my-llama-q8_0.gguf beside models/merged of
+    # another model: the name and the limits are my-llama's.
+    fake_run(tmp_path, "models")
+    model = tmp_path / "models" / "my-llama"
+    shutil.copytree(tmp_path / "models" / "merged", model)
+    (model / "merge.json").write_text(json.dumps({"recipe": {"data": {"max_length": 512}}}))
+    gguf = tmp_path / "models" / "gguf" / "my-llama-q8_0.gguf"
+    gguf.write_bytes(b"")
+    gguf.with_name("my-llama-q8_0.export.json").write_text(json.dumps({"quant": "q8_0"}))
+    other = llamacpp_server.settings_for(outputs=tmp_path, run="quickstart", gguf=gguf)
+    assert (other.served_name, other.n_ctx) == ("my-llama", 512)
 
 
 # --- the real server ---------------------------------------------------------------------------

@@ -125,6 +125,23 @@ def test_gpt_neox_converts_without_rotary_pct_and_without_bos(neox_run, tmp_path
 
 
 @export
+def test_a_merged_model_outside_a_run_is_exported_under_its_own_name(quickstart_gguf, tmp_path):
+    source, _ = quickstart_gguf
+    model = tmp_path / "models" / "my-llama"
+    shutil.copytree(source / "merged", model)
+    result = export_cli(model, "--quant", "f32", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    # Named after the model's folder, not after the folder that holds it (models-f32.gguf).
+    assert sorted(p.name for p in (tmp_path / "models" / "gguf").iterdir()) == [
+        "my-llama-f32.Modelfile",
+        "my-llama-f32.export.json",
+        "my-llama-f32.gguf",
+    ]
+    assert "ollama create my-llama-f32 -f" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["gguf", "my-llama"]
+
+
+@export
 def test_an_existing_export_is_kept_without_force(quickstart_gguf):
     run, _ = quickstart_gguf
     before = RunDir(run).gguf("q8_0").read_bytes()
