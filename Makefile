@@ -181,11 +181,14 @@ else
 	  --port=$(NOTEBOOK_PORT) --LabApp.default_url=/lab/tree/notebooks$(if $(filter 1,$(NOTEBOOK_ALLOW_ROOT)), --allow-root)
 endif
 
-export: $(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP)) ## the merged model as GGUF for llama.cpp/Ollama, verified: outputs/<run>/gguf (QUANT=q8_0,q4_k_m,f16)
+export: $(if $(filter docker,$(RUNTIME)),image,$(EXPORT_STAMP)) ## the merged model as GGUF for llama.cpp/Ollama, verified: outputs/<run>/gguf (QUANT=q8_0,q4_k_m,f16)
 ifeq ($(RUNTIME),docker)
-	@echo "make export runs in the virtual environment: RUNTIME=local, with outputs/ on this machine" >&2; exit 2
-endif
+	$(CHECK_RECIPE)
+	$(COMPOSE) run --rm export python -m training export --recipe $(RECIPE) --format $(FORMAT) --quant $(QUANT) \
+	  $(SET_ARGS) $(FORCE_ARG)
+else
 	$(PY) -m training export --recipe $(RECIPE) --format $(FORMAT) --quant $(QUANT) $(SET_ARGS) $(FORCE_ARG)
+endif
 
 eval: $(STAMP) ## perplexity, answers and lm-eval scores (TASKS=kobest) of base, adapter, merged, servers (eval.json, eval.png)
 	$(PY) -m training eval --recipe $(RECIPE) $(SET_ARGS) $(if $(TASKS),--tasks $(TASKS)) \

@@ -53,7 +53,10 @@ fetch_sdist() {
 
 build_wheel() {
   local key dir tmp sdist started
-  key=$(printf '%s %s' "$version" "$flags" | sha256sum | cut -c1-12)
+  # The wheel links against this machine's C and C++ runtime libraries, so an image or machine with
+  # another glibc or compiler (a shared BuildKit cache, a copied cache) gets a wheel of its own.
+  key=$(printf '%s %s %s %s' "$version" "$flags" "$(getconf GNU_LIBC_VERSION)" "$(c++ -dumpfullversion 2>/dev/null)" \
+    | sha256sum | cut -c1-12)
   dir=$cache/wheels/$key
   if compgen -G "$dir/llama_cpp_python-$version-*.whl" >/dev/null; then
     say "cached wheel: $(basename "$dir"/llama_cpp_python-"$version"-*.whl) (flags: $flags)"

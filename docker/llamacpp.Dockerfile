@@ -5,8 +5,10 @@
 # The first stage compiles llama-cpp-python from its sdist into a portable wheel with
 # docker/llama-cpp.sh, the script `make venv-export` uses (GGML_NATIVE=OFF: AVX2-class CPUs, not
 # the build machine's). BuildKit keeps that script's cache between builds, so a rebuild does not
-# compile again. The image itself holds Python, OpenMP and the wheel: no compiler, torch or
-# project code. Any Debian/Ubuntu image with python3 >= 3.10 works as BASE_IMAGE.
+# compile again. The image itself holds Python, OpenMP, the wheel and the project's serving
+# package, which runs llama-cpp-python's server app as `make serve SERVE_BACKEND=llamacpp` does
+# without Docker (serving/llamacpp_server.py: the run's limits, answers held to the context): no
+# compiler, torch or training code. Any Debian/Ubuntu image with python3 >= 3.11 works as BASE_IMAGE.
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS wheel
@@ -41,14 +43,20 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# uvicorn is pinned as the project pins it; the server extra's other packages follow the wheel's
-# own requirements.
+# Pinned by requirements.lock, as in the project image: the server extra and what the serving
+# package imports besides (huggingface_hub, httpx2, safetensors: small, pure or prebuilt).
+COPY requirements.lock /tmp/requirements.lock
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python3 -m venv "${VIRTUAL_ENV}" \
     && pip install --no-cache-dir pip==26.3 \
-    && pip install --no-cache-dir "$(ls /wheels/llama_cpp_python-*.whl)[server]" uvicorn==0.54.0
+    && pip install --no-cache-dir -c /tmp/requirements.lock "$(ls /wheels/llama_cpp_python-*.whl)[server]" \
+        uvicorn huggingface_hub httpx2 safetensors \
+    && rm /tmp/requirements.lock
+# The serving package alone, importable from here (no install: nothing else of the project is in the image).
+COPY serving /opt/qlora-stack/serving
+ENV PYTHONPATH=/opt/qlora-stack
 # Any non-root user can read the model (the outputs volume is world-readable); numeric, so
 # runAsNonRoot checks can verify it without /etc/passwd.
 USER 65534:65534
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["python3", "-m", "llama_cpp.server", "--help"]
+CMD ["python3", "-m", "serving", "serve", "--backend", "llamacpp", "--help"]

@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-model-len",
-        type=int,
+        type=_max_model_len,
         default=None,
-        help="tokens per request (default: the recipe's max_length)",
+        help="tokens per request (default, or auto: the recipe's max_length)",
     )
     p.add_argument("--device", default="cpu", help="local: cpu (default), cuda, cuda:1, or auto")
     p.add_argument(
@@ -159,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--outputs", type=Path, default=None, help="outputs directory (default: /outputs in containers)"
     )
     return parser
+
+
+def _max_model_len(value: str) -> int | None:
+    """A token count, or auto for the default (compose passes ${MAX_TOTAL_TOKENS:-auto})."""
+    if value == "auto":
+        return None
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive number of tokens, or auto")
+    return tokens
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ APP_SERVICES = ("train", "merge", "notebook")
 LONG_RUNNING = ("notebook", "tgi", "vllm", "serve-cpu", "vllm-cpu", "serve-llamacpp")
 GPU_SERVICES = ("train", "merge", "notebook", "tgi", "vllm")
 # Services the CI starts under Podman, whose API compose treats as older than Docker Engine 25.
-STARTED_IN_CI = ("train", "merge", "notebook", "serve-cpu", "vllm-cpu")
+STARTED_IN_CI = ("train", "merge", "export", "notebook", "serve-cpu", "vllm-cpu", "serve-llamacpp")
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -76,16 +76,27 @@ def mounts(service: dict) -> dict[str, str]:
 
 
 def test_services_and_the_two_shared_volumes(compose, services):
-    assert {"train", "merge", "notebook", "tgi", "vllm", "serve-cpu", "vllm-cpu"} <= set(services)
+    assert {
+        "train",
+        "merge",
+        "export",
+        "notebook",
+        "tgi",
+        "vllm",
+        "serve-cpu",
+        "vllm-cpu",
+        "serve-llamacpp",
+    } <= set(services)
     assert set(compose["volumes"]) == {"hf-cache", "outputs"}
     assert services["tgi"]["profiles"] == ["gpu"] and services["vllm"]["profiles"] == ["gpu"]
     assert services["serve-cpu"]["profiles"] == ["cpu"] and services["vllm-cpu"]["profiles"] == ["cpu"]
-    for name in APP_SERVICES:
+    assert services["serve-llamacpp"]["profiles"] == ["cpu"]
+    for name in (*APP_SERVICES, "export"):
         assert "profiles" not in services[name], f"{name} must run without naming a profile"
 
 
-@pytest.mark.parametrize("name", APP_SERVICES)
-def test_train_merge_notebook_share_outputs_and_cache_and_read_data_and_recipes_only(services, name):
+@pytest.mark.parametrize("name", [*APP_SERVICES, "export"])
+def test_the_project_images_services_share_outputs_and_cache_and_read_data_and_recipes_only(services, name):
     m = mounts(services[name])
     assert m["/workspace/outputs"] == "outputs"  # read-write: train writes, merge writes merged/
     assert m["/home/app/.cache/huggingface"] == "hf-cache"
@@ -135,7 +146,7 @@ def test_long_running_services_have_healthchecks_podman_can_run(services, name):
 
 
 def test_batch_jobs_have_no_healthcheck_and_no_restart(services):
-    for name in ("train", "merge"):
+    for name in ("train", "merge", "export"):
         assert "healthcheck" not in services[name] and "restart" not in services[name]
 
 
@@ -239,6 +250,19 @@ def test_the_gpu_image_installs_what_gpu_runs_use_by_default():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert {"serve", "notebook", "speed"} <= set(extras) <= set(project["optional-dependencies"])
     assert any(r.startswith("liger-kernel==") for r in project["optional-dependencies"]["speed"])
+
+
+def test_the_project_image_exports_gguf_from_a_wheel_built_in_a_stage_of_its_own():
+    # The export service (make export with Docker) runs in this image: it needs the export extra, and
+    # llama-cpp-python (a source distribution only) compiled once in a cached stage, not in the image.
+    text = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    assert "export" in re.search(r"^ARG EXTRAS=(\S+)$", text, flags=re.M).group(1).split(",")
+    build, final = text.split("\nFROM ${BASE_IMAGE}\n", 1)
+    assert (
+        "llama-cpp.sh wheel" in build and "llama-cpp.sh converter" in build and "--mount=type=cache" in build
+    )
+    assert "--only-binary llama-cpp-python" in final and "g++" not in final and "cmake" not in final
+    assert "ENV LLAMA_CPP_CONVERTER=" in final
 
 
 def test_the_llamacpp_image_builds_its_wheel_with_the_projects_script_and_runs_as_non_root():
@@ -420,6 +444,12 @@ def test_make_in_docker_runs_the_compose_services():
     assert re.search(
         r"run --rm merge python -m training merge --recipe recipes/quickstart.yaml[\s\\]+--num-shard \d",
         merge,
+    )
+    export = make("-n", "export", *common, "QUANT=q8_0,f16").stdout
+    assert "build train" in export and re.search(
+        r"run --rm export python -m training export --recipe recipes/quickstart.yaml --format gguf "
+        r"--quant q8_0,f16",
+        export,
     )
     notebook = make("-n", "notebook", *common).stdout
     assert "up -d --wait notebook" in notebook

@@ -10,7 +10,7 @@
 #   DOCKERFILE (default docker/Dockerfile; docker/Dockerfile.vllm-cpu for vLLM's CPU image),
 #   LOCAL_BASE_IMAGE, CONTEXT (build context, default the repository root),
 #   CA_BUNDLE and WHEEL_DIRS (default: what this machine's pip config says), EXTRAS (the project
-#   image's optional groups, default serve,notebook: the Dockerfile's without speed).
+#   image's optional groups, default serve,notebook,export: the Dockerfile's without speed).
 set -euo pipefail
 
 say() { printf '[build-image] %s\n' "$*" >&2; }
@@ -78,7 +78,7 @@ start=$(date +%s)
 # The project image without its speed extra: Liger's kernels need a GPU, and on CPU torch the extra
 # would only add Triton (a 170 MB download) that nothing here can run.
 extras=()
-[ "$DOCKERFILE" = docker/Dockerfile ] && extras=(--build-arg "EXTRAS=${EXTRAS:-serve,notebook}")
+[ "$DOCKERFILE" = docker/Dockerfile ] && extras=(--build-arg "EXTRAS=${EXTRAS:-serve,notebook,export}")
 podman --runtime runc build \
   --format docker \
   --pull=never \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make test-containers: build the images from docker/Dockerfile and docker/Dockerfile.vllm-cpu, then
-# run the project's compose.yaml (+ compose.cpu.yaml) in real containers with pytest (tests/containers/).
+# make test-containers: build the images from docker/Dockerfile, docker/Dockerfile.vllm-cpu and
+# docker/llamacpp.Dockerfile, then run the project's compose.yaml (+ compose.cpu.yaml) in real
+# containers with pytest (tests/containers/).
 #
 #   tests/containers/run.sh [pytest args]
 #
@@ -9,8 +10,9 @@
 # uses), with the image built on a local Debian base and the CPU torch wheel. QLORA_ENGINE=podman
 # or docker forces one.
 #
-# Environment: PYTHON (with pytest; default .venv/bin/python), QLORA_IMAGE and VLLM_CPU_IMAGE (tags
-# to build and test, default qlora-stack:latest and qlora-stack-vllm-cpu:latest). Every container, network and volume of the test project is
+# Environment: PYTHON (with pytest; default .venv/bin/python), QLORA_IMAGE, VLLM_CPU_IMAGE and
+# LLAMACPP_IMAGE (tags to build and test, default qlora-stack:latest, qlora-stack-vllm-cpu:latest and
+# qlora-stack-llamacpp:latest). Every container, network and volume of the test project is
 # removed at the end, pass or fail.
 set -euo pipefail
 
@@ -19,6 +21,7 @@ cd "$repo"
 PYTHON=${PYTHON:-$repo/.venv/bin/python}
 export QLORA_IMAGE=${QLORA_IMAGE:-qlora-stack:latest}
 export VLLM_CPU_IMAGE=${VLLM_CPU_IMAGE:-qlora-stack-vllm-cpu:latest}
+export LLAMACPP_IMAGE=${LLAMACPP_IMAGE:-qlora-stack-llamacpp:latest}
 export QLORA_TEST_PROJECT=${QLORA_TEST_PROJECT:-qlora-test-$(date +%s)-$$}
 export QLORA_CONTAINER_TESTS=1
 
@@ -48,6 +51,9 @@ if [ "$engine" = podman ]; then
   say "building $VLLM_CPU_IMAGE (tests/containers/build-image.sh) [$(elapsed)]"
   IMAGE=$VLLM_CPU_IMAGE DOCKERFILE=docker/Dockerfile.vllm-cpu "$repo/tests/containers/build-image.sh" \
     || die "vLLM CPU image build failed"
+  say "building $LLAMACPP_IMAGE (tests/containers/build-image.sh) [$(elapsed)]"
+  IMAGE=$LLAMACPP_IMAGE DOCKERFILE=docker/llamacpp.Dockerfile "$repo/tests/containers/build-image.sh" \
+    || die "llama.cpp image build failed"
 else
   export QLORA_COMPOSE="docker compose"
   compose=(docker compose)
@@ -55,6 +61,8 @@ else
   docker build -f docker/Dockerfile -t "$QLORA_IMAGE" . || die "image build failed"
   say "building $VLLM_CPU_IMAGE with docker build [$(elapsed)]"
   docker build -f docker/Dockerfile.vllm-cpu -t "$VLLM_CPU_IMAGE" . || die "vLLM CPU image build failed"
+  say "building $LLAMACPP_IMAGE with docker build [$(elapsed)]"
+  docker build -f docker/llamacpp.Dockerfile -t "$LLAMACPP_IMAGE" . || die "llama.cpp image build failed"
 fi
 say "image built [$(elapsed)]; compose: $("${compose[@]}" version --short), project $QLORA_TEST_PROJECT"
 

@@ -36,7 +36,8 @@ SETTINGS = (
     "RECIPE", "RUN", "NUM_SHARD", "NOTEBOOK_PORT", "SERVE_PORT", "SERVE_BIND", "API_KEY", "USER_UID",
     "USER_GID", "HF_TOKEN", "WANDB_API_KEY", "JUPYTER_TOKEN", "COMPOSE_FILE", "COMPOSE_PROFILES",
     "COMPOSE_PROJECT_NAME", "HF_HUB_OFFLINE", "MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS", "LORA_BASE_MODEL",
-    "LORA_ADAPTERS", "QUANTIZE", "DTYPE", "SHM_SIZE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_ARGS",
+    "LORA_ADAPTERS", "QUANTIZE", "DTYPE", "SHM_SIZE", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_ARGS", "QUANT",
+    "GGUF_QUANT",
 )  # fmt: skip
 TIMEOUT = 900  # seconds for any one compose command: a stuck container fails the test, not CI
 
@@ -192,6 +193,7 @@ def stack_env(image: str, **settings: str) -> dict[str, str]:
     env.update(
         QLORA_IMAGE=image,
         VLLM_CPU_IMAGE=os.environ.get("VLLM_CPU_IMAGE", "qlora-stack-vllm-cpu:latest"),
+        LLAMACPP_IMAGE=os.environ.get("LLAMACPP_IMAGE", "qlora-stack-llamacpp:latest"),
         HF_TOKEN=HF_SENTINEL,
         WANDB_API_KEY=WANDB_SENTINEL,
         JUPYTER_TOKEN="",

@@ -14,12 +14,12 @@ import yaml
 from serving.backends.tgi import IMAGE as TGI_IMAGE
 from serving.backends.tgi import QUANTIZE as TGI_QUANTIZE
 from serving.backends.vllm import IMAGE as VLLM_IMAGE
+from serving.cli import build_parser
 from tests.conftest import ROOT
 from training.release import model_card
 
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCUMENTED = json.loads((Path(__file__).parent / "documented_flags.json").read_text(encoding="utf-8"))
-LLAMACPP_SETTINGS = json.loads((Path(__file__).parent / "llamacpp_settings.json").read_text(encoding="utf-8"))
 SETTINGS = (
     "RUN",
     "NUM_SHARD",
@@ -41,6 +41,8 @@ SETTINGS = (
     "VLLM_CPU_ARGS",
     "GGUF_QUANT",
     "LLAMACPP_IMAGE",
+    "RECIPE",
+    "QUANT",
 )
 SERVERS = {"tgi": TGI_IMAGE, "vllm": VLLM_IMAGE}
 
@@ -357,32 +359,39 @@ def test_env_example_and_the_model_card_use_the_same_server_images():
     assert (model_card.TGI_IMAGE, model_card.VLLM_IMAGE) == (TGI_IMAGE, VLLM_IMAGE)
 
 
-def test_the_llamacpp_server_gets_only_settings_its_version_takes_and_serves_the_runs_export(tmp_path):
-    raw = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"]["serve-llamacpp"]
-    assert raw["command"][:3] == ["python3", "-m", "llama_cpp.server"]
-    flags = [flag_name(a) for a in raw["command"][3:]]
-    assert all(a.startswith("--") for a in raw["command"][3:])
-    assert not set(flags) - {f"--{f}" for f in LLAMACPP_SETTINGS["fields"]}
-    assert not {k.lower() for k in raw["environment"]} - set(LLAMACPP_SETTINGS["fields"])
+def test_the_llamacpp_service_runs_the_projects_llamacpp_server_on_the_runs_export(tmp_path):
+    # The command `make serve SERVE_BACKEND=llamacpp` runs without Docker, flags its parser takes.
     svc = render(tmp_path, RUN="ko-7b", GGUF_QUANT="q8_0", MAX_TOTAL_TOKENS="2048", API_KEY="k3y")[
         "serve-llamacpp"
     ]
-    assert "--model=/outputs/ko-7b/gguf/ko-7b-q8_0.gguf" in svc["command"]
-    assert "--model_alias=ko-7b" in svc["command"] and "--n_ctx=2048" in svc["command"]
-    assert "--interrupt_requests=False" in svc["command"]
-    # The key reaches it as an environment variable (read by its settings), not as a flag.
-    assert svc["environment"]["API_KEY"] == "k3y" and not any("k3y" in a for a in svc["command"])
+    assert svc["command"][:4] == ["python3", "-m", "serving", "serve"]
+    args = build_parser().parse_args(svc["command"][3:])
+    assert (args.backend, args.outputs, args.run, args.quant) == (
+        "llamacpp",
+        Path("/outputs"),
+        "ko-7b",
+        "q8_0",
+    )
+    assert (args.max_model_len, args.host, args.port) == (2048, "0.0.0.0", 8080)
+    # Unset, the limit is the recipe's, as without Docker (not a fixed 2048).
+    default = build_parser().parse_args(render(tmp_path)["serve-llamacpp"]["command"][3:])
+    assert default.max_model_len is None and default.quant == "q4_k_m"
+    # The key reaches it as an environment variable, not as a flag.
+    assert svc["environment"] == {"API_KEY": "k3y"} and not any("k3y" in a for a in svc["command"])
     assert svc["profiles"] == ["cpu"] and svc["build"]["dockerfile"] == "docker/llamacpp.Dockerfile"
     assert svc["image"] == "qlora-stack-llamacpp:latest"
 
 
-@pytest.mark.export
-def test_the_recorded_llamacpp_settings_are_those_of_the_installed_version():
-    import importlib.metadata
-
-    from llama_cpp.server.settings import Settings
-
-    assert (
-        LLAMACPP_SETTINGS["package"] == f"llama-cpp-python=={importlib.metadata.version('llama-cpp-python')}"
-    )
-    assert LLAMACPP_SETTINGS["fields"] == sorted(Settings.model_fields)
+def test_the_export_service_exports_the_recipes_merged_model_in_the_project_image(tmp_path):
+    export = render(tmp_path, RECIPE="recipes/ko.yaml", QUANT="q8_0,f16")["export"]
+    assert export["image"] == "qlora-stack:latest" and "deploy" not in export  # the CPU is enough
+    assert export["command"] == [
+        "python", "-m", "training", "export", "--recipe", "recipes/ko.yaml", "--quant", "q8_0,f16"
+    ]  # fmt: skip
+    targets = {v["target"]: v.get("read_only", False) for v in export["volumes"]}
+    assert targets == {
+        "/workspace/outputs": False,
+        "/home/app/.cache/huggingface": False,
+        "/workspace/data": True,
+        "/workspace/recipes": True,
+    }

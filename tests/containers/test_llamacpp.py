@@ -1,0 +1,139 @@
+"""export -> serve-llamacpp: the export service writes the merged model's GGUF into the outputs volume,
+and llama.cpp's server serves it from its own small image, locked down as the other servers are
+(compose.yaml), with the limits and fixes of `make serve SERVE_BACKEND=llamacpp` without Docker."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+import pytest
+
+from serving.client import ServingClient
+from tests.containers import stack as st
+from tests.containers.test_pipeline import http, listing, status_of
+
+pytestmark = st.pytestmark
+
+SERVICE = "serve-llamacpp"
+PROMPT = "ユーザー:日本で一番長い川は何ですか？\nシステム:"
+CHAT = {"model": "quickstart", "messages": [{"role": "user", "content": "日本の首都は？"}], "max_tokens": 8}
+LOCKED_DOWN = """
+grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs):' /proc/1/status
+for path in / /opt/qlora-stack /outputs/quickstart/gguf /tmp; do
+  if touch "$path/.probe" 2>/dev/null; then echo "writable $path"; rm -f "$path/.probe"; else echo "read-only $path"; fi
+done
+id -u
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(stack, merged) -> st.Result:
+    """`export` as it ships: the quickstart's merged model as a verified q4_k_m GGUF."""
+    return stack.run("export").ok()
+
+
+@pytest.fixture(scope="module")
+def port() -> str:
+    # Its own host port: serve-cpu, which other tests keep running, holds SERVE_PORT.
+    return str(st.free_port())
+
+
+def up(stack, port: str, **env: str) -> st.Result:
+    result = stack.compose(
+        "up",
+        "-d",
+        "--wait",
+        "--wait-timeout",
+        "300",
+        "--force-recreate",
+        SERVICE,
+        env={"SERVE_PORT": port, **env},
+    )
+    if result.returncode != 0:
+        print(stack.logs(SERVICE))
+    return result.ok()
+
+
+@pytest.fixture(scope="module")
+def llamacpp(stack, exported, port) -> str:
+    """serve-llamacpp (profile cpu) on the export; its URL on the host."""
+    up(stack, port)
+    return f"http://127.0.0.1:{port}"
+
+
+def test_export_writes_the_verified_gguf_and_its_modelfile_into_the_outputs_volume(stack, exported):
+    assert listing(stack, "train", "quickstart", "gguf") == {
+        "gguf": ["quickstart-q4_k_m.Modelfile", "quickstart-q4_k_m.export.json", "quickstart-q4_k_m.gguf"]
+    }
+    assert "verified: mean KL" in exported.output and "ollama create quickstart-q4_k_m" in exported.output
+
+
+def test_it_serves_the_export_under_the_run_name_with_the_recipes_limit(stack, llamacpp):
+    assert [m["id"] for m in http(f"{llamacpp}/v1/models")["data"]] == ["quickstart"]
+    assert http(f"{llamacpp}/v1/chat/completions", CHAT)["choices"][0]["message"]["content"] is not None
+    bindings = stack.api.inspect(stack.container(SERVICE))["HostConfig"]["PortBindings"]
+    assert {b["HostIp"] for spec in bindings.values() for b in spec} == {"127.0.0.1"}
+    # The banner of serving/llamacpp_server.py: the recipe's max_length, not a fixed 2048.
+    assert re.search(
+        r"limit\s+256 tokens per request, prompt \+ answer, from the recipe", stack.logs(SERVICE)
+    )
+
+
+def test_answers_that_run_to_the_end_of_the_context_finish_and_the_next_request_is_answered(stack, llamacpp):
+    """What llama-cpp-python's own server got wrong (tests/serving/backends/test_llamacpp.py says how):
+    an answer that ran to the context's end inside a UTF-8 character failed and cut the stream off."""
+    client = ServingClient(llamacpp)
+    prompt = "日本の首都はどこですか？" * 9 + PROMPT
+    room = 256 - client.count_tokens(prompt=prompt)
+    finished_a_character = 0
+    for seed in range(12):
+        chunks = list(client.stream(prompt, temperature=0.7, top_p=0.9, seed=seed))
+        assert chunks[-1].finish_reason in ("length", "stop"), f"seed {seed}: the stream was cut off"
+        assert client.generate(PROMPT, max_new_tokens=8).generated_tokens > 0
+        full = client.generate(prompt, temperature=0.7, top_p=0.9, seed=seed)
+        assert full.generated_tokens <= room + 3
+        finished_a_character += full.generated_tokens > room + 1
+    assert finished_a_character, "no answer ran past the context to finish a character: nothing was tested"
+    assert "llama_decode returned" not in stack.logs(SERVICE)
+
+
+def test_it_runs_as_nobody_without_capabilities_on_a_read_only_root_and_model(stack, llamacpp):
+    out = stack.compose("exec", "-T", SERVICE, "sh", "-c", LOCKED_DOWN).ok().output
+    status = dict(re.findall(r"^(\w+):\s+(\S+)$", out, flags=re.M))
+    assert status == {"CapPrm": "0" * 16, "CapEff": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1"}, out
+    assert set(re.findall(r"^writable (\S+)$", out, flags=re.M)) == {"/tmp"}
+    assert set(re.findall(r"^read-only (\S+)$", out, flags=re.M)) == {
+        "/",
+        "/opt/qlora-stack",
+        "/outputs/quickstart/gguf",
+    }
+    assert out.strip().splitlines()[-1] == "65534"
+
+
+def test_with_an_api_key_it_refuses_requests_without_the_bearer_token(stack, llamacpp, port):
+    key = secrets.token_hex(16)
+    try:
+        up(stack, port, API_KEY=key)  # healthy: the healthcheck sends the key
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            assert status_of(f"{llamacpp}/v1/chat/completions", headers, CHAT) == 401, headers
+            assert status_of(f"{llamacpp}/v1/models", headers) == 401, headers
+        assert status_of(f"{llamacpp}/v1/chat/completions", {"Authorization": f"Bearer {key}"}, CHAT) == 200
+    finally:
+        up(stack, port)
+
+
+def test_compose_stop_ends_it_cleanly(stack, llamacpp, port):
+    container = stack.container(SERVICE)
+    assert stack.api.inspect(container)["Config"]["StopTimeout"] == 30
+    started = time.monotonic()
+    stack.compose("stop", SERVICE, env={"SERVE_PORT": port}).ok()
+    took = time.monotonic() - started
+    state = stack.api.inspect(container)["State"]
+    logs = stack.logs(SERVICE)
+    stack.compose("rm", "-f", "-s", SERVICE, env={"SERVE_PORT": port})
+    # SIGTERM reaches the server through tini; uvicorn finishes and exits 0 (a SIGKILL would be 137).
+    assert state["ExitCode"] == 0 and took < 10, (
+        f"exit {state['ExitCode']} after {took:.1f} s:\n{logs[-3000:]}"
+    )
