@@ -347,12 +347,20 @@ def deep_merge(base: dict[str, Any], overrides: dict[str, Any], _path: str = "")
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(
+            f"{path}: is a directory, not a recipe file; give a YAML file such as recipes/quickstart.yaml"
+        )
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:  # a recipe saved as Shift-JIS/CP949, or a binary file given by mistake
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save the recipe as UTF-8"
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -210,6 +210,18 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_recipe(write(tmp_path, "- a\n- b\n"))
 
 
+def test_recipe_that_is_not_utf8_or_is_a_directory(tmp_path):
+    # A recipe saved by an editor in Shift-JIS or CP949 (comments in Japanese or Korean) was a
+    # UnicodeDecodeError traceback; a folder was "recipe file not found", which it is not.
+    path = tmp_path / "sjis.yaml"
+    path.write_bytes((BASE + "# 日本語のコメント\n").encode("shift_jis"))
+    result = run_cli("validate", "--recipe", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{path}: not UTF-8 text" in result.stderr and "save the recipe as UTF-8" in result.stderr
+    with pytest.raises(RecipeError, match="is a directory, not a recipe file"):
+        load_recipe(tmp_path)
+
+
 def test_run_name_must_be_a_plain_name(tmp_path):
     assert "plain directory name" in error_of(tmp_path, BASE + "output: {run_name: ../escape}\n")
 
