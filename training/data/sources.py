@@ -9,12 +9,14 @@ Parquet is typed already and hub datasets come through `datasets.load_dataset`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ReadInstruction
 
@@ -74,11 +76,24 @@ def _read_local(path: Path) -> list[SourceRow]:
 
 def _read_jsonl(path: Path) -> list[SourceRow]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    # Read as bytes and decoded line by line: a line that is not UTF-8 (one row pasted from a
+    # Shift-JIS or CP949 file) is then a bad row by its number, like a line that is not JSON.
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8-sig")  # -sig: the byte-order mark Windows editors put first
+            except UnicodeDecodeError as e:
+                rows.append(
+                    SourceRow(
+                        where,
+                        None,
+                        f"not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)",
+                    )
+                )
+                continue
             try:
                 rows.append(SourceRow(where, json.loads(line)))
             except json.JSONDecodeError as e:
@@ -86,9 +101,23 @@ def _read_jsonl(path: Path) -> list[SourceRow]:
     return rows
 
 
+def _utf8_text(path: Path) -> str:
+    """The whole file as text; a file that is not UTF-8 is a DataError naming the line."""
+    data = path.read_bytes()
+    try:
+        # -sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise become part
+        # of the first column's name ("\ufeffinstruction"), and every row would miss that column.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
 def _read_json(path: Path) -> list[SourceRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_utf8_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -99,15 +128,28 @@ def _read_json(path: Path) -> list[SourceRow]:
 
 
 def _read_csv(path: Path) -> list[SourceRow]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""))
+    rows = []
+    for row in reader:
         # Line numbers count the header as line 1, as a spreadsheet shows them.
-        return [SourceRow(f"{path} line {reader.line_num}", dict(row)) for row in reader]
+        where = f"{path} line {reader.line_num}"
+        extra = row.pop(None, None)  # DictReader keeps the values beyond the header's columns here
+        if extra is not None:
+            # An unquoted comma in a value: every column after it would be shifted by one.
+            columns = len(reader.fieldnames or [])
+            values = columns + len(extra)
+            problem = f"{values} values, but the header has {columns} columns (quote values that hold commas)"
+            rows.append(SourceRow(where, None, problem))
+        else:
+            rows.append(SourceRow(where, row))
+    return rows
 
 
 def _read_parquet(path: Path) -> list[SourceRow]:
-
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as e:  # ArrowInvalid for a file that is not Parquet, or a damaged one
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     return [SourceRow(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), start=1)]
 
 

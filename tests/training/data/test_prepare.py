@@ -93,6 +93,43 @@ def test_csv_json_and_parquet_sources(tmp_path, llama_tokenizer):
     assert prepare_data(section(parquet_path), llama_tokenizer).train_report.tokens.rows == 4
 
 
+def test_files_that_are_not_utf8_or_not_parquet_name_the_file_and_line(tmp_path, llama_tokenizer):
+    # Each of these was a UnicodeDecodeError or ArrowInvalid traceback that named no row.
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in ROWS]
+    lines[4] = '{"instruction": "質問", "input": "", "output": "答え"}'.encode("shift_jis")
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl line 5: \(row\): not UTF-8 text"):
+        prepare_data(section(path), llama_tokenizer)
+    skipped = prepare_data(section(path, on_bad_row="skip"), llama_tokenizer).train_report
+    assert (skipped.rows_read, skipped.rows_skipped_bad) == (20, 1)
+
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes("instruction,input,output\n質問,,答え\n".encode() + "質問2,,答え2\n".encode("cp949"))
+    with pytest.raises(DataError, match=r"d.csv line 3: not UTF-8 text \(byte 0x.*save the file as UTF-8"):
+        prepare_data(section(csv_path), llama_tokenizer)
+    json_path = tmp_path / "d.json"
+    json_path.write_bytes(json.dumps(ROWS[:3], ensure_ascii=False, indent=1).encode("euc_kr"))
+    with pytest.raises(DataError, match=r"d.json line 3: not UTF-8 text"):
+        prepare_data(section(json_path), llama_tokenizer)
+
+    parquet_path = tmp_path / "d.parquet"
+    parquet_path.write_text("instruction,input,output\n", encoding="utf-8")  # a CSV renamed by mistake
+    with pytest.raises(DataError, match=r"d.parquet: not a readable Parquet file"):
+        prepare_data(section(parquet_path), llama_tokenizer)
+
+
+def test_csv_row_with_more_values_than_columns_and_excel_bom(tmp_path, llama_tokenizer):
+    # An unquoted comma shifted the row's values: it trained on the wrong columns, silently.
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("instruction,input,output\n質問,,答え\n質問, 続き,,答え\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.csv line 3: \(row\): 4 values, but the header has 3 columns"):
+        prepare_data(section(csv_path), llama_tokenizer)
+    # Excel's "CSV UTF-8" starts with a byte-order mark: the first column is still "instruction".
+    csv_path.write_text("instruction,input,output\n質問,,答え\n質問2,,答え2\n", encoding="utf-8-sig")
+    assert prepare_data(section(csv_path), llama_tokenizer).train_report.tokens.rows == 2
+
+
 def test_columns_are_renamed(tmp_path, llama_tokenizer):
     rows = [{"question": r["instruction"], "answer": r["output"]} for r in ROWS]
     path = jsonl(tmp_path / "d.jsonl", rows)
