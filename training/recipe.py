@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,20 @@ class OutputSection(_Section):
         return Path(self.dir) / self.run_name
 
 
+# Sizes of the merged model's weight files. huggingface_hub's own parser (what save_pretrained
+# uses) knows only KB, MB, GB and TB, and failed with a traceback on the binary units and on B.
+SHARD_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+SHARD_SIZE_PATTERN = rf"^(\d+(?:\.\d+)?)\s*({'|'.join(SHARD_SIZE_UNITS)})$"
+
+
+def shard_size_bytes(size: str) -> int:
+    """'2GB' (10^9 bytes), '500MiB', ... -> bytes; ValueError naming what is allowed."""
+    match = re.match(SHARD_SIZE_PATTERN, size.strip())
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"give a size above 0 in {', '.join(SHARD_SIZE_UNITS)}, e.g. 2GB, 500MB or 4GiB")
+    return int(float(match[1]) * SHARD_SIZE_UNITS[match[2]])
+
+
 class MergeSection(_Section):
     base: Literal["original", "nf4-roundtrip", "auto"] = Field(
         "original",
@@ -193,7 +208,7 @@ class MergeSection(_Section):
         "layers computed with in training), or pick the one with the lower validation perplexity",
     )
     dtype: Dtype = Field("auto", description="auto: the base model's own dtype")
-    max_shard_size: str = Field("2GB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)$")
+    max_shard_size: str = "2GB"
     verify: Literal["streamed", "full", "off"] = Field(
         "streamed",
         description="Compare the merged model's logits with base + adapter on probe prompts: one decoder "
@@ -204,6 +219,12 @@ class MergeSection(_Section):
     strategy: Literal["auto", "streaming", "peft"] = Field(
         "auto", description="auto: streaming unless the adapter needs peft's merge_and_unload"
     )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        shard_size_bytes(value)  # raises ValueError naming what is allowed
+        return value
 
     @field_validator("verify", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import torch
 from training.cli.common import add_recipe_arguments
 from training.merge.adapters import read_adapter
 from training.merge.coordinator import MergeSettings, merge_adapter
-from training.recipe import MergeSection, load_recipe
+from training.recipe import MergeSection, load_recipe, shard_size_bytes
 from training.run_dir import MERGED, RunDir
 
 
@@ -29,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default: the base model's"
     )
-    p.add_argument("--max-shard-size", help="largest weight file, e.g. 2GB (default from the recipe)")
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        help="largest weight file, e.g. 2GB, 500MB or 4GiB (default from the recipe)",
+    )
     p.add_argument(
         "--strategy", choices=["auto", "streaming", "peft"], help="default: streaming where possible"
     )
@@ -42,7 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-verify", action="store_true", help="the same as --verify off")
     p.add_argument(
-        "--num-shard", type=int, default=None, help="GPUs to check TGI sharding for (default: visible GPUs)"
+        "--num-shard",
+        type=_gpus,
+        default=None,
+        help="GPUs to check TGI sharding for (default: visible GPUs)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing merged directory")
 
@@ -66,3 +73,19 @@ def run(args: argparse.Namespace) -> int:
     )
     merge_adapter(adapter_dir, out_dir, settings, force=args.force)
     return 0
+
+
+# Checked here, before the base model loads: huggingface_hub's parser raised a traceback only when
+# the weights were written, and a --num-shard below 1 came out as a failed sharding check.
+def _shard_size(text: str) -> str:
+    try:
+        shard_size_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return text
+
+
+def _gpus(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs: give a whole number, 1 or more")
+    return int(text)

@@ -47,7 +47,7 @@ from training.merge.weights import write_weights
 from training.model.hub_files import download_model_files
 from training.model.scoring import perplexity
 from training.model.tiny import resolve_model_name
-from training.recipe import Recipe
+from training.recipe import Recipe, shard_size_bytes
 from training.run_dir import MERGE_RECORD
 from training.runinfo import human_size, now, peak_memory_bytes, versions
 
@@ -158,7 +158,7 @@ def _build(
     tied = bool(config.get("tie_word_embeddings"))
     try:
         source = open_merged(strategy, base_dir, adapter, dtype, tied=tied, round_trip=round_trip)
-        weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+        weights = write_weights(tmp, source.specs(), source.get, shard_size_bytes(settings.max_shard_size))
     except StreamingUnsupported as e:
         if settings.strategy == "streaming":
             raise UserError(
@@ -167,7 +167,7 @@ def _build(
         strategy, reason = "peft", f"the streaming path does not handle {e}"
         log.warning("Falling back to peft's merge_and_unload: %s", reason)
         source = open_merged(strategy, base_dir, adapter, dtype, tied=tied, round_trip=round_trip)
-        weights = write_weights(tmp, source.specs(), source.get, settings.max_shard_size)
+        weights = write_weights(tmp, source.specs(), source.get, shard_size_bytes(settings.max_shard_size))
     del source
     merge_seconds = time.perf_counter() - started
     merge_peak = peak_memory_bytes()

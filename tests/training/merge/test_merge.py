@@ -302,3 +302,31 @@ def test_merge_cli_errors_are_clear(tmp_path):
         and "not an adapter directory" in result.stderr
         and "Traceback" not in result.stderr
     )
+
+
+def test_binary_shard_sizes_the_recipe_accepts_are_written(tmp_path, tiny_dir):
+    # merge.max_shard_size: 300KiB validated, then huggingface_hub's parser (KB/MB/GB/TB only)
+    # failed with a ValueError traceback once the weights were written.
+    adapter = make_adapter(tmp_path, tiny_dir, "llama")
+    record = merge_adapter(adapter, tmp_path / "merged", MergeSettings(max_shard_size="300KiB", verify="off"))
+    assert (
+        len(record["weights"]["shards"]) > 1
+        and (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    )
+
+
+@pytest.mark.parametrize(
+    ("argument", "says"),
+    [
+        (["--max-shard-size", "10XB"], "argument --max-shard-size: '10XB': give a size above 0 in B, KB"),
+        (["--num-shard", "0"], "argument --num-shard: '0' is not a number of GPUs"),
+    ],
+)
+def test_merge_cli_refuses_bad_sizes_before_loading(tmp_path, argument, says):
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "merge", *argument, "--out", str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "merged").exists()
