@@ -22,6 +22,8 @@ middleware puts the run's name in front of it, the way vLLM's --served-model-nam
   transformers' /reset and /load_model would let any local process unload the model;
 - what transformers would silently ignore (n, logprobs, non-text content parts, ...) is
   refused with a 400 (serving.local_server.validation);
+- what transformers serve would take unchecked and then fail on (stop, seed, frequency_penalty,
+  logit_bias, tools, its own generation_config) is checked: a 400 naming the field, not a bare 500;
 - bodies are bounded (413) and prompts are tokenized in a worker thread, so one huge
   request cannot hold the event loop (and /health) for seconds; the chat template's own
   rejections are 400s, and any other failure is a 500 whose traceback goes to the log.
@@ -69,6 +71,8 @@ SAMPLING_FIELDS = (
 # and tokenizing a 5 MB prompt took 11-17 s here, only to be refused as too long.
 BODY_BYTES_PER_TOKEN = 64
 MIN_BODY_BYTES = 1024 * 1024
+# The seeds torch.manual_seed takes (transformers serve seeds with it); others were an OverflowError 500.
+SEED_MIN, SEED_END = -(2**63), 2**64
 log = logging.getLogger(__name__)
 
 
@@ -272,8 +276,13 @@ class OpenAIFront:
                 param="chat_template_kwargs",
             )
         tools = body.get("tools")
-        if tools is not None and not isinstance(tools, list):
-            raise RequestError(400, "tools must be a list of tool definitions", param="tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            # A list item that is not an object was a ValueError inside apply_chat_template: a 500.
+            raise RequestError(
+                400,
+                "tools must be a list of tool definitions (JSON objects: {type: function, ...})",
+                param="tools",
+            )
         try:
             ids = self.tokenizer.apply_chat_template(
                 texts,
@@ -320,16 +329,13 @@ class OpenAIFront:
                 param=key,
             )
         body[key] = max_tokens if max_tokens is not None else room
+        _check_generation_fields(body, vocab=len(self.tokenizer))
         if "generation_config" not in body:
             body["generation_config"] = json.dumps(self._generation_config(body))
         return body
 
     def _generation_config(self, body: dict[str, Any]) -> dict[str, Any]:
         """The model's generation defaults with the request's sampling choices, OpenAI's way."""
-        for name, ok, allowed in SAMPLING_FIELDS:
-            value = body.get(name)
-            if value is not None and (not _is_number(value) or not ok(value)):
-                raise RequestError(400, f"{name} must be {allowed}, got {value!r}", param=name)
         config = dict(self.generation_defaults)
         temperature = body.get("temperature")
         if temperature is not None:
@@ -366,6 +372,75 @@ class OpenAIFront:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_sampling(fields: dict[str, Any], where: str = "") -> None:
+    for name, ok, allowed in SAMPLING_FIELDS:
+        value = fields.get(name)
+        if value is not None and (not _is_number(value) or not ok(value)):
+            raise RequestError(400, f"{where}{name} must be {allowed}, got {value!r}", param=name)
+
+
+def _check_generation_fields(body: dict[str, Any], *, vocab: int) -> None:
+    """The fields transformers serve passes on unchecked. A wrong type or value in any of them
+    failed inside transformers as a bare "Internal Server Error" 500 (a TypeError or ValueError in
+    its log) instead of a 400 that names the field; the sampling fields were checked only when the
+    request brought no generation_config of its own."""
+    _check_sampling(body)
+    stop = body.get("stop")
+    if stop == []:
+        body.pop("stop")  # no stop strings, as OpenAI and vLLM read it (transformers failed on it)
+    elif stop is not None and not (
+        (isinstance(stop, str) and stop)
+        or (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop))
+    ):
+        raise RequestError(
+            400, f"stop must be a non-empty string or a list of non-empty strings, got {stop!r}", param="stop"
+        )
+    seed = body.get("seed")
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed < SEED_END
+    ):
+        raise RequestError(400, f"seed must be a whole number in [-2**63, 2**64), got {seed!r}", param="seed")
+    # transformers serve applies frequency_penalty as repetition_penalty = 1 + frequency_penalty,
+    # which must stay above 0; OpenAI's range ends at 2.
+    penalty = body.get("frequency_penalty")
+    if penalty is not None and (not _is_number(penalty) or not -1 < penalty <= 2):
+        raise RequestError(
+            400,
+            f"frequency_penalty must be a number in (-1, 2] (the local server applies it as repetition_penalty "
+            f"1 + frequency_penalty), got {penalty!r}",
+            param="frequency_penalty",
+        )
+    bias = body.get("logit_bias")
+    if bias is not None and not (
+        isinstance(bias, dict)
+        and all(k.isdigit() and int(k) < vocab and _is_number(v) for k, v in bias.items())
+    ):
+        raise RequestError(
+            400,
+            f'logit_bias must map token ids (0 .. {vocab - 1}) to numbers, e.g. {{"1234": -100}}, got {bias!r}',
+            param="logit_bias",
+        )
+    if bias is not None:
+        # transformers' sequence_bias takes floats only: {"1234": -100} (OpenAI's own example) was a 500.
+        body["logit_bias"] = {k: float(v) for k, v in bias.items()}
+    own = body.get("generation_config")
+    if own is not None:
+        # transformers' own field: a JSON string of GenerationConfig's settings, used instead of the
+        # model's defaults. It is parsed without a check there: the sampling values are checked here.
+        try:
+            config = json.loads(own) if isinstance(own, str) else None
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise RequestError(
+                400,
+                "generation_config must be a string holding a JSON object of generation settings, "
+                f"e.g. '{{\"do_sample\": true}}', got {own!r}",
+                param="generation_config",
+            )
+        _check_sampling(config, "generation_config: ")
 
 
 class _RenameModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -345,6 +346,57 @@ def test_what_the_server_cannot_do_is_refused_not_ignored(client, route, fields,
     assert (caught.value.status, caught.value.error_type) == (400, "BadRequestError")
     without = {k: v for k, v in body.items() if k != param}
     assert client.transport.post_json(route, without)["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"stop": 5}, "stop", "stop must be a non-empty string or a list of non-empty strings, got 5"),
+        ({"stop": ["ok", 7]}, "stop", "got \\['ok', 7\\]"),
+        ({"seed": "abc"}, "seed", "seed must be a whole number in \\[-2\\*\\*63, 2\\*\\*64\\), got 'abc'"),
+        ({"seed": 2**64}, "seed", "seed must be a whole number"),
+        (
+            {"frequency_penalty": "x"},
+            "frequency_penalty",
+            "frequency_penalty must be a number in \\(-1, 2\\]",
+        ),
+        ({"frequency_penalty": -1.5}, "frequency_penalty", "repetition_penalty 1 \\+ frequency_penalty"),
+        ({"logit_bias": "x"}, "logit_bias", "logit_bias must map token ids \\(0 .. 2047\\) to numbers"),
+        ({"logit_bias": {"999999": -100}}, "logit_bias", "logit_bias must map token ids"),
+        ({"tools": [5]}, "tools", "tools must be a list of tool definitions"),
+        ({"generation_config": "notjson"}, "generation_config", "generation_config must be a string holding"),
+        (
+            {"generation_config": '{"temperature": -5}'},
+            "temperature",
+            "generation_config: temperature must be",
+        ),
+        ({"temperature": -1, "generation_config": "{}"}, "temperature", "temperature must be a number >= 0"),
+    ],
+)
+def test_fields_transformers_would_fail_on_are_400s_naming_them(local_server, fields, param, message):
+    # Each of these was a bare "Internal Server Error" (a TypeError or ValueError inside
+    # transformers serve), or, with a generation_config of the request's own, not checked at all.
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **fields}
+    response = httpx2.post(
+        f"{local_server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("BadRequestError", param)
+    assert re.search(message, error["message"]), error["message"]
+
+
+def test_openais_own_forms_of_those_fields_are_answered(client):
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    # An empty stop list and integer biases (OpenAI's documentation writes {"1234": -100}) were 500s.
+    for fields in ({"stop": []}, {"logit_bias": {"5": -100}}, {"seed": -1, "frequency_penalty": 0.5}):
+        answer = client.transport.post_json("/v1/chat/completions", {**chat, **fields})
+        assert answer["usage"]["completion_tokens"] == 2, fields
+    raw = {"prompt": "x", "max_tokens": 2, "stop": ["\n\n"]}
+    assert client.transport.post_json("/v1/completions", raw)["usage"]["completion_tokens"] >= 1
 
 
 def test_neutral_values_of_those_fields_are_answered(client):
