@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
     p.add_argument(
-        "--port", type=int, default=int(os.environ.get("SERVE_PORT") or 8080), help="port (0: any free one)"
+        "--port",
+        type=_port,
+        # A string: argparse parses it with _port too, so a bad SERVE_PORT is a usage error, not a traceback.
+        default=os.environ.get("SERVE_PORT") or "8080",
+        help="port (0: any free one; default: $SERVE_PORT or 8080)",
     )
     p.add_argument(
         "--max-model-len",
@@ -172,6 +176,15 @@ def _max_model_len(value: str) -> int | None:
     if tokens < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: a positive number of tokens, or auto")
     return tokens
+
+
+def _port(text: str) -> int:
+    """--port, checked before the model loads: out of range it was an OverflowError traceback from bind()."""
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} (--port or SERVE_PORT) is not a port: give 0 .. 65535 (0: any free one)"
+        )
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -178,6 +179,15 @@ class ServingClient:
         self.url = (url or default_url()).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise InvalidParameterError(f"url must start with http:// or https://, got {self.url!r}")
+        # A port that is not a number (SERVE_PORT=abc) was an InvalidURL traceback from httpx; one out of
+        # range was reported as "no server answered".
+        try:
+            host = urllib.parse.urlsplit(self.url).hostname
+            urllib.parse.urlsplit(self.url).port  # noqa: B018 - parsed for its ValueError
+        except ValueError as e:
+            raise InvalidParameterError(f"url {self.url!r} (--url, SERVE_URL or SERVE_PORT): {e}") from None
+        if not host:
+            raise InvalidParameterError(f"url {self.url!r} (--url or SERVE_URL) names no host")
         if backend != "auto" and backend not in BACKENDS:
             raise InvalidParameterError(
                 f"backend must be auto or one of {', '.join(BACKENDS)}, got {backend!r}"
