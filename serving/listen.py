@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 
 import uvicorn
 
+from serving.errors import ServingError
 
-def serve(app, *, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted; `on_ready(url)` runs once, with the port actually bound.
+
+@contextlib.contextmanager
+def listening(host: str, port: int) -> Iterator[socket.socket]:
+    """The server's socket, bound before its model loads: a port in use (or an address this machine
+    does not have) is an error at once, not after minutes of loading, and nothing can take the port
+    in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as e:
+        hint = (
+            ": another server is listening there; stop it, or pick another port (--port, SERVE_PORT)"
+            if e.errno == errno.EADDRINUSE
+            else ""
+        )
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ServingError(f"cannot listen on {host}:{port} ({reason}){hint}") from None
+    with sock:
+        yield sock
+
+
+def serve(app, *, sock: socket.socket, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve on `sock` until interrupted; `on_ready(url)` runs once, with the port actually bound.
 
     SIGTERM (`docker compose stop`, a supervisor) is a clean stop: uvicorn finishes the requests in
     flight and shuts down, and the process then exits 0.
@@ -25,9 +50,9 @@ def serve(app, *, host: str, port: int, on_ready: Callable[[str], None] | None =
                 shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
                 on_ready(f"http://{shown}:{bound[1]}")
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
     with _sigterm_exits_cleanly():
-        Server(config).run()
+        Server(config).run(sockets=[sock])
 
 
 @contextlib.contextmanager

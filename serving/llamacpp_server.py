@@ -17,7 +17,7 @@ from pathlib import Path
 
 from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
 from serving.errors import ServingError
-from serving.listen import serve
+from serving.listen import listening, serve
 from serving.model_dir import ModelDir, ModelDirError
 
 INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
@@ -190,7 +190,8 @@ def run(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    serve(build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
+    with listening(host, port) as sock:
+        serve(build_app(settings, api_key), sock=sock, on_ready=on_ready)
 
 
 def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], None]:

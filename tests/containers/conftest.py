@@ -13,7 +13,7 @@ import secrets
 
 import pytest
 
-from tests.containers.stack import ENABLED, Result, Stack, copy_project, image_user, stack_env
+from tests.containers.stack import ENABLED, Result, Stack, copy_project, free_port, image_user, stack_env
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,13 @@ def stack(image, tmp_path_factory) -> Stack:
     print(f"[stack] project {project} in {directory}")
     yield s
     s.down()
+
+
+@pytest.fixture(scope="module")
+def port() -> str:
+    """A host port of the module's own, for a server it starts: serve-cpu, which other tests keep
+    running, holds SERVE_PORT."""
+    return str(free_port())
 
 
 @pytest.fixture(scope="session")

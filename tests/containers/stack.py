@@ -152,6 +152,17 @@ class Stack:
         flags = [a for k in (env or {}) for a in ("-e", k)]
         return self.compose("run", "--no-deps", "-T", "--name", name, *flags, service, *command, env=env)
 
+    def up(self, service: str, port: str, *, wait_timeout: int, **env: str) -> Result:
+        """A server started (recreated, with these settings) on host port `port` and waited for until
+        healthy; its logs are printed when it is not."""
+        result = self.compose(
+            "up", "-d", "--wait", "--wait-timeout", str(wait_timeout), "--force-recreate", service,
+            env={"SERVE_PORT": port, **env},
+        )  # fmt: skip
+        if result.returncode != 0:
+            print(self.logs(service))
+        return result.ok()
+
     def container(self, service: str) -> str:
         return f"{self.project}-{service}-1"
 

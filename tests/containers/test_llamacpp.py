@@ -13,11 +13,11 @@ import pytest
 from serving.client import ServingClient
 from tests.containers import stack as st
 from tests.containers.test_pipeline import http, listing, status_of
+from tests.serving.backends.test_llamacpp import check_answers_to_the_end_of_the_context
 
 pytestmark = st.pytestmark
 
 SERVICE = "serve-llamacpp"
-PROMPT = "ユーザー:日本で一番長い川は何ですか？\nシステム:"
 CHAT = {"model": "quickstart", "messages": [{"role": "user", "content": "日本の首都は？"}], "max_tokens": 8}
 LOCKED_DOWN = """
 grep -E '^(CapPrm|CapEff|CapBnd|NoNewPrivs):' /proc/1/status
@@ -34,26 +34,8 @@ def exported(stack, merged) -> st.Result:
     return stack.run("export").ok()
 
 
-@pytest.fixture(scope="module")
-def port() -> str:
-    # Its own host port: serve-cpu, which other tests keep running, holds SERVE_PORT.
-    return str(st.free_port())
-
-
 def up(stack, port: str, **env: str) -> st.Result:
-    result = stack.compose(
-        "up",
-        "-d",
-        "--wait",
-        "--wait-timeout",
-        "300",
-        "--force-recreate",
-        SERVICE,
-        env={"SERVE_PORT": port, **env},
-    )
-    if result.returncode != 0:
-        print(stack.logs(SERVICE))
-    return result.ok()
+    return stack.up(SERVICE, port, wait_timeout=300, **env)
 
 
 @pytest.fixture(scope="module")
@@ -82,20 +64,8 @@ def test_it_serves_the_export_under_the_run_name_with_the_recipes_limit(stack, l
 
 
 def test_answers_that_run_to_the_end_of_the_context_finish_and_the_next_request_is_answered(stack, llamacpp):
-    """What llama-cpp-python's own server got wrong (tests/serving/backends/test_llamacpp.py says how):
-    an answer that ran to the context's end inside a UTF-8 character failed and cut the stream off."""
-    client = ServingClient(llamacpp)
-    prompt = "日本の首都はどこですか？" * 9 + PROMPT
-    room = 256 - client.count_tokens(prompt=prompt)
-    finished_a_character = 0
-    for seed in range(12):
-        chunks = list(client.stream(prompt, temperature=0.7, top_p=0.9, seed=seed))
-        assert chunks[-1].finish_reason in ("length", "stop"), f"seed {seed}: the stream was cut off"
-        assert client.generate(PROMPT, max_new_tokens=8).generated_tokens > 0
-        full = client.generate(prompt, temperature=0.7, top_p=0.9, seed=seed)
-        assert full.generated_tokens <= room + 3
-        finished_a_character += full.generated_tokens > room + 1
-    assert finished_a_character, "no answer ran past the context to finish a character: nothing was tested"
+    """What llama-cpp-python's own server, which the service ran before, got wrong."""
+    check_answers_to_the_end_of_the_context(ServingClient(llamacpp))
     assert "llama_decode returned" not in stack.logs(SERVICE)
 
 

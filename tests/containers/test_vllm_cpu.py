@@ -25,26 +25,8 @@ COMPLETION = {
 }
 
 
-@pytest.fixture(scope="module")
-def port() -> str:
-    # Its own host port: serve-cpu, which other tests keep running, holds SERVE_PORT.
-    return str(st.free_port())
-
-
 def up(stack, port: str, **env: str) -> st.Result:
-    result = stack.compose(
-        "up",
-        "-d",
-        "--wait",
-        "--wait-timeout",
-        "900",
-        "--force-recreate",
-        SERVICE,
-        env={"SERVE_PORT": port, **env},
-    )
-    if result.returncode != 0:
-        print(stack.logs(SERVICE))
-    return result.ok()
+    return stack.up(SERVICE, port, wait_timeout=900, **env)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,13 @@ any model loads or any request is sent."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from serving.cli import main
+from serving.errors import ServingError
+from serving.listen import listening
 
 
 @pytest.mark.parametrize("port", ["99999", "-5", "http"])
@@ -43,3 +47,29 @@ def test_client_commands_name_a_url_with_a_bad_port(url, says, monkeypatch, caps
     monkeypatch.setenv("SERVE_PORT", "abc")
     assert main(["chat", "hi"]) == 2
     assert "url 'http://127.0.0.1:abc' (--url, SERVE_URL or SERVE_PORT)" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_stops_before_loading_the_model(merged_model, capsys):
+    # The port is taken before the model loads: it was uvicorn's "address already in use" after loading,
+    # with exit status 3.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        code = main(["serve", "--backend", "local", "--model-dir", str(merged_model), "--port", port])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"error: cannot listen on 127.0.0.1:{port}" in err and "another server is listening there" in err
+    assert "Serving" not in err
+
+
+def test_the_socket_is_bound_before_the_model_loads_and_released_after():
+    with listening("127.0.0.1", 0) as sock:
+        port = sock.getsockname()[1]
+        in_use = rf"cannot listen on 127.0.0.1:{port} \(Address already in use\): .*--port, SERVE_PORT"
+        with pytest.raises(ServingError, match=in_use), listening("127.0.0.1", port):
+            pass
+    with listening("127.0.0.1", port):  # free again
+        pass
+    # An address this machine does not have.
+    not_here = r"cannot listen on 203\.0\.113\.7:0 \(Cannot assign requested address\)$"
+    with pytest.raises(ServingError, match=not_here), listening("203.0.113.7", 0):
+        pass

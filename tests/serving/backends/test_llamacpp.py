@@ -221,26 +221,30 @@ def test_chat_uses_the_template_carried_in_the_gguf(client, reference):
     assert client.count_tokens(messages=QUESTION) is None  # it cannot count a chat before rendering it
 
 
-@export
-def test_answers_that_run_to_the_end_of_the_context_finish_and_the_server_answers_the_next_request(
-    client, llama_server
-):
+def check_answers_to_the_end_of_the_context(client: ServingClient, limit: int = 256) -> None:
     """The README's client example: a sampled stream with no max_new_tokens (512: the client cannot
     know the context), then a generate. llama-cpp-python capped such answers at exactly what the
     context left after the prompt, then went on for an unfinished UTF-8 character into a full KV
     cache: llama_decode failed, the stream was cut off (not streamed: a 500), and the next request
     on the connection was reset. A long prompt makes the answers reach the end quickly."""
     prompt = "日本の首都はどこですか？" * 9 + PROMPT
-    room = 256 - client.count_tokens(prompt=prompt)
+    room = limit - client.count_tokens(prompt=prompt)
     finished_a_character = 0
     for seed in range(12):
         chunks = list(client.stream(prompt, temperature=0.7, top_p=0.9, seed=seed))
         assert chunks[-1].finish_reason in ("length", "stop"), f"seed {seed}: the stream was cut off"
         assert client.generate(PROMPT, max_new_tokens=8).generated_tokens > 0
         full = client.generate(prompt, temperature=0.7, top_p=0.9, seed=seed)
-        assert full.generated_tokens <= room + 3  # the recipe's 256 tokens, and 3 to finish a character
+        assert full.generated_tokens <= room + 3  # the recipe's limit, and 3 to finish a character
         finished_a_character += full.generated_tokens > room + 1  # what had no room in the KV cache
     assert finished_a_character, "no answer ran past the context to finish a character: nothing was tested"
+
+
+@export
+def test_answers_that_run_to_the_end_of_the_context_finish_and_the_server_answers_the_next_request(
+    client, llama_server
+):
+    check_answers_to_the_end_of_the_context(client)
     assert "llama_decode returned" not in "".join(llama_server.output)
 
 
