@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_in_process
 from training.errors import RecipeError
 from training.model.loading import Device
 from training.recipe import load_recipe, parse_overrides
@@ -150,6 +150,66 @@ def test_a_value_outside_a_fields_documented_choices_is_refused_with_them(tmp_pa
         "training.train_sampling_strategy: 'grouped' is not one of random, sequential, group_by_length, "
         "batch_rebalance" in msg
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "allowed"),
+    [
+        ("per_device_train_batch_size=0", "1 or more (got 0)"),  # torch's sampler, after loading
+        ("per_device_eval_batch_size=-2", "1 or more (got -2)"),
+        ("gradient_accumulation_steps=0", "1 or more (got 0)"),  # ZeroDivisionError in the Trainer
+        ("learning_rate=-1", "0 or more (got -1.0)"),  # the optimizer, after loading
+        ("num_train_epochs=-1", "more than 0"),  # trained no step and reported success
+        ("num_train_epochs=0", "more than 0"),
+        ("max_steps=0", "1 or more, or -1 to train num_train_epochs (got 0)"),  # trained one step
+        ("max_steps=-5", "1 or more, or -1 to train num_train_epochs (got -5)"),
+        ("save_steps=-5", "a whole number of steps, or a fraction of all steps below 1"),  # never saved
+        ("save_steps=2.5", "a whole number of steps"),  # SFTConfig blamed eval_steps for it
+        ("logging_steps=0", "more than 0: a whole number of steps"),
+        ("eval_steps=-1", "a whole number of steps"),
+        ("warmup_steps=-0.1", "0 or more"),
+        ("weight_decay=-0.01", "0 or more"),
+        ("adam_beta2=1", "at least 0 and below 1 (got 1.0)"),
+        ("adam_epsilon=-1e-8", "0 or more"),
+        ("dataloader_num_workers=-1", "0 or more (got -1)"),
+        ("seed=-1", "from 0 to 2**32 - 1 (got -1)"),  # numpy refuses it when training starts
+    ],
+)
+def test_a_training_value_out_of_range_is_refused_with_what_is_allowed(tmp_path, setting, allowed):
+    key = setting.split("=")[0]
+    msg = error_of(tmp_path, overrides=[f"training.{setting}"])
+    assert msg.startswith(f"{tmp_path / 'r.yaml'}: invalid recipe")
+    assert f"training.{key}: must be " in msg and allowed in msg
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["max_steps=-1"],  # train num_train_epochs
+        ["max_steps=5", "num_train_epochs=0"],  # max_steps overrides the epochs
+        ["num_train_epochs=0.5", "warmup_steps=0.03", "logging_steps=0.1", "save_steps=0.25"],  # fractions
+        ["save_steps=0", "eval_steps=0", "learning_rate=0", "seed=0"],  # 0: at the end, as logging_steps
+        ["save_steps=20.0", "adam_beta1=0", "dataloader_num_workers=0"],
+    ],
+)
+def test_the_edges_the_trainer_accepts_are_accepted(tmp_path, settings):
+    recipe = load_recipe(write(tmp_path, BASE), [f"training.{s}" for s in settings])
+    build_sft_config(recipe, CPU, "float32", "r.yaml")
+
+
+def test_validate_and_train_refuse_a_value_out_of_range_before_writing_anything(tiny_dir, tmp_path):
+    out = tmp_path / "outputs"
+    bad = ["--set", "training.per_device_train_batch_size=0", "--set", f"output.dir={out}"]
+    for command in ("validate", "train"):
+        done = run_cli(command, "--recipe", "recipes/quickstart.yaml", *bad)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "recipes/quickstart.yaml: invalid recipe" in done.stderr
+        assert "training.per_device_train_batch_size: must be 1 or more (got 0)" in done.stderr
+        assert "Traceback" not in done.stderr
+    # Each process a launcher starts checks them again, before its first write.
+    with pytest.raises(RecipeError, match=r"training.gradient_accumulation_steps: must be 1 or more"):
+        train_in_process("recipes/quickstart.yaml", out, "training.gradient_accumulation_steps=0")
+    assert not out.exists()
 
 
 def test_sftconfig_rejects_bad_values_with_its_own_message(tmp_path):

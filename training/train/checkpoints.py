@@ -107,8 +107,8 @@ def check_resumable(checkpoint: Path, strategy: str = "none", world_size: int = 
 
 def rotate(folder: Path, keep: int | None, protect: Path | None = None) -> None:
     """Keep the newest `keep` complete checkpoints (and `protect`, e.g. the best one)."""
-    if not keep:
-        return
+    if keep is None or keep <= 0:
+        return  # as transformers' own rotation: no limit (a negative one deleted the newest)
     complete = [p for _, p in checkpoints(folder) if is_complete(p)]
     for path in complete[:-keep]:
         if protect is None or path.resolve() != protect.resolve():

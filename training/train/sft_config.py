@@ -69,6 +69,52 @@ RESUMABLE_CHANGES = {
 }
 
 
+class Range(typing.NamedTuple):
+    ok: typing.Callable[[float], bool]
+    allowed: str
+    # When the setting counts: num_train_epochs is unused while max_steps is set.
+    applies: typing.Callable[[dict[str, Any]], bool] = lambda training: True
+
+
+def _steps(value: float) -> bool:
+    # transformers reads a value below 1 as a fraction of all steps, and refuses 1.5.
+    return 0 <= value < 1 or (value >= 1 and float(value).is_integer())
+
+
+_STEPS = "a whole number of steps, or a fraction of all steps below 1"
+
+# The numeric settings recipes commonly set, with the values transformers, TRL and torch accept.
+# SFTConfig checks few of them itself: the others passed `validate` and failed in `train`, after the
+# model and data had loaded, with a traceback from inside the Trainer or the optimizer (a batch size
+# of 0), or trained nothing and reported success (num_train_epochs: 0). Sources: TrainingArguments'
+# documentation and __post_init__, Trainer.set_initial_training_values (max_steps below 0 means
+# epochs), DefaultFlowCallback (eval_steps 0 falls back to logging_steps, save_steps 0 saves only
+# at the end), the AdamW of torch and bitsandbytes (lr, betas, eps, weight decay) and numpy's seed.
+RANGES: dict[str, Range] = {
+    "per_device_train_batch_size": Range(lambda v: v >= 1, "1 or more"),
+    "per_device_eval_batch_size": Range(lambda v: v >= 1, "1 or more"),
+    "gradient_accumulation_steps": Range(lambda v: v >= 1, "1 or more"),
+    "num_train_epochs": Range(
+        lambda v: v > 0,
+        "more than 0 (a fraction trains part of the last epoch), or set max_steps instead",
+        applies=lambda training: training.get("max_steps", -1) <= 0,
+    ),
+    "max_steps": Range(lambda v: v == -1 or v >= 1, "1 or more, or -1 to train num_train_epochs"),
+    "learning_rate": Range(lambda v: v >= 0, "0 or more"),
+    "weight_decay": Range(lambda v: v >= 0, "0 or more"),
+    "adam_beta1": Range(lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "adam_beta2": Range(lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "adam_epsilon": Range(lambda v: v >= 0, "0 or more"),
+    "warmup_steps": Range(lambda v: v >= 0, "0 or more (below 1: a fraction of all steps)"),
+    "logging_steps": Range(lambda v: v > 0 and _steps(v), f"more than 0: {_STEPS}"),
+    "eval_steps": Range(_steps, f"{_STEPS} (0: every logging_steps)"),
+    "save_steps": Range(_steps, f"{_STEPS} (0: only at the end)"),
+    "dataloader_num_workers": Range(lambda v: v >= 0, "0 or more"),
+    "seed": Range(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+    "data_seed": Range(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+}
+
+
 @functools.cache
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(SFTConfig)
@@ -114,9 +160,22 @@ def check_training_keys(training: dict[str, Any], source: str) -> dict[str, Any]
             problems.append(f"training.{old} and training.{new} are the same setting; keep only {new}")
         elif old in checked:
             checked[new] = checked.pop(old)
+    problems += _out_of_range(checked)
     if problems:
         raise RecipeError(f"{source}: invalid recipe\n  " + "\n  ".join(problems))
     return checked
+
+
+def _out_of_range(training: dict[str, Any]) -> list[str]:
+    """The type-checked settings with values the Trainer or the optimizer would refuse or misread."""
+    return [
+        f"training.{key}: must be {rule.allowed} (got {value!r})"
+        for key, rule in RANGES.items()
+        if isinstance(value := training.get(key), (int, float))
+        and not isinstance(value, bool)
+        and not rule.ok(value)
+        and rule.applies(training)
+    ]
 
 
 def choices(key: str) -> list[str]:

@@ -288,6 +288,14 @@ def test_force_starts_over(interrupted_run, tmp_path):
     assert result["resumed_from"] is None and result["metrics"]["global_step"] == 3
 
 
+@pytest.mark.parametrize(("limit", "kept"), [(2, [2, 3]), (-1, [1, 2, 3])])
+def test_save_total_limit_keeps_the_newest_and_zero_or_less_keeps_all(tiny_dir, tmp_path, limit, kept):
+    # As transformers' own rotation: 0 or less is no limit. A negative limit deleted each new checkpoint.
+    settings = ["training.max_steps=3", "training.save_steps=1", "training.eval_strategy=no"]
+    assert train_in_process(QUICK, tmp_path, *settings, f"training.save_total_limit={limit}") == 0
+    assert [step for step, _ in checkpoints(tmp_path / "quickstart" / "checkpoints")] == kept
+
+
 class _RunsOutOfMemoryAtStep2(Throughput):
     # A GPU's allocator failing mid-step; the CPU's allocator raises a plain RuntimeError instead.
     def on_step_begin(self, args, state, control, **kwargs):
