@@ -4,17 +4,20 @@ On one process or several (one per GPU, started by training.train.launcher), wit
 outputs (training.run_dir names them). A run is a short sequence of named steps:
 settings are checked, an earlier run is found (finished: nothing to do; interrupted: resume
 from its newest complete checkpoint), the trainer is built, it trains, and the adapter and
-run.json are written atomically.
+run.json are written atomically. A first run that fails before its first complete checkpoint
+leaves no run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,56 +92,59 @@ def run_training(
 
     if _finished_already(run, recipe, world, force=force):
         return 0
-    checkpoint = _resume_point(run, recipe, world)
-    _keep_data_order(run, recipe, sft_args, checkpoint, world)
+    with _removed_if_it_fails_before_a_checkpoint(run, world):
+        checkpoint = _resume_point(run, recipe, world)
+        _keep_data_order(run, recipe, sft_args, checkpoint, world)
 
-    stop, throughput = GracefulStop(world), Throughput()
-    callbacks = [ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput]
-    profiler = None
-    if profile_steps:
-        profiler = StepProfiler(profile_steps, run.profile, cuda=device.type == "cuda", write=world.is_main)
-        callbacks.append(profiler)
-    built = build_trainer(recipe, sft_args, device, dtype, callbacks=callbacks)
-    trainer = built.trainer
-    estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
-    stop.install()
-    # The peak the memory estimator predicts (python -m training estimate), measured the same way.
-    tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
-    try:
-        with tracking as measured_peak:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
-    finally:
-        stop.uninstall()
+        stop, throughput = GracefulStop(world), Throughput()
+        callbacks = [ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput]
+        profiler = None
+        if profile_steps:
+            profiler = StepProfiler(
+                profile_steps, run.profile, cuda=device.type == "cuda", write=world.is_main
+            )
+            callbacks.append(profiler)
+        built = build_trainer(recipe, sft_args, device, dtype, callbacks=callbacks)
+        trainer = built.trainer
+        estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
+        stop.install()
+        # The peak the memory estimator predicts (python -m training estimate), measured the same way.
+        tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
+        try:
+            with tracking as measured_peak:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
+        finally:
+            stop.uninstall()
 
-    record = run_record(
-        recipe,
-        source,
-        built,
-        device=device,
-        dtype_name=dtype_name,
-        world=world,
-        checkpoint=checkpoint,
-        started=started,
-    )
-    if stop.signum is not None:
-        return _stopped(trainer, run, record, stop.signum, world)
+        record = run_record(
+            recipe,
+            source,
+            built,
+            device=device,
+            dtype_name=dtype_name,
+            world=world,
+            checkpoint=checkpoint,
+            started=started,
+        )
+        if stop.signum is not None:
+            return _stopped(trainer, run, record, stop.signum, world)
 
-    metrics = loss_metrics(trainer, built.data.eval is not None)
-    metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
-    metrics["estimated_peak_memory_bytes"] = estimated_peak
-    if profiler is not None:  # these steps ran under the profiler: slower than the others
-        metrics["profiled_steps"] = profiler.profiled_steps
-    if world.world_size > 1:
-        # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
-        tps = metrics.get("tokens_per_second")
-        metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
-    record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
-    _save_adapter(trainer, run, record, world)
-    if world.is_main:
-        log_summary(record, run)
-    return 0
+        metrics = loss_metrics(trainer, built.data.eval is not None)
+        metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
+        metrics["estimated_peak_memory_bytes"] = estimated_peak
+        if profiler is not None:  # these steps ran under the profiler: slower than the others
+            metrics["profiled_steps"] = profiler.profiled_steps
+        if world.world_size > 1:
+            # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
+            tps = metrics.get("tokens_per_second")
+            metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
+        record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
+        _save_adapter(trainer, run, record, world)
+        if world.is_main:
+            log_summary(record, run)
+        return 0
 
 
 def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
@@ -165,6 +171,34 @@ def _finished_already(run: RunDir, recipe: Recipe, world: Ranks, *, force: bool)
         )
         return True
     return False
+
+
+@contextlib.contextmanager
+def _removed_if_it_fails_before_a_checkpoint(run: RunDir, world: Ranks) -> Iterator[None]:
+    """A run started afresh that fails before its first complete checkpoint leaves no run folder.
+
+    Nothing in it could be resumed (a later run starts over), yet its recipe.json, data_order.json
+    and empty checkpoints/ made outputs/ show a run that never trained. A run with a complete
+    checkpoint, and so every resumed run, keeps its folder as it is: it can resume.
+    """
+    fresh = world.is_main and ckpt.latest_complete(run.checkpoints, remove_incomplete=False) is None
+    try:
+        yield
+    except BaseException:
+        if fresh and ckpt.latest_complete(run.checkpoints, remove_incomplete=False) is None:
+            _remove_unresumable(run)
+        raise
+
+
+def _remove_unresumable(run: RunDir) -> None:
+    log.info("No checkpoint was complete: removing what this run wrote in %s", run.path)
+    run.recipe_json.unlink(missing_ok=True)
+    run.data_order_json.unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    remove_stale_partials(run.path, ADAPTER)  # an adapter save that was cut short
+    # The folder too, unless something else is in it (a --profile of the steps that ran).
+    with contextlib.suppress(OSError):
+        run.path.rmdir()
 
 
 def _resume_point(run: RunDir, recipe: Recipe, world: Ranks) -> Path | None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import read_run, train_command, train_in_process
-from training.errors import CheckpointError, OutOfMemory
+from training.errors import CheckpointError, DataError, OutOfMemory
 from training.train import run as run_module
 from training.train.checkpoints import MARKER, checkpoints
 from training.train.throughput import Throughput
@@ -294,6 +294,61 @@ def test_save_total_limit_keeps_the_newest_and_zero_or_less_keeps_all(tiny_dir, 
     settings = ["training.max_steps=3", "training.save_steps=1", "training.eval_strategy=no"]
     assert train_in_process(QUICK, tmp_path, *settings, f"training.save_total_limit={limit}") == 0
     assert [step for step, _ in checkpoints(tmp_path / "quickstart" / "checkpoints")] == kept
+
+
+@pytest.mark.parametrize(
+    ("setting", "error"),
+    [
+        ("data.on_bad_row=error", "line 1: output: missing"),
+        ("data.on_bad_row=skip", "0 validation rows"),  # every row skipped
+    ],
+)
+def test_a_first_run_that_fails_on_its_data_leaves_no_run_folder(tiny_dir, tmp_path, setting, error):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "Q", "input": ""}\n' * 20, encoding="utf-8")
+    out = tmp_path / "outputs"
+    with pytest.raises(DataError, match=error):
+        train_in_process(QUICK, out, f"data.source={rows}", setting)
+    assert not (out / "quickstart").exists()  # no recipe.json or data_order.json of a run that never trained
+
+
+def test_a_first_run_stopped_at_once_before_a_checkpoint_leaves_no_run_folder(tiny_dir, tmp_path):
+    """Ctrl-C as training starts, and again if the first one was taken as "save, then stop":
+    the run ends before any checkpoint is complete, with nothing to resume."""
+    proc = subprocess.Popen(
+        train_command(QUICK, tmp_path, "training.max_steps=400", "training.save_steps=1000"),
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    for line in proc.stderr:
+        if "Trainable parameters" in line:
+            break
+    assert (tmp_path / "quickstart" / "recipe.json").is_file()  # the run had started
+    proc.send_signal(signal.SIGINT)
+    err = ""
+    for line in proc.stderr:
+        err += line
+        if "SIGINT received" in line:  # sent together, two signals could arrive as one
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, err[-2000:]
+    assert "No checkpoint was complete: removing what this run wrote" in err
+    assert not (tmp_path / "quickstart").exists()  # no empty checkpoints/ either
+
+
+def test_a_resumed_run_that_fails_keeps_its_folder(tiny_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    shutil.copy("data/ja_dolly.jsonl", rows)
+    settings = [f"data.source={rows}", "training.save_steps=1", "training.eval_strategy=no"]
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=1", *settings) == 0
+    run = tmp_path / "quickstart"
+    shutil.rmtree(run / "adapter")  # as if stopped after checkpoint-1: it resumes from there
+    rows.write_text('{"instruction": "Q", "input": ""}\n', encoding="utf-8")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(DataError, match="output: missing"):
+        train_in_process(QUICK, tmp_path, "training.max_steps=2", *settings)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert [step for step, _ in checkpoints(run / "checkpoints")] == [1]
 
 
 class _RunsOutOfMemoryAtStep2(Throughput):
