@@ -45,6 +45,11 @@ def llamacpp(stack, exported, port) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def test_the_project_image_loads_llama_cpp_on_its_own(stack):
+    # Its OpenMP library comes from the image, not from a torch imported before it.
+    assert stack.run("export", "python", "-c", "import llama_cpp; print(llama_cpp.__version__)").ok()
+
+
 def test_export_writes_the_verified_gguf_and_its_modelfile_into_the_outputs_volume(stack, exported):
     assert listing(stack, "train", "quickstart", "gguf") == {
         "gguf": ["quickstart-q4_k_m.Modelfile", "quickstart-q4_k_m.export.json", "quickstart-q4_k_m.gguf"]
