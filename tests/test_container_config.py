@@ -7,6 +7,7 @@ real containers (`make test-containers`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import runpy
@@ -376,6 +377,15 @@ def test_the_three_notebooks_are_committed_without_outputs():
     assert names == ["01_qlora_quickstart", "02_compare_models", "03_query_endpoint"]
     found = [line for path in notebooks(["notebooks"]) for line in problems(path)]
     assert not found, "\n".join(found) + "\nrun: make strip-notebooks"
+
+
+def test_the_endpoint_notebook_finds_every_server_by_its_service_name(services):
+    """03 runs in the notebook container: each server compose starts is reached as service:port."""
+    cells = json.loads((ROOT / "notebooks" / "03_query_endpoint.ipynb").read_text(encoding="utf-8"))["cells"]
+    source = "".join(line for cell in cells if cell["cell_type"] == "code" for line in cell["source"])
+    for name in LONG_RUNNING[1:]:
+        port = services[name]["ports"][0].rsplit(":", 1)[1]
+        assert f'"http://{name}:{port}"' in source, f"03_query_endpoint does not try {name}"
 
 
 def test_the_output_check_finds_outputs(tmp_path):
