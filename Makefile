@@ -345,10 +345,16 @@ CLIENT_DEPS := $(if $(filter docker,$(RUNTIME)),,$(STAMP))
 SERVE_SERVICE = $(if $(filter llamacpp,$(SERVE_BACKEND)),serve-llamacpp,$(SERVE_BACKEND))
 SERVE_PROFILE = $(if $(filter llamacpp,$(SERVE_BACKEND)),cpu,gpu)
 SERVER_URL_IN_NETWORK = http://$(SERVE_SERVICE):$(if $(filter vllm,$(SERVE_BACKEND)),8000,$(if $(filter llamacpp,$(SERVE_BACKEND)),8080,80))
+# make chat and make bench with Docker: the server that runs, whichever make serve or docker compose
+# started (vllm-cpu and serve-cpu have no SERVE_BACKEND), else the one SERVE_BACKEND names. Sets $$url.
+FIND_SERVER = url=$(SERVER_URL_IN_NETWORK); \
+	for s in $$($(COMPOSE) --profile gpu --profile cpu ps --status running --services 2>/dev/null); do \
+	  case "$$s" in tgi) url=http://tgi:80;; vllm|vllm-cpu) url=http://$$s:8000;; \
+	    serve-cpu|serve-llamacpp) url=http://$$s:8080;; esac; done
 # The curl example's header when the server requires a key (printed as $API_KEY, not the key).
 CURL_AUTH = $(if $(API_KEY), -H \"Authorization: Bearer \$$API_KEY\")
 # Settings the client container needs from .env or the environment.
-CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$(SERVER_URL_IN_NETWORK)
+CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$$url
 
 .PHONY: serve serve-stop chat bench
 
@@ -363,7 +369,7 @@ ifeq ($(RUNTIME),docker)
 	@echo "Serving '$(RUN)' with $(SERVE_BACKEND) on $(if $(filter llamacpp,$(SERVE_BACKEND)),the CPU ($(GGUF_QUANT) GGUF),$(NUM_SHARD) GPU(s)) at $(SERVE_URL)"
 	@echo "  curl -s $(SERVE_URL)/v1/chat/completions -H 'Content-Type: application/json'$(CURL_AUTH) \\"
 	@echo "    -d '{\"model\": \"$(RUN)\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], \"max_tokens\": 64}'"
-	@echo "  make chat PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_SERVICE)   stop: make serve-stop"
+	@echo "  make chat$(if $(HAS_GPU),, RUNTIME=docker) PROMPT=\"...\"   logs: $(COMPOSE) logs -f $(SERVE_SERVICE)   stop: make serve-stop"
 else ifeq ($(SERVE_BACKEND),llamacpp)
 	$(PY) -m serving serve --backend llamacpp --quant $(GGUF_QUANT) --run $(RUN) --port $(SERVE_PORT) $(SERVE_ARGS)
 else
@@ -376,11 +382,12 @@ else
 	  && exec $(PY) -m serving serve --run $(RUN) --port $(SERVE_PORT) --backend $$backend $(SERVE_ARGS)
 endif
 
-serve-stop: ## stop the server that make serve started with Docker
-	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm serve-cpu serve-llamacpp
+serve-stop: ## stop the Docker server, whether make serve or docker compose started it
+	$(COMPOSE) --profile gpu --profile cpu rm --stop --force tgi vllm vllm-cpu serve-cpu serve-llamacpp
 
 chat: $(CLIENT_DEPS) ## ask the served model: make chat PROMPT="..." (CHAT_ARGS="--temperature 0.7 --max-new-tokens 128")
 ifeq ($(RUNTIME),docker)
+	@$(FIND_SERVER); set -x; \
 	$(COMPOSE) run --rm --no-deps -T $(CLIENT_ENV) serve-cpu python -m serving chat "$$PROMPT" $(CHAT_ARGS)
 else
 	$(PY) -m serving chat --url $(SERVE_URL) "$$PROMPT" $(CHAT_ARGS)
@@ -389,6 +396,7 @@ endif
 bench: $(CLIENT_DEPS) ## load-test the served model; results in bench/results/ (BENCH_ARGS="-n 64 -c 1,8,32")
 ifeq ($(RUNTIME),docker)
 	mkdir -p bench/results
+	@$(FIND_SERVER); set -x; \
 	$(COMPOSE) run --rm --no-deps -T $(CLIENT_ENV) --user "$$(id -u):$$(id -g)" \
 	  -v "$(CURDIR)/bench/results:/workspace/bench/results" serve-cpu python -m serving.bench $(BENCH_ARGS)
 else

@@ -467,6 +467,38 @@ def test_make_in_docker_runs_the_compose_services():
     assert pipeline.index("run --rm train") < pipeline.index("run --rm merge") < pipeline.index("--wait tgi")
 
 
+def test_make_serve_stop_stops_every_server_service(services):
+    """Also those the README starts by hand (docker compose --profile cpu up -d --wait vllm-cpu)."""
+    stop = make("-n", "serve-stop", "RUNTIME=docker").stdout
+    named = set(re.search(r"rm --stop --force (.*)", stop).group(1).split())
+    assert named == set(LONG_RUNNING[1:]) and set(LONG_RUNNING[1:]) <= set(services)
+
+
+@pytest.mark.parametrize(
+    ("running", "backend", "url"),
+    [
+        ("notebook serve-llamacpp", "tgi", "http://serve-llamacpp:8080"),  # make serve SERVE_BACKEND=llamacpp
+        ("vllm-cpu", "tgi", "http://vllm-cpu:8000"),  # docker compose --profile cpu up -d vllm-cpu
+        ("serve-cpu", "tgi", "http://serve-cpu:8080"),
+        ("vllm", "tgi", "http://vllm:8000"),
+        ("", "tgi", "http://tgi:80"),  # nothing runs: the one SERVE_BACKEND names (the error says so)
+        ("", "llamacpp", "http://serve-llamacpp:8080"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["chat", "bench"])
+def test_make_chat_and_bench_in_docker_ask_the_server_that_runs(tmp_path, running, backend, url, verb):
+    fake = tmp_path / "compose"
+    fake.write_text(
+        f'#!/bin/sh\ncase " $* " in *" ps "*) for s in {running}; do echo $s; done;; *) echo "run: $*";; esac\n'
+    )
+    fake.chmod(0o755)
+    done = make(
+        verb, "RUNTIME=docker", f"COMPOSE={fake}", f"SERVE_BACKEND={backend}", cwd=make_project(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"-e SERVE_URL={url} serve-cpu" in done.stdout or f"-e SERVE_URL={url} --user" in done.stdout
+
+
 def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
