@@ -3,9 +3,20 @@
 # (docker stop, compose down) reaches python itself and a training run can save and exit.
 set -e
 
-# A bind mount owned by another UID is the usual reason a run dies at its first write.
+# A bind mount owned by another UID is the usual reason a run dies at its first write. Only a
+# writable mount is checked: the servers and the client run on a read-only root, where the image's
+# own folders (not mounted there) cannot be written by anyone, and need not be.
+writable_mount() {
+    found=1
+    while read -r _ _ _ _ point options _; do
+        if [ "$point" = "$1" ]; then
+            case "$options" in rw | rw,*) found=0 ;; *) found=1 ;; esac
+        fi
+    done </proc/self/mountinfo
+    return $found
+}
 for dir in /workspace/outputs "${HF_HOME:-}"; do
-    if [ -n "$dir" ] && [ -d "$dir" ] && [ ! -w "$dir" ]; then
+    if [ -n "$dir" ] && [ -d "$dir" ] && [ ! -w "$dir" ] && writable_mount "$dir"; then
         echo "entrypoint: warning: $dir (owner UID $(stat -c %u "$dir")) is not writable by UID $(id -u):" \
              "chown the host folder to UID $(id -u), or rebuild with --build-arg USER_UID=<your host UID>" >&2
     fi

@@ -369,6 +369,42 @@ def test_entrypoint_execs_the_command_so_signals_reach_it(tmp_path):
     assert re.search(r'^exec "\$@"$', text, flags=re.M)
 
 
+def test_entrypoint_warns_of_a_writable_mount_it_cannot_write_not_of_a_read_only_root():
+    """The servers and the chat client run on a read-only root: the image's /workspace/outputs is
+    not writable there, and that is no reason to tell the user to chown a host folder."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to run the entry point as another user")
+    with Path("/proc/self/mountinfo").open() as f:
+        options = {fields[4]: fields[5] for fields in (line.split() for line in f)}
+    if not options.get("/", "").startswith("rw") or "/usr" in options:
+        pytest.skip("needs / as a writable mount and /usr as a folder of it")
+
+    def stderr_as_nobody(hf_home: str) -> str:
+        done = subprocess.run(
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "docker/entrypoint.sh",
+                "true",
+            ],
+            cwd=ROOT,
+            env={"PATH": os.environ["PATH"], "HF_HOME": hf_home},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stderr
+
+    # /: a writable mount that nobody cannot write, as a bind mount of another UID would be.
+    assert "entrypoint: warning: / (owner UID 0) is not writable by UID 65534" in stderr_as_nobody("/")
+    # /usr: root's folder, not a mount point of its own here, like the image's folders under a read-only root.
+    assert "warning" not in stderr_as_nobody("/usr")
+
+
 # --- notebooks -------------------------------------------------------------------------------
 
 
