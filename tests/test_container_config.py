@@ -535,6 +535,18 @@ def test_make_chat_and_bench_in_docker_ask_the_server_that_runs(tmp_path, runnin
     assert f"-e SERVE_URL={url} serve-cpu" in done.stdout or f"-e SERVE_URL={url} --user" in done.stdout
 
 
+def test_make_notebook_in_docker_shows_why_jupyterlab_did_not_start(tmp_path):
+    fake = tmp_path / "compose"
+    fake.write_text(
+        '#!/bin/sh\ncase " $* " in *" up "*) echo "container notebook exited (1)" >&2; exit 1;;\n'
+        '  *" logs "*) echo "[jupyter-config] the token in /run/secrets/jupyter_token is 5 characters";; esac\n'
+    )
+    fake.chmod(0o755)
+    project = make_project(tmp_path)
+    done = make("notebook", "RUNTIME=docker", f"COMPOSE={fake}", cwd=project)
+    assert done.returncode != 0 and "is 5 characters" in done.stdout + done.stderr
+
+
 def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
