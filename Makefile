@@ -170,7 +170,10 @@ ifeq ($(RUNTIME),docker)
 # The outputs volume is mounted inside the project mount: a missing outputs/ would be
 # created by the engine as root.
 	@mkdir -p outputs
-	$(COMPOSE) up -d --wait notebook || { $(COMPOSE) logs --no-log-prefix --tail 20 notebook 2>/dev/null; exit 1; }
+# One that did not start is removed after its log is shown: restarted, it would keep the secrets it was
+# created with (compose does not recreate it when JUPYTER_TOKEN is emptied, as the refusal advises).
+	$(COMPOSE) up -d --wait notebook || { $(COMPOSE) logs --no-log-prefix --tail 20 notebook 2>/dev/null; \
+	  $(COMPOSE) rm --stop --force notebook >/dev/null 2>&1; exit 1; }
 	@$(COMPOSE) logs --no-log-prefix notebook 2>&1 | grep -F 'JupyterLab:' | tail -n 1 | sed 's/^\[jupyter-config\] //'
 	@echo "logs: $(COMPOSE) logs -f notebook   stop: $(COMPOSE) stop notebook"
 else

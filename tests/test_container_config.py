@@ -539,12 +539,15 @@ def test_make_notebook_in_docker_shows_why_jupyterlab_did_not_start(tmp_path):
     fake = tmp_path / "compose"
     fake.write_text(
         '#!/bin/sh\ncase " $* " in *" up "*) echo "container notebook exited (1)" >&2; exit 1;;\n'
-        '  *" logs "*) echo "[jupyter-config] the token in /run/secrets/jupyter_token is 5 characters";; esac\n'
+        '  *" logs "*) echo "[jupyter-config] the token in /run/secrets/jupyter_token is 5 characters";;\n'
+        f'  *" rm "*) echo "$*" > {tmp_path}/removed;; esac\n'
     )
     fake.chmod(0o755)
     project = make_project(tmp_path)
     done = make("notebook", "RUNTIME=docker", f"COMPOSE={fake}", cwd=project)
     assert done.returncode != 0 and "is 5 characters" in done.stdout + done.stderr
+    # Removed: a restart would keep the token file it was created with, even once JUPYTER_TOKEN is emptied.
+    assert (tmp_path / "removed").read_text().split()[-3:] == ["--stop", "--force", "notebook"]
 
 
 def make_project(tmp_path: Path) -> Path:
