@@ -368,8 +368,9 @@ def _launch_env(args: argparse.Namespace) -> int:
     settings = plan_from_env(args.backend, num_shard=args.num_shard, outputs=outputs, env=dict(os.environ))
     for warning in settings.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    where = "the CPU" if settings.backend == "llamacpp" else f"{settings.num_shard} GPU(s)"
     print(
-        f"{settings.backend}: '{settings.run}' on {settings.num_shard} GPU(s), {settings.max_total_tokens} tokens per "
+        f"{settings.backend}: '{settings.run}' on {where}, {settings.max_total_tokens} tokens per "
         f"request (input up to {settings.max_input_tokens}), from {settings.context_source}",
         file=sys.stderr,
     )

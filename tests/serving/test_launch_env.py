@@ -192,6 +192,17 @@ def test_launch_env_prints_settings_a_shell_can_eval(merged_model, capsys, monke
     assert "set NUM_SHARD to one of 1, 2" in capsys.readouterr().err
 
 
+def test_launch_env_says_llamacpp_runs_on_the_cpu(merged_model, capsys, monkeypatch):
+    outputs = merged_model.parent.parent
+    gguf = outputs / merged_model.parent.name / "gguf" / f"{merged_model.parent.name}-q4_k_m.gguf"
+    gguf.parent.mkdir(exist_ok=True)
+    gguf.touch()
+    monkeypatch.setenv("RUN", merged_model.parent.name)
+    assert main(["launch-env", "--backend", "llamacpp", "--outputs", str(outputs)]) == 0
+    err = capsys.readouterr().err
+    assert "on the CPU, 256 tokens per request" in err and "GPU" not in err
+
+
 def test_gpu_count_without_gpus(monkeypatch):
     assert gpu_count() >= 0
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
