@@ -364,6 +364,9 @@ CLIENT_ENV := -e API_KEY -e LORA_ADAPTERS -e SERVE_URL=$$url
 serve: $(CLIENT_DEPS) $(if $(filter llamacpp,$(SERVE_BACKEND)),$(if $(filter docker,$(RUNTIME)),,$(EXPORT_STAMP))) ## serve RUN: TGI (SERVE_BACKEND=vllm: vLLM) on all GPUs with Docker, else vLLM on the CPU (or the local server); SERVE_BACKEND=llamacpp: the GGUF export with llama.cpp
 ifeq ($(RUNTIME),docker)
 	@case "$(SERVE_BACKEND)" in tgi|vllm|llamacpp) ;; *) echo "SERVE_BACKEND must be tgi, vllm or llamacpp, not '$(SERVE_BACKEND)'" >&2; exit 2;; esac
+	@$(if $(HAS_GPU)$(filter llamacpp,$(SERVE_BACKEND)),:,echo "make serve: $(SERVE_BACKEND) needs NVIDIA GPUs and nvidia-smi finds none here. On the CPU with Docker: \
+	make export and make serve SERVE_BACKEND=llamacpp, or docker compose --profile cpu up -d --wait vllm-cpu (or serve-cpu). \
+	If the Docker engine has the GPUs (DOCKER_HOST), pass HAS_GPU=yes" >&2; exit 2)
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
 	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS -e GGUF_QUANT -e API_KEY \
 	    serve-cpu python -m serving launch-env --backend $(SERVE_BACKEND)) && eval "$$settings" \

@@ -550,6 +550,37 @@ def test_make_notebook_in_docker_shows_why_jupyterlab_did_not_start(tmp_path):
     assert (tmp_path / "removed").read_text().split()[-3:] == ["--stop", "--force", "notebook"]
 
 
+@pytest.mark.parametrize(
+    ("backend", "has_gpu", "refused"),
+    [("tgi", "", True), ("vllm", "", True), ("llamacpp", "", False), ("tgi", "yes", False)],
+)
+def test_make_serve_in_docker_without_gpus_refuses_the_gpu_servers_before_pulling_them(
+    tmp_path, backend, has_gpu, refused
+):
+    fake = tmp_path / "compose"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$0.log"\n')
+    fake.chmod(0o755)
+    done = make(
+        "serve",
+        "RUNTIME=docker",
+        f"HAS_GPU={has_gpu}",
+        f"COMPOSE={fake}",
+        f"SERVE_BACKEND={backend}",
+        cwd=make_project(tmp_path),
+    )
+    started = (tmp_path / "compose.log").read_text() if (tmp_path / "compose.log").exists() else ""
+    if refused:
+        assert (
+            done.returncode == 2
+            and f"{backend} needs NVIDIA GPUs" in done.stderr
+            and "SERVE_BACKEND=llamacpp" in done.stderr
+        )
+        assert started == ""
+    else:
+        assert done.returncode == 0, done.stderr
+        assert "up -d --wait" in started
+
+
 def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
