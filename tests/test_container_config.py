@@ -225,9 +225,14 @@ def test_env_example_documents_every_setting_and_ships_no_secret():
 
 def test_the_build_context_leaves_out_secrets_data_outputs_and_git():
     patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    assert {".env", "**/.env", ".env.*", "secrets", "data", "outputs", ".git"} <= patterns
+    assert {".env", "**/.env", ".env.*", "secrets", "data", "outputs", ".git", "export"} <= patterns
     # Nothing may re-include them.
-    assert not [p for p in patterns if p.startswith("!") and re.search(r"env|secret|data|outputs|git", p)]
+    assert not [
+        p for p in patterns if p.startswith("!") and re.search(r"env|secret|data|outputs|git|export", p)
+    ]
+    # The folder README's Disk section copies merged models into stays out of the context and of git.
+    assert "mkdir -p export && docker compose run" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "/export/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.vllm-cpu"])
