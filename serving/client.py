@@ -98,6 +98,11 @@ class AnswerLength:
         return self.tokens == AUTO_MAX_NEW_TOKENS
 
     def describe(self) -> str:
+        if self.capped and self.context is None:  # llama.cpp's server: its context may have come first
+            return (
+                f"{self.tokens} new tokens or the end of {self.server}'s context, whichever came first "
+                f"({self.server} does not say how long its context is; --max-new-tokens N sets the first)"
+            )
         if self.capped:
             return (
                 f"{self.tokens} new tokens, the most an answer gets unless max_new_tokens says otherwise "

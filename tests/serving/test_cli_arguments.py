@@ -73,3 +73,13 @@ def test_the_socket_is_bound_before_the_model_loads_and_released_after():
     not_here = r"cannot listen on 203\.0\.113\.7:0 \(Cannot assign requested address\)$"
     with pytest.raises(ServingError, match=not_here), listening("203.0.113.7", 0):
         pass
+
+
+def test_a_cut_off_answer_blames_the_context_too_when_the_server_does_not_say_its_length():
+    from serving.client import AUTO_MAX_NEW_TOKENS, AnswerLength
+
+    # llama.cpp's server: 512 asked, 234 answered before its 256-token context ended.
+    unknown = AnswerLength(AUTO_MAX_NEW_TOKENS, "llama.cpp").describe()
+    assert unknown.startswith(f"{AUTO_MAX_NEW_TOKENS} new tokens or the end of llama.cpp's context")
+    known = AnswerLength(AUTO_MAX_NEW_TOKENS, "vLLM", 4096).describe()
+    assert "the most an answer gets unless max_new_tokens says otherwise" in known
