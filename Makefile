@@ -239,7 +239,8 @@ $(TOOLS_STAMP): tests/containers/tools.txt
 	tests/containers/install-tools.sh $(TOOLS_VENV)
 
 # compose.yaml alone (GPUs) and with the CPU override, each with no profile and every profile,
-# validated with the shipped settings (.env.example), not a developer's .env.
+# validated with the shipped settings (.env.example), not a developer's .env, whose exported values
+# (COMPOSE_FILE=compose.yaml:compose.cpu.yaml, as README suggests without GPUs) would win over it.
 COMPOSE_CHECKS := "" "--profile gpu" "--profile cpu" "-f compose.yaml -f compose.cpu.yaml" \
 	"-f compose.yaml -f compose.cpu.yaml --profile cpu"
 
@@ -251,7 +252,7 @@ lint: $(STAMP) $(TOOLS_STAMP) ## ruff check and format; import contracts; hadoli
 	$(VENV)/bin/lint-imports --no-cache
 	$(TOOLS_VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.vllm-cpu docker/llamacpp.Dockerfile
 	@for args in $(COMPOSE_CHECKS); do \
-	  $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
+	  $(TEST_ENV) $(TOOLS_VENV)/bin/docker-compose --env-file .env.example $$args config --quiet \
 	    || { echo "docker compose $$args config: FAILED" >&2; exit 1; }; \
 	  echo "docker compose $${args:-(compose.yaml)} config: ok"; done
 	$(PY) -m tests.notebook_outputs check notebooks

@@ -586,6 +586,13 @@ def test_make_serve_in_docker_without_gpus_refuses_the_gpu_servers_before_pullin
         assert "up -d --wait" in started
 
 
+def test_make_lint_checks_compose_yaml_alone_even_when_env_names_the_cpu_override(tmp_path):
+    project = make_project(tmp_path)
+    (project / ".env").write_text("COMPOSE_FILE=compose.yaml:compose.cpu.yaml\n")
+    lint = make("-n", "lint", "-o", ".venv/.installed", "-o", ".venv-tools/.installed", cwd=project).stdout
+    assert re.search(r"env .*-u COMPOSE_FILE\b.*/docker-compose --env-file .env.example", lint)
+
+
 def make_project(tmp_path: Path) -> Path:
     """The files make reads, copied: verbs that really run write .env beside the Makefile."""
     project = tmp_path / "project"
