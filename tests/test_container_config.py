@@ -427,6 +427,8 @@ def test_the_endpoint_notebook_finds_every_server_by_its_service_name(services):
     for name in LONG_RUNNING[1:]:
         port = services[name]["ports"][0].rsplit(":", 1)[1]
         assert f'"http://{name}:{port}"' in source, f"03_query_endpoint does not try {name}"
+    # ... and a server started with API_KEY answers its client only with the key.
+    assert "API_KEY" in services["notebook"]["environment"] and "API_KEY" in source
 
 
 def test_the_output_check_finds_outputs(tmp_path):
