@@ -186,12 +186,12 @@ class ServingClient:
             raise InvalidParameterError(f"url must start with http:// or https://, got {self.url!r}")
         # A port that is not a number (SERVE_PORT=abc) was an InvalidURL traceback from httpx; one out of
         # range was reported as "no server answered".
+        parts = urllib.parse.urlsplit(self.url)
         try:
-            host = urllib.parse.urlsplit(self.url).hostname
-            urllib.parse.urlsplit(self.url).port  # noqa: B018 - parsed for its ValueError
+            parts.port  # noqa: B018 - read for its ValueError
         except ValueError as e:
             raise InvalidParameterError(f"url {self.url!r} (--url, SERVE_URL or SERVE_PORT): {e}") from None
-        if not host:
+        if not parts.hostname:
             raise InvalidParameterError(f"url {self.url!r} (--url or SERVE_URL) names no host")
         if backend != "auto" and backend not in BACKENDS:
             raise InvalidParameterError(

@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 
@@ -35,8 +36,11 @@ def listening(host: str, port: int) -> Iterator[socket.socket]:
         yield sock
 
 
-def serve(app, *, sock: socket.socket, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve on `sock` until interrupted; `on_ready(url)` runs once, with the port actually bound.
+def serve(
+    build_app: Callable[[], Any], *, host: str, port: int, on_ready: Callable[[str], None] | None = None
+) -> None:
+    """Bind host:port, then build the app (which loads the model) and serve it until interrupted;
+    `on_ready(url)` runs once, with the port actually bound (port 0: any free one).
 
     SIGTERM (`docker compose stop`, a supervisor) is a clean stop: uvicorn finishes the requests in
     flight and shuts down, and the process then exits 0.
@@ -50,9 +54,10 @@ def serve(app, *, sock: socket.socket, on_ready: Callable[[str], None] | None = 
                 shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
                 on_ready(f"http://{shown}:{bound[1]}")
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    with _sigterm_exits_cleanly():
-        Server(config).run(sockets=[sock])
+    with listening(host, port) as sock:
+        config = uvicorn.Config(build_app(), log_level="warning", access_log=False)
+        with _sigterm_exits_cleanly():
+            Server(config).run(sockets=[sock])
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ compose service serve-llamacpp starts the same server with the same settings as 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,8 @@ from pathlib import Path
 
 from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
 from serving.errors import ServingError
-from serving.listen import listening, serve
-from serving.model_dir import ModelDir, ModelDirError
+from serving.listen import serve
+from serving.model_dir import ModelDir, ModelDirError, read_json
 
 INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
 # llama-cpp-python 0.3.36 (Llama._create_completion) never ends an answer inside a UTF-8 character:
@@ -84,11 +83,10 @@ def exported_from(path: Path) -> tuple[str, Path | None]:
     `python -m training export` writes <name>-<quant>.gguf and <name>-<quant>.export.json into a gguf/
     folder beside the merged model: outputs/<name>/merged for a run, <name>/ for `export --merged
     <name>`. A GGUF from elsewhere is named after its file and has no merged model."""
-    record = path.with_name(f"{path.stem}.export.json")
-    quant = json.loads(record.read_text(encoding="utf-8")).get("quant") if record.is_file() else None
-    folder = path.parent.parent
     if path.parent.name != GGUF_DIR:
         return path.stem, None
+    quant = (read_json(path.with_name(f"{path.stem}.export.json")) or {}).get("quant")
+    folder = path.parent.parent
     if quant and path.stem.endswith(f"-{quant}"):
         name = path.stem.removesuffix(f"-{quant}")
     elif path.stem.startswith(f"{folder.name}-"):  # an export without its record: a run's, by its name
@@ -190,8 +188,7 @@ def run(
     api_key: str | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    with listening(host, port) as sock:
-        serve(build_app(settings, api_key), sock=sock, on_ready=on_ready)
+    serve(lambda: build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
 
 
 def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], None]:

@@ -22,7 +22,7 @@ from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
 from serving import mkl_vml
-from serving.listen import listening, serve
+from serving.listen import serve
 from serving.local_server.front import OpenAIFront
 from serving.model_dir import ModelDir, ModelDirError
 
@@ -113,8 +113,7 @@ def run(
         logging.getLogger(name).addFilter(
             lambda record: not record.getMessage().startswith("[Request received]")
         )
-    with listening(host, port) as sock:
-        serve(build_app(settings, api_key), sock=sock, on_ready=on_ready)
+    serve(lambda: build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
 
 
 def banner(settings: LocalServerSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:

@@ -93,6 +93,16 @@ class Result:
         return self
 
 
+@dataclass(frozen=True)
+class Stopped:
+    exit_code: int
+    seconds: float
+    logs: str
+
+    def __str__(self) -> str:
+        return f"exit {self.exit_code} after {self.seconds:.1f} s:\n{self.logs[-3000:]}"
+
+
 @dataclass
 class Stack:
     """One compose project: a copy of the project, its own name, ports and settings."""
@@ -162,6 +172,17 @@ class Stack:
         if result.returncode != 0:
             print(self.logs(service))
         return result.ok()
+
+    def stop(self, service: str, port: str) -> Stopped:
+        """`compose stop` of a server started by `up`, then its removal: how it ended."""
+        container = self.container(service)
+        started = time.monotonic()
+        self.compose("stop", service, env={"SERVE_PORT": port}).ok()
+        took = time.monotonic() - started
+        exit_code = self.api.inspect(container)["State"]["ExitCode"]
+        logs = self.logs(service)
+        self.compose("rm", "-f", "-s", service, env={"SERVE_PORT": port})
+        return Stopped(exit_code, took, logs)
 
     def container(self, service: str) -> str:
         return f"{self.project}-{service}-1"

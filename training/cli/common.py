@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 
 from training.recipe import Recipe, load_recipe
 
@@ -24,6 +25,19 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY.PATH=VALUE",
         help="override a recipe key, e.g. --set training.max_steps=10 (repeatable)",
     )
+
+
+def at_least_one(what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of `what`, 1 or more (a usage error names it otherwise)."""
+
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of {what}: give a whole number, 1 or more"
+            )
+        return int(text)
+
+    return parse
 
 
 def ddp_for_several_processes(recipe: Recipe, source: str, overrides: list[str], processes: int):

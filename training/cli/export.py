@@ -40,15 +40,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--format {args.format}: the export formats are {', '.join(FORMATS)}")
     if args.merged is None:
         run_dir = RunDir(load_recipe(args.recipe, args.overrides).output.run_dir())
-        merged = run_dir.merged
     else:
-        merged = args.merged
-        run_dir = RunDir.of_merged(merged)
+        run_dir = RunDir.of_merged(args.merged)
     settings = ExportSettings(
         quants=parse_quants(args.quant or ["q4_k_m"]),
         verify=not args.no_verify,
         force=args.force,
         threads=args.threads,
     )
-    export_gguf(merged, run_dir, settings)
+    export_gguf(run_dir.merged, run_dir, settings)
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from training.cli.common import add_recipe_arguments
+from training.cli.common import add_recipe_arguments, at_least_one
 from training.merge.adapters import read_adapter
 from training.merge.coordinator import MergeSettings, merge_adapter
 from training.recipe import MergeSection, load_recipe, shard_size_bytes
@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="the same as --verify off")
     p.add_argument(
         "--num-shard",
-        type=_gpus,
+        type=at_least_one("GPUs"),
         default=None,
         help="GPUs to check TGI sharding for (default: visible GPUs)",
     )
@@ -75,17 +75,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Checked here, before the base model loads: huggingface_hub's parser raised a traceback only when
-# the weights were written, and a --num-shard below 1 came out as a failed sharding check.
+# --max-shard-size, checked before the base model loads: huggingface_hub's parser raised a traceback
+# only when the weights were written.
 def _shard_size(text: str) -> str:
     try:
         shard_size_bytes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return text
-
-
-def _gpus(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GPUs: give a whole number, 1 or more")
-    return int(text)

@@ -7,7 +7,7 @@ import argparse
 import datasets
 import torch
 
-from training.cli.common import add_recipe_arguments, ddp_for_several_processes
+from training.cli.common import add_recipe_arguments, at_least_one, ddp_for_several_processes
 from training.recipe import Recipe, load_recipe
 from training.train.distributed import ranks, under_launcher
 from training.train.launcher import DEFAULT_PORT, launch, topology
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--profile",
-        type=_steps,
+        type=at_least_one("steps"),
         default=0,
         metavar="N",
         help="record N optimizer steps (from the second) with torch.profiler: a per-operator table and a "
@@ -131,13 +131,3 @@ def _train_here(recipe: Recipe, args: argparse.Namespace) -> int:
     return run_training(
         recipe, args.recipe, force=args.force, measure_memory=args.measure_memory, profile_steps=args.profile
     )
-
-
-def _steps(text: str) -> int:
-    try:
-        steps = int(text)
-    except ValueError:
-        steps = 0
-    if steps < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of steps: give a whole number, 1 or more")
-    return steps

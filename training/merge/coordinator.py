@@ -156,9 +156,10 @@ def _build(
     started = time.perf_counter()
     config = write_config(tmp, base_dir, dtype)
     tied = bool(config.get("tie_word_embeddings"))
+    shard_bytes = shard_size_bytes(settings.max_shard_size)
     try:
         source = open_merged(strategy, base_dir, adapter, dtype, tied=tied, round_trip=round_trip)
-        weights = write_weights(tmp, source.specs(), source.get, shard_size_bytes(settings.max_shard_size))
+        weights = write_weights(tmp, source.specs(), source.get, shard_bytes)
     except StreamingUnsupported as e:
         if settings.strategy == "streaming":
             raise UserError(
@@ -167,7 +168,7 @@ def _build(
         strategy, reason = "peft", f"the streaming path does not handle {e}"
         log.warning("Falling back to peft's merge_and_unload: %s", reason)
         source = open_merged(strategy, base_dir, adapter, dtype, tied=tied, round_trip=round_trip)
-        weights = write_weights(tmp, source.specs(), source.get, shard_size_bytes(settings.max_shard_size))
+        weights = write_weights(tmp, source.specs(), source.get, shard_bytes)
     del source
     merge_seconds = time.perf_counter() - started
     merge_peak = peak_memory_bytes()

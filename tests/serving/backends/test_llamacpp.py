@@ -28,6 +28,7 @@ from serving.bench import main as bench_main
 from serving.client import ServingClient
 from serving.errors import InvalidParameterError, RequestRejectedError
 from serving.launch_env import plan_from_env, shell
+from serving.model_dir import ModelDirError
 from serving.params import SamplingParams
 from tests.conftest import ROOT
 from tests.serving.conftest import API_KEY, ServerProcess
@@ -127,6 +128,10 @@ def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_p
     gguf.with_name("my-llama-q8_0.export.json").write_text(json.dumps({"quant": "q8_0"}))
     other = llamacpp_server.settings_for(outputs=tmp_path, run="quickstart", gguf=gguf)
     assert (other.served_name, other.n_ctx) == ("my-llama", 512)
+    # A record cut short is named, not a traceback.
+    gguf.with_name("my-llama-q8_0.export.json").write_text('{"quant": "q8')
+    with pytest.raises(ModelDirError, match=r"my-llama-q8_0\.export\.json: cannot read it as JSON"):
+        llamacpp_server.settings_for(outputs=tmp_path, run="quickstart", gguf=gguf)
 
 
 # --- the real server ---------------------------------------------------------------------------
