@@ -29,6 +29,7 @@ from pathlib import Path
 
 from serving.backends.base import LaunchError
 from serving.backends.vllm_cpu import VERSION, VLLMCPU
+from serving.banner import local_url, ready_banner
 from serving.model_dir import ModelDir
 
 BACKEND_CHOICES = ("auto", "vllm", "local")
@@ -112,15 +113,6 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def local_url(host: str, port: int) -> str:
-    """Where this machine reaches a server listening on host:port."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _die_with_parent() -> None:
@@ -289,27 +281,24 @@ def banner(
     *,
     api_key: bool,
 ) -> Callable[[str, list[str]], None]:
-    """What `serve` prints once vLLM answers: where, what, the limit, how to try it (the local server's layout)."""
+    """What `serve` prints once vLLM answers: where, what, the limit, how to try it."""
 
     def _print(url: str, notes: list[str]) -> None:
-        auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
-        body = (
-            f'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'
-        )
-        lines = [
-            f"Serving '{name}' ({model.path}) with vLLM {VERSION} on the CPU",
-            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
-            f"  limit   {length} tokens per request, prompt + answer, from {source}",
-        ]
+        details = [("note", note) for note in notes]
         if adapters:
-            lines.append(f'  LoRA    {", ".join(n for n, _ in adapters)}: pick one with "model" in a request')
-        lines += [f"  note    {note}" for note in notes]
-        lines += [
-            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-            f"            -d '{body}'",
-            f'  or      make chat PROMPT="Hello"   (SERVE_URL={url})',
-            "Ctrl-C stops it.",
-        ]
-        print("\n".join(lines), flush=True)
+            details.insert(
+                0, ("LoRA", f'{", ".join(n for n, _ in adapters)}: pick one with "model" in a request')
+            )
+        banner = ready_banner(
+            served_name=name,
+            path=model.path,
+            engine=f"vLLM {VERSION} on the CPU",
+            url=url,
+            limit=length,
+            limit_source=source,
+            api_key=api_key,
+            details=details,
+        )
+        print(banner, flush=True)
 
     return _print

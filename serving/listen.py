@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from serving.banner import local_url
 from serving.errors import ServingError
 
 
@@ -40,7 +41,8 @@ def serve(
     build_app: Callable[[], Any], *, host: str, port: int, on_ready: Callable[[str], None] | None = None
 ) -> None:
     """Bind host:port, then build the app (which loads the model) and serve it until interrupted;
-    `on_ready(url)` runs once, with the port actually bound (port 0: any free one).
+    `on_ready(url)` runs once, with where this machine reaches the server: the port actually bound (port
+    0: any free one), and the loopback address for a wildcard one.
 
     SIGTERM (`docker compose stop`, a supervisor) is a clean stop: uvicorn finishes the requests in
     flight and shuts down, and the process then exits 0.
@@ -51,8 +53,7 @@ def serve(
             await super().startup(sockets)
             if self.started and on_ready is not None:
                 bound = self.servers[0].sockets[0].getsockname()
-                shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                on_ready(f"http://{shown}:{bound[1]}")
+                on_ready(local_url(bound[0], bound[1]))
 
     with listening(host, port) as sock:
         config = uvicorn.Config(build_app(), log_level="warning", access_log=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
+from serving.banner import ready_banner
 from serving.errors import ServingError
 from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError, read_json
@@ -161,25 +162,6 @@ def _hold_to_limit(llama, limit: int) -> None:
     llama.create_completion = create_completion
 
 
-def banner(settings: LlamaCppSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:
-    auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
-    body = (
-        f'{{"model": "{settings.served_name}", "messages": [{{"role": "user", "content": "{example}"}}], '
-        '"max_tokens": 32}'
-    )
-    return "\n".join(
-        [
-            f"Serving '{settings.served_name}' ({settings.gguf}) with llama.cpp (llama-cpp-python) on the CPU",
-            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
-            f"  limit   {settings.n_ctx} tokens per request, prompt + answer, from {settings.context_source}",
-            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-            f"            -d '{body}'",
-            f'  or      make chat PROMPT="{example}"   (SERVE_URL={url})',
-            "Ctrl-C stops it.",
-        ]
-    )
-
-
 def run(
     settings: LlamaCppSettings,
     *,
@@ -193,6 +175,15 @@ def run(
 
 def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], None]:
     def _print(url: str) -> None:
-        print(banner(settings, url, api_key=api_key), flush=True)
+        banner = ready_banner(
+            served_name=settings.served_name,
+            path=settings.gguf,
+            engine="llama.cpp (llama-cpp-python) on the CPU",
+            url=url,
+            limit=settings.n_ctx,
+            limit_source=settings.context_source,
+            api_key=api_key,
+        )
+        print(banner, flush=True)
 
     return _print

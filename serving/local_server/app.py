@@ -22,6 +22,7 @@ from transformers.cli.serving.server import build_server
 from transformers.cli.serving.utils import GenerationState
 
 from serving import mkl_vml
+from serving.banner import ready_banner
 from serving.listen import serve
 from serving.local_server.front import OpenAIFront
 from serving.model_dir import ModelDir, ModelDirError
@@ -116,27 +117,17 @@ def run(
     serve(lambda: build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
 
 
-def banner(settings: LocalServerSettings, url: str, *, api_key: bool, example: str = "Hello") -> str:
-    auth = ' -H "Authorization: Bearer $API_KEY"' if api_key else ""
-    body = (
-        f'{{"model": "{settings.served_name}", "messages": [{{"role": "user", "content": "{example}"}}], '
-        '"max_tokens": 32}'
-    )
-    return "\n".join(
-        [
-            f"Serving '{settings.served_name}' ({settings.model_dir}) with transformers serve on the {settings.device}",
-            f"  URL     {url}  (OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)",
-            f"  limit   {settings.max_model_len} tokens per request, prompt + answer, from {settings.context_source}",
-            f"  try     curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-            f"            -d '{body}'",
-            f'  or      make chat PROMPT="{example}"   (SERVE_URL={url})',
-            "Ctrl-C stops it.",
-        ]
-    )
-
-
 def print_ready(settings: LocalServerSettings, api_key: bool) -> Callable[[str], None]:
     def _print(url: str) -> None:
-        print(banner(settings, url, api_key=api_key), flush=True)
+        banner = ready_banner(
+            served_name=settings.served_name,
+            path=settings.model_dir,
+            engine=f"transformers serve on the {settings.device}",
+            url=url,
+            limit=settings.max_model_len,
+            limit_source=settings.context_source,
+            api_key=api_key,
+        )
+        print(banner, flush=True)
 
     return _print

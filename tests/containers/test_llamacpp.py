@@ -61,10 +61,11 @@ def test_it_serves_the_export_under_the_run_name_with_the_recipes_limit(stack, l
     assert http(f"{llamacpp}/v1/chat/completions", CHAT)["choices"][0]["message"]["content"] is not None
     bindings = stack.api.inspect(stack.container(SERVICE))["HostConfig"]["PortBindings"]
     assert {b["HostIp"] for spec in bindings.values() for b in spec} == {"127.0.0.1"}
-    # The banner of serving/llamacpp_server.py: the recipe's max_length, not a fixed 2048.
-    assert re.search(
-        r"limit\s+256 tokens per request, prompt \+ answer, from the recipe", stack.logs(SERVICE)
-    )
+    # The banner of serving/llamacpp_server.py: the recipe's max_length, not a fixed 2048, and the URL on
+    # the host (the container's own is 0.0.0.0:8080).
+    logs = stack.logs(SERVICE)
+    assert re.search(r"limit\s+256 tokens per request, prompt \+ answer, from the recipe", logs)
+    assert f"URL     {llamacpp}  (" in logs and f"(SERVE_URL={llamacpp})" in logs
 
 
 def test_answers_that_run_to_the_end_of_the_context_finish_and_the_next_request_is_answered(stack, llamacpp):

@@ -201,6 +201,10 @@ def test_settings_flow_into_both_servers(tmp_path):
     assert {services[s]["ports"][0]["published"] for s in ("tgi", "vllm", "serve-cpu", "vllm-cpu")} == {
         "9000"
     }
+    # What the project's own servers print as their URL: the host's port, not the container's.
+    assert {
+        services[s]["environment"]["SERVE_PUBLIC_URL"] for s in ("serve-cpu", "vllm-cpu", "serve-llamacpp")
+    } == {"http://127.0.0.1:9000"}
 
 
 def test_multi_lora_serves_the_base_model_with_adapters(tmp_path):
@@ -377,7 +381,8 @@ def test_the_llamacpp_service_runs_the_projects_llamacpp_server_on_the_runs_expo
     default = build_parser().parse_args(render(tmp_path)["serve-llamacpp"]["command"][3:])
     assert default.max_model_len is None and default.quant == "q4_k_m"
     # The key reaches it as an environment variable, not as a flag.
-    assert svc["environment"] == {"API_KEY": "k3y"} and not any("k3y" in a for a in svc["command"])
+    assert svc["environment"]["API_KEY"] == "k3y" and not any("k3y" in a for a in svc["command"])
+    assert set(svc["environment"]) == {"API_KEY", "SERVE_PUBLIC_URL"}
     assert svc["profiles"] == ["cpu"] and svc["build"]["dockerfile"] == "docker/llamacpp.Dockerfile"
     assert svc["image"] == "qlora-stack-llamacpp:latest"
 
