@@ -199,8 +199,15 @@ def test_launch_env_says_llamacpp_runs_on_the_cpu(merged_model, capsys, monkeypa
     gguf.touch()
     monkeypatch.setenv("RUN", merged_model.parent.name)
     assert main(["launch-env", "--backend", "llamacpp", "--outputs", str(outputs)]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "on the CPU, 256 tokens per request" in err and "GPU" not in err
+    # The server derives the recipe's limit itself and says so (--max-model-len auto in compose), unless
+    # MAX_TOTAL_TOKENS is set.
+    assert "MAX_TOTAL_TOKENS" not in out and f"export RUN={merged_model.parent.name}" in out
+    monkeypatch.setenv("MAX_TOTAL_TOKENS", "128")
+    assert main(["launch-env", "--backend", "llamacpp", "--outputs", str(outputs)]) == 0
+    out, err = capsys.readouterr()
+    assert "export MAX_TOTAL_TOKENS=128" in out and "128 tokens per request" in err
 
 
 def test_gpu_count_without_gpus(monkeypatch):

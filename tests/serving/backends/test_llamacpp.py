@@ -102,7 +102,10 @@ def test_launch_settings_take_the_merged_models_limits_and_need_the_export(tmp_p
     fake_run(tmp_path)
     settings = plan_from_env("llamacpp", num_shard=None, outputs=tmp_path, env={"RUN": "quickstart"})
     assert (settings.max_total_tokens, settings.max_input_tokens, settings.num_shard) == (256, 255, 1)
-    assert "export MAX_TOTAL_TOKENS=256" in shell(settings)
+    # The server derives the same limit itself (--max-model-len auto) and names the recipe as its source.
+    assert settings.context_source.startswith("the recipe") and "MAX_TOTAL_TOKENS" not in shell(settings)
+    explicit = plan_from_env("llamacpp", num_shard=None, outputs=tmp_path, env={"MAX_TOTAL_TOKENS": "128"})
+    assert "export MAX_TOTAL_TOKENS=128" in shell(explicit)
     with pytest.raises(
         LaunchError, match=r"quickstart-q8_0.gguf: no GGUF export .* `make export FORMAT=gguf QUANT=q8_0`"
     ):
