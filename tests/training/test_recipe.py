@@ -171,6 +171,8 @@ def test_a_value_outside_a_fields_documented_choices_is_refused_with_them(tmp_pa
         ("weight_decay=-0.01", "0 or more"),
         ("adam_beta2=1", "at least 0 and below 1 (got 1.0)"),
         ("adam_epsilon=-1e-8", "0 or more"),
+        ("label_smoothing_factor=1.5", "at least 0 and below 1 (got 1.5)"),  # trained away from the targets
+        ("eval_accumulation_steps=0", "1 or more (unset: keep every eval batch in memory)"),
         ("dataloader_num_workers=-1", "0 or more (got -1)"),
         ("seed=-1", "from 0 to 2**32 - 1 (got -1)"),  # numpy refuses it when training starts
     ],
@@ -190,6 +192,7 @@ def test_a_training_value_out_of_range_is_refused_with_what_is_allowed(tmp_path,
         ["num_train_epochs=0.5", "warmup_steps=0.03", "logging_steps=0.1", "save_steps=0.25"],  # fractions
         ["save_steps=0", "eval_steps=0", "learning_rate=0", "seed=0"],  # 0: at the end, as logging_steps
         ["save_steps=20.0", "adam_beta1=0", "dataloader_num_workers=0"],
+        ["label_smoothing_factor=0.1", "eval_accumulation_steps=4"],
     ],
 )
 def test_the_edges_the_trainer_accepts_are_accepted(tmp_path, settings):

@@ -105,11 +105,14 @@ RANGES: dict[str, Range] = {
     "adam_beta1": Range(lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "adam_beta2": Range(lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "adam_epsilon": Range(lambda v: v >= 0, "0 or more"),
+    # The share of the loss taken off the target token: above 1 (or below 0) it trains away from it.
+    "label_smoothing_factor": Range(lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "warmup_steps": Range(lambda v: v >= 0, "0 or more (below 1: a fraction of all steps)"),
     "logging_steps": Range(lambda v: v > 0 and _steps(v), f"more than 0: {_STEPS}"),
     "eval_steps": Range(_steps, f"{_STEPS} (0: every logging_steps)"),
     "save_steps": Range(_steps, f"{_STEPS} (0: only at the end)"),
     "dataloader_num_workers": Range(lambda v: v >= 0, "0 or more"),
+    "eval_accumulation_steps": Range(lambda v: v >= 1, "1 or more (unset: keep every eval batch in memory)"),
     "seed": Range(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
     "data_seed": Range(lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
 }
