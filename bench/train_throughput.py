@@ -530,11 +530,37 @@ def main() -> None:
                 f"({time.perf_counter() - t:.0f} s with start-up)",
                 flush=True,
             )
+            # After every run, not only at the end: a bench stopped by a time limit (a lent GPU's call)
+            # keeps what it measured.
+            write_report(args, venvs, runs, complete=False)
 
+    summary = write_report(args, venvs, runs, complete=True)
+    print(
+        f"\n{'variant':<22}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}"
+        f"{'MFU':>7}{'LoRA MFU':>10}"
+    )
+    for variant, s in summary.items():
+        mfu, lora = (f"{s[k]:.1%}" if s[k] is not None else "-" for k in ("mfu", "mfu_lora"))
+        print(
+            f"{variant:<22}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
+            f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x"
+            f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}{lora:>10}"
+        )
+    print(f"-> {args.json}")
+    if args.profile:
+        profile_runs(variants, args)
+
+
+def write_report(
+    args: argparse.Namespace, venvs: dict[str, Path], runs: dict[str, list[dict]], *, complete: bool
+) -> dict:
+    """The report of the runs so far in args.json (replaced whole, never half-written); its summary.
+    `complete` is false until every repeat of every variant has run."""
+    measured = {variant: results for variant, results in runs.items() if results}
     summary = {}
     # The model and rows every variant trains (peers included), as the tutorial's runs report them.
     reference = runs["tutorial"][0] if runs["tutorial"][0].get("flop_terms") else None
-    for variant, results in runs.items():
+    for variant, results in measured.items():
         memory_key = "peak_cuda_bytes" if "peak_cuda_bytes" in results[0] else "peak_rss_bytes"
         summary[variant] = {
             "tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in results), 1),
@@ -550,30 +576,20 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "gpu": next(iter(runs.values()))[0].get("gpu"),
+        "gpu": runs["tutorial"][0].get("gpu"),
         "recipe": args.recipe,
         "steps": args.steps,
         "repeats": args.repeats,
+        "complete": complete,
         "peers": {name: installed_versions(venv) for name, venv in venvs.items()},
         "results": summary,
-        "runs": runs,
+        "runs": measured,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"\n{'variant':<22}{'tokens/s':>10}{'tokens/step':>13}{'peak memory':>13}{'speed':>8}{'memory':>8}"
-        f"{'MFU':>7}{'LoRA MFU':>10}"
-    )
-    for variant, s in summary.items():
-        mfu, lora = (f"{s[k]:.1%}" if s[k] is not None else "-" for k in ("mfu", "mfu_lora"))
-        print(
-            f"{variant:<22}{s['tokens_per_second']:>10.0f}{s['tokens_per_step']:>13.0f}"
-            f"{s['peak_memory_bytes'] / 2**20:>10.0f} MB{s['speed_vs_tutorial']:>7.2f}x"
-            f"{s['memory_vs_tutorial']:>7.2f}x{mfu:>7}{lora:>10}"
-        )
-    print(f"-> {args.json}")
-    if args.profile:
-        profile_runs(variants, args)
+    partial = args.json.with_name(args.json.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(args.json)
+    return summary
 
 
 def profile_runs(variants: list[str], args: argparse.Namespace) -> None:
