@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import shlex
+import subprocess
 
 import pytest
 
@@ -104,3 +106,26 @@ def test_compose_stop_ends_it_cleanly(stack, llamacpp, port):
     stopped = stack.stop(SERVICE, port)
     # SIGTERM reaches the server through tini; uvicorn finishes and exits 0 (a SIGKILL would be 137).
     assert stopped.exit_code == 0 and stopped.seconds < 10, stopped
+
+
+def test_make_serve_stops_at_a_refused_setting_where_compose_run_loses_the_exit_status(stack, exported, port):
+    """make serve computes its settings in a `compose run --rm` container, whose exit status Podman's
+    compose loses (it exits 0): the empty output must stop it there too. A blank API_KEY is refused by
+    the settings step, and the server would otherwise start locked with a key nobody can send."""
+    make = [
+        "make", "serve", "RUNTIME=docker", "SERVE_BACKEND=llamacpp", f"COMPOSE={shlex.join(stack.command)}",
+        f"SERVE_PORT={port}",
+    ]  # fmt: skip
+    stack.compose("rm", "--stop", "--force", SERVICE).ok()
+    done = subprocess.run(
+        make,
+        cwd=stack.directory,
+        env={**stack.env, "API_KEY": " "},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "API_KEY set but empty" in done.stderr
+    running = stack.compose("ps", "--status", "running", "--services").ok().output.split()
+    assert SERVICE not in running
