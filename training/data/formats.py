@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from training.data.templates import PromptTemplate
+from training.data.templates import BUILTIN_TEMPLATES, PromptTemplate
 
 ROLES = ("system", "user", "assistant")
 
@@ -70,7 +70,7 @@ def instruction_example(row: dict[str, Any], template: PromptTemplate | None) ->
     return Example(messages=[*prompt, {"role": "assistant", "content": output}])
 
 
-def messages_example(row: dict[str, Any]) -> Example:
+def messages_example(row: dict[str, Any], template: PromptTemplate | None) -> Example:
     messages = row.get("messages")
     if messages is None:
         raise RowError("messages", "missing")
@@ -93,7 +93,16 @@ def messages_example(row: dict[str, Any]) -> Example:
         for key in message:
             if key not in ("role", "content"):
                 raise RowError(f"{where}.{key}", "unexpected key; a message has only role and content")
-    turns = clean[1:] if clean[0]["role"] == "system" else clean
+    has_system = clean[0]["role"] == "system"
+    if has_system and template is not None and template.system_prefix is None:
+        # Caught here, by row: the chat template would raise while the data is tokenized, with no row.
+        with_system = [t.name for t in BUILTIN_TEMPLATES.values() if t.system_prefix is not None]
+        raise RowError(
+            "messages[0].role",
+            f"a system message, but template '{template.name}' has no place for one; leave it out, or use "
+            f"a template with a system slot: {', '.join(with_system)} or model",
+        )
+    turns = clean[1:] if has_system else clean
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
@@ -129,7 +138,9 @@ FORMATS = {
             lambda row, text_field, template: instruction_example(row, template),
             has_response=True,
         ),
-        RowFormat("messages", lambda row, text_field, template: messages_example(row), has_response=True),
+        RowFormat(
+            "messages", lambda row, text_field, template: messages_example(row, template), has_response=True
+        ),
     )
 }
 

@@ -137,6 +137,24 @@ def test_columns_are_renamed(tmp_path, llama_tokenizer):
     assert prepare_data(cfg, llama_tokenizer).train_report.tokens.rows == 20
 
 
+def test_system_message_under_a_template_without_one_is_a_bad_row(tmp_path, llama_tokenizer):
+    # dolly-ja and custom templates have no system slot: their chat template raised a bare jinja
+    # TemplateError while the whole file was tokenized, naming no file, row or field.
+    chat = [{"role": "user", "content": "日本の首都は？"}, {"role": "assistant", "content": "東京です。"}]
+    rows = [{"messages": chat} for _ in range(10)]
+    rows[3] = {"messages": [{"role": "system", "content": "丁寧に答えてください。"}, *chat]}
+    path = jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        prepare_data(section(path, format="messages"), llama_tokenizer)
+    message = str(e.value)
+    assert f"{path} line 4: messages[0].role: a system message, but template 'dolly-ja'" in message
+    assert "koalpaca, alpaca or model" in message
+    skipped = prepare_data(section(path, format="messages", on_bad_row="skip"), llama_tokenizer)
+    assert (skipped.train_report.rows_skipped_bad, skipped.train_report.tokens.rows) == (1, 9)
+    with_slot = prepare_data(section(path, format="messages", template="koalpaca"), llama_tokenizer)
+    assert with_slot.train.num_rows == 10
+
+
 def test_split_expressions_on_local_files(tmp_path, llama_tokenizer):
     path = jsonl(tmp_path / "d.jsonl", ROWS)
     assert prepare_data(section(path, split="train[:25%]"), llama_tokenizer).train.num_rows == 5

@@ -104,7 +104,8 @@ def test_multi_turn_messages_mask_every_assistant_turn_and_nothing_else(llama_to
                 {"role": "user", "content": "잘 가."},
                 {"role": "assistant", "content": "또 봐요."},
             ]
-        }
+        },
+        BUILTIN_TEMPLATES["koalpaca"],
     )
     template = BUILTIN_TEMPLATES["koalpaca"]
     text, jinja = render(llama_tokenizer, example.messages, template)
@@ -170,7 +171,7 @@ def test_text_format_trains_on_everything_and_ends_with_eos(arch, llama_tokenize
 )
 def test_bad_message_rows_name_the_field(row, field, problem):
     with pytest.raises(RowError) as e:
-        messages_example(row)
+        messages_example(row, BUILTIN_TEMPLATES["koalpaca"])
     assert e.value.field == field and problem in e.value.problem
 
 
