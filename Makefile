@@ -319,8 +319,12 @@ include .env
 $(foreach v,$(DOTENV_FROM_ENV),$(eval $(v) := $$(DOTENV_SAVED_$(v))))
 export $(DOTENV_VARS)
 endif
-# The run to serve: by default the one RECIPE trains (shipped recipes name runs after their file).
-RUN ?= $(basename $(notdir $(RECIPE)))
+# The run to serve: by default the one RECIPE trains, its output.run_name (SET's overrides included;
+# the file's name where it names none). Read once, when first used, by the recipe loader of the
+# virtual environment; before that exists, or for a recipe it refuses, the file's name.
+RUN ?= $(eval RUN := $(or $(shell [ -x $(PY) ] && $(PY) -c 'import sys; from training.recipe import load_recipe; \
+	print(load_recipe(sys.argv[1], sys.argv[2:]).output.run_name)' $(RECIPE) $(SET) 2>/dev/null),$(basename \
+	$(notdir $(RECIPE)))))$(RUN)
 SERVE_BACKEND ?= tgi
 GGUF_QUANT ?= q4_k_m
 # Without Docker and GPUs: vllm or local as asked, otherwise whichever can run the model.

@@ -697,6 +697,21 @@ def test_make_serve_without_docker_refuses_a_misspelled_backend():
     assert "SERVE_BACKEND must be vllm, local or llamacpp here" in done.stderr and "not 'vlm'" in done.stderr
 
 
+def test_make_serve_serves_the_run_the_recipe_names(tmp_path, monkeypatch):
+    # RUN was the recipe's file name: a recipe copied from quickstart.yaml with its own run_name trained
+    # and merged outputs/<run_name>, and make serve with the same RECIPE looked for outputs/<file>/merged.
+    monkeypatch.delenv("RUN", raising=False)
+    project = make_project(tmp_path)
+    recipe = tmp_path / "my-ja.yaml"
+    recipe.write_text((ROOT / "recipes/quickstart.yaml").read_text().replace("quickstart", "my-ja-run"))
+    serve = ("-n", "serve", "RUNTIME=local", f"VENV={sys.prefix}", "STAMP=/dev/null", f"RECIPE={recipe}")
+    assert "--run my-ja-run --port" in make(*serve, cwd=project).stdout
+    assert "--run other --port" in make(*serve, "SET=output.run_name=other", cwd=project).stdout
+    assert "--run mine --port" in make(*serve, "RUN=mine", cwd=project).stdout
+    recipe.write_text(recipe.read_text().replace("  run_name: my-ja-run\n", ""))
+    assert "--run my-ja --port" in make(*serve, cwd=project).stdout  # no run_name: the file's name
+
+
 def test_make_clean_asks_first_and_keeps_everything_without_a_yes(tmp_path):
     shutil.copy(ROOT / "Makefile", tmp_path)
     (tmp_path / "outputs" / "quickstart").mkdir(parents=True)
