@@ -28,6 +28,13 @@ class RowError(ValueError):
         self.problem = problem
 
 
+class MissingField(RowError):
+    """A field the format needs is not in the row (the caller can say which fields the row has)."""
+
+    def __init__(self, field: str):
+        super().__init__(field, "missing")
+
+
 @dataclass(frozen=True)
 class Example:
     messages: list[dict[str, str]] | None = None
@@ -40,7 +47,7 @@ class Example:
 def _string(row: dict[str, Any], field: str, *, required: bool = True) -> str:
     if field not in row or row[field] is None:
         if required:
-            raise RowError(field, "missing")
+            raise MissingField(field)
         return ""
     value = row[field]
     if not isinstance(value, str):
@@ -73,7 +80,7 @@ def instruction_example(row: dict[str, Any], template: PromptTemplate | None) ->
 def messages_example(row: dict[str, Any], template: PromptTemplate | None) -> Example:
     messages = row.get("messages")
     if messages is None:
-        raise RowError("messages", "missing")
+        raise MissingField("messages")
     if not isinstance(messages, list) or not messages:
         raise RowError("messages", "must be a non-empty list of {role, content} objects")
     clean = []

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from training.data.formats import FORMATS, Example, RowError
+from training.data.formats import FORMATS, Example, MissingField, RowError
 from training.data.sources import SourceRow, read_rows
 from training.data.templates import MODEL_TEMPLATE, PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.data.tokenization import TokenStats, tokenize_examples
@@ -193,7 +193,15 @@ def _convert(row: SourceRow, cfg: DataSection, template: PromptTemplate | None) 
     for src, dst in cfg.columns.items():
         if src in value:
             value[dst] = value.pop(src)
-    return FORMATS[cfg.format].convert(value, cfg.text_field, template)
+    try:
+        return FORMATS[cfg.format].convert(value, cfg.text_field, template)
+    except MissingField as e:
+        if e.field in value:  # present but null
+            raise
+        # Own exports often name their columns otherwise (質問, 답변, question, conversations).
+        fields = ", ".join(repr(str(name)) for name in value)
+        hint = f" (data.columns renames fields, e.g. {{{next(iter(value))}: {e.field}}})" if value else ""
+        raise RowError(e.field, f"missing; the row has {fields or 'no fields'}{hint}") from None
 
 
 def _split_off(examples: list[Example], fraction: float, source: str) -> tuple[list[Example], list[Example]]:

@@ -155,6 +155,21 @@ def test_system_message_under_a_template_without_one_is_a_bad_row(tmp_path, llam
     assert with_slot.train.num_rows == 10
 
 
+def test_missing_field_names_the_fields_the_row_has(tmp_path, llama_tokenizer):
+    # A spreadsheet with its own headers said only "instruction: missing", not what the row holds
+    # nor that data.columns maps them.
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("질문,맥락,답변\n한국의 수도는?,,서울입니다.\n", encoding="utf-8-sig")
+    with pytest.raises(DataError) as e:
+        prepare_data(section(csv_path), llama_tokenizer)
+    assert (
+        f"{csv_path} line 2: instruction: missing; the row has '질문', '맥락', '답변' "
+        "(data.columns renames fields, e.g. {질문: instruction})"
+    ) in str(e.value)
+    renamed = section(csv_path, columns={"질문": "instruction", "맥락": "input", "답변": "output"})
+    assert prepare_data(renamed, llama_tokenizer).train.num_rows == 1
+
+
 def test_split_expressions_on_local_files(tmp_path, llama_tokenizer):
     path = jsonl(tmp_path / "d.jsonl", ROWS)
     assert prepare_data(section(path, split="train[:25%]"), llama_tokenizer).train.num_rows == 5
