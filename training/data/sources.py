@@ -119,6 +119,8 @@ def _read_json(path: Path) -> list[SourceRow]:
     try:
         data = json.loads(_utf8_text(path))
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line saved as .json, which `datasets` reads too
+            return _read_jsonl(path)
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style exports

@@ -119,6 +119,19 @@ def test_files_that_are_not_utf8_or_not_parquet_name_the_file_and_line(tmp_path,
         prepare_data(section(parquet_path), llama_tokenizer)
 
 
+def test_json_lines_saved_as_json_are_read_as_json_lines(tmp_path, llama_tokenizer):
+    # Many exports name JSON Lines *.json; this was "not valid JSON: Extra data at line 2 column 1".
+    rows = [dict(r) for r in ROWS]
+    rows[4]["output"] = " "
+    path = jsonl(tmp_path / "d.json", rows)
+    with pytest.raises(DataError, match=r"d.json line 5: output: is empty"):
+        prepare_data(section(path), llama_tokenizer)
+    assert prepare_data(section(jsonl(path, ROWS)), llama_tokenizer).train.num_rows == 20
+    path.write_text('{"instruction": "質問", "output": "答え"} [', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.json line 1: \(row\): not valid JSON"):
+        prepare_data(section(path), llama_tokenizer)
+
+
 def test_csv_row_with_more_values_than_columns_and_excel_bom(tmp_path, llama_tokenizer):
     # An unquoted comma shifted the row's values: it trained on the wrong columns, silently.
     csv_path = tmp_path / "d.csv"
