@@ -130,19 +130,25 @@ def _read_json(path: Path) -> list[SourceRow]:
 
 
 def _read_csv(path: Path) -> list[SourceRow]:
-    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""))
+    reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
+    header = next(reader, [])
     rows = []
-    for row in reader:
-        # Line numbers count the header as line 1, as a spreadsheet shows them.
-        where = f"{path} line {reader.line_num}"
-        extra = row.pop(None, None)  # DictReader keeps the values beyond the header's columns here
-        if extra is not None:
+    first = reader.line_num + 1
+    for values in reader:
+        # Line numbers count the header as line 1. A quoted value may span lines (a spreadsheet cell
+        # with line breaks): the row is named by its first line, where it starts, not by its last.
+        where = f"{path} line {first}"
+        first = reader.line_num + 1
+        if not values:  # a blank line
+            continue
+        if len(values) > len(header):
             # An unquoted comma in a value: every column after it would be shifted by one.
-            columns = len(reader.fieldnames or [])
-            values = columns + len(extra)
-            problem = f"{values} values, but the header has {columns} columns (quote values that hold commas)"
+            problem = f"{len(values)} values, but the header has {len(header)} columns (quote values that hold commas)"
             rows.append(SourceRow(where, None, problem))
         else:
+            # Values left off at the end stay None (missing), as csv.DictReader leaves them.
+            row = dict.fromkeys(header)
+            row.update(zip(header, values, strict=False))
             rows.append(SourceRow(where, row))
     return rows
 

@@ -143,6 +143,20 @@ def test_csv_row_with_more_values_than_columns_and_excel_bom(tmp_path, llama_tok
     assert prepare_data(section(csv_path), llama_tokenizer).train_report.tokens.rows == 2
 
 
+def test_csv_rows_with_line_breaks_in_cells_are_named_by_their_first_line(tmp_path, llama_tokenizer):
+    # The csv module's line_num is the row's last line: a row starting on line 3 was "line 5".
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text(
+        'instruction,input,output\r\n質問,,答え\r\n"",,"一行目\n二行目\n三行目"\r\n\r\n質問3,,""\r\n',
+        encoding="utf-8-sig",
+    )
+    data = prepare_data(section(csv_path, on_bad_row="skip"), llama_tokenizer).train_report
+    assert data.bad_rows == [
+        f"{csv_path} line 3: instruction: is empty",
+        f"{csv_path} line 7: output: is empty",
+    ]
+
+
 def test_columns_are_renamed(tmp_path, llama_tokenizer):
     rows = [{"question": r["instruction"], "answer": r["output"]} for r in ROWS]
     path = jsonl(tmp_path / "d.jsonl", rows)
