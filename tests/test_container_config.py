@@ -565,7 +565,10 @@ def test_make_serve_in_docker_without_gpus_refuses_the_gpu_servers_before_pullin
     tmp_path, backend, has_gpu, refused
 ):
     fake = tmp_path / "compose"
-    fake.write_text('#!/bin/sh\necho "$*" >> "$0.log"\n')
+    # `run` is the settings step (launch-env), which prints the settings to export.
+    fake.write_text(
+        '#!/bin/sh\necho "$*" >> "$0.log"\ncase " $* " in *" run "*) echo "export RUN=quickstart";; esac\n'
+    )
     fake.chmod(0o755)
     done = make(
         "serve",
@@ -586,6 +589,19 @@ def test_make_serve_in_docker_without_gpus_refuses_the_gpu_servers_before_pullin
     else:
         assert done.returncode == 0, done.stderr
         assert "up -d --wait" in started
+
+
+def test_make_serve_in_docker_stops_when_the_settings_step_prints_nothing(tmp_path):
+    # Podman's compose exits 0 from `run --rm` whatever the command returned: a refused setting then
+    # printed its error, no settings, and the server was started anyway.
+    fake = tmp_path / "compose"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$0.log"\n')
+    fake.chmod(0o755)
+    done = make(
+        "serve", "RUNTIME=docker", f"COMPOSE={fake}", "SERVE_BACKEND=llamacpp", cwd=make_project(tmp_path)
+    )
+    assert done.returncode != 0
+    assert "up -d --wait" not in (tmp_path / "compose.log").read_text()
 
 
 def test_make_lint_checks_compose_yaml_alone_even_when_env_names_the_cpu_override(tmp_path):
