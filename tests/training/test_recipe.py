@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,32 @@ def test_validate_command_reports_errors_without_traceback(tmp_path):
     assert "error:" in result.stderr and "lora.r" in result.stderr and "Traceback" not in result.stderr
     ok = run_cli("validate", "--recipe", "recipes/quickstart.yaml")
     assert ok.returncode == 0 and "ok" in ok.stdout
+
+
+def test_validate_checks_every_row_of_local_data_before_any_model_loads(tmp_path):
+    # validate said "ok" and train then stopped at the bad row, after loading the model (on a GPU job,
+    # after minutes). It needs no model: the tiny models are not built here.
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"질문 {i}", "output": f"답변 {i}"} for i in range(9)]
+    data.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[:4])
+        + '\n{"instruction": "빈 답"}\n'
+        + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows[4:])
+        + "\n",
+        encoding="utf-8",
+    )
+    recipe = write(
+        tmp_path,
+        f"model: {{name: tiny://llama}}\ndata: {{source: {data}, format: instruction, template: koalpaca}}\n",
+    )
+    refused = run_cli("validate", "--recipe", str(recipe))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{data} line 5: output: missing" in refused.stderr and "data.on_bad_row: skip" in refused.stderr
+    skipped = run_cli(
+        "validate", "--recipe", str(recipe), "--set", "data.on_bad_row=skip", "--set", "data.validation=0.25"
+    )
+    assert skipped.returncode == 0, skipped.stderr
+    assert (
+        f"{data}: 7 training rows, 2 validation rows; 1 bad rows skipped (data.on_bad_row: skip), e.g. {data} line 5"
+        in skipped.stdout
+    )

@@ -21,7 +21,7 @@ VERBS = {
     "train": ("training.cli.train", "fine-tune with QLoRA as the recipe says (resumes an interrupted run)"),
     "validate": (
         "training.cli.validate",
-        "check a recipe (schema and trainer settings) without loading anything",
+        "check a recipe (schema, trainer settings, every row of local data) without loading a model",
     ),
     "estimate": (
         "training.cli.estimate",

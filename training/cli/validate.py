@@ -1,14 +1,17 @@
-"""python -m training validate: check a recipe (schema, trainer settings, local model and data files)
-without loading anything or asking the Hub."""
+"""python -m training validate: check a recipe (schema, trainer settings, local model and data files,
+and every row of local data) without loading a model or asking the Hub."""
 
 from __future__ import annotations
 
 import argparse
 
 from training.cli.common import add_recipe_arguments
+from training.data.prepare import read_examples
+from training.data.sources import is_local
+from training.data.templates import resolve_template
 from training.errors import RecipeError
 from training.model.loading import compute_dtype, detect_device
-from training.recipe import load_recipe
+from training.recipe import DataSection, load_recipe
 from training.train.preflight import data_problems, model_problems
 from training.train.sft_config import build_sft_config
 
@@ -25,5 +28,25 @@ def run(args: argparse.Namespace) -> int:
     problems = model_problems(recipe, hub=False) + data_problems(recipe, hub=False)
     if problems:
         raise RecipeError(f"{args.recipe}: " + "\n  ".join(problems))
+    print(f"data: {check_rows(recipe.data)}")
     print(f"{args.recipe}: ok (run '{recipe.output.run_name}' -> {recipe.output.run_dir()})")
     return 0
+
+
+def check_rows(data: DataSection) -> str:
+    """Every row of local data checked as `train` checks it (a bad row is an error naming it, unless
+    data.on_bad_row skips it); what was found. Rows of a Hub dataset are checked when `train` reads them."""
+    if not is_local(data.source):
+        return f"{data.source} is a Hub dataset: its rows are checked when train reads them"
+    template = resolve_template(data.template) if data.template else None
+    rows = read_examples(data, template)
+    found = f"{data.source}: {len(rows.train)} training rows"
+    if rows.eval is not None:
+        found += f", {len(rows.eval)} validation rows"
+    skipped = rows.train_report.rows_skipped_bad + (
+        rows.eval_report.rows_skipped_bad if rows.eval_report else 0
+    )
+    if skipped:
+        sample = (rows.train_report.bad_rows or rows.eval_report.bad_rows)[0]
+        return f"{found}; {skipped} bad rows skipped (data.on_bad_row: skip), e.g. {sample}"
+    return f"{found}, all well-formed (their token lengths are counted when train tokenizes them)"

@@ -1,7 +1,7 @@
 """From the recipe's data section to the tokenized train and eval datasets TRL trains on.
 
-read rows -> check and convert each row (bad-row policy) -> split off validation ->
-tokenize with the chat template -> refuse data that would teach nothing.
+read rows -> check and convert each row (bad-row policy) -> split off validation (read_examples)
+-> tokenize with the chat template -> refuse data that would teach nothing.
 """
 
 from __future__ import annotations
@@ -67,10 +67,19 @@ class PreparedData:
         }
 
 
-def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> PreparedData:
-    template = resolve_template(cfg.template) if cfg.template else None
-    training_template, saved_template = chat_templates(cfg, template, tokenizer)
+@dataclass
+class Rows:
+    """The recipe's rows, checked and converted, split into training and validation; not tokenized."""
 
+    train: list[Example]
+    train_report: SplitReport
+    eval: list[Example] | None
+    eval_report: SplitReport | None
+
+
+def read_examples(cfg: DataSection, template: PromptTemplate | None) -> Rows:
+    """Read the data, check and convert each row (bad-row policy), split off validation. Needs no
+    tokenizer: `validate` runs it too, so that a bad row stops a recipe before a model is loaded."""
     train_rows = read_rows(
         cfg.source, split=cfg.split, subset=cfg.subset, revision=cfg.revision, max_rows=cfg.max_rows
     )
@@ -90,6 +99,13 @@ def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> Prep
             eval_examples, eval_report = convert_rows(rows, cfg, template, source=source)
     if not train_examples:
         raise DataError(f"{cfg.source}: no usable training rows")
+    return Rows(train_examples, train_report, eval_examples, eval_report)
+
+
+def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> PreparedData:
+    template = resolve_template(cfg.template) if cfg.template else None
+    training_template, saved_template = chat_templates(cfg, template, tokenizer)
+    rows = read_examples(cfg, template)
 
     def tokenize(examples: list[Example], report: SplitReport, split: str) -> Dataset:
         dataset, report.tokens = tokenize_examples(
@@ -103,16 +119,16 @@ def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> Prep
         _refuse_wasted_rows(report, cfg, split)
         return dataset
 
-    train = tokenize(train_examples, train_report, "training")
-    evaluation = tokenize(eval_examples, eval_report, "validation") if eval_examples else None
+    train = tokenize(rows.train, rows.train_report, "training")
+    evaluation = tokenize(rows.eval, rows.eval_report, "validation") if rows.eval else None
     return PreparedData(
         train=train,
         eval=evaluation,
         chat_template=saved_template,
-        fingerprint=_fingerprint(train_examples, eval_examples or []),
-        train_report=train_report,
-        eval_report=eval_report,
-        eval_examples=eval_examples or [],
+        fingerprint=_fingerprint(rows.train, rows.eval or []),
+        train_report=rows.train_report,
+        eval_report=rows.eval_report,
+        eval_examples=rows.eval or [],
     )
 
 
