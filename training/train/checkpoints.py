@@ -115,6 +115,24 @@ def rotate(folder: Path, keep: int | None, protect: Path | None = None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class NothingLeftToTrain(Exception):
+    """The checkpoint a run resumes from already holds its last step."""
+
+
+class StopAtTheLastStep(TrainerCallback):
+    """A run resumed from the checkpoint of its last step trains nothing.
+
+    The Trainer looks for the end of training only after a step: resumed from its final checkpoint
+    (a run stopped during its last evaluation or while writing the adapter), it trained one step past
+    max_steps, beyond the end of the learning-rate schedule. This stops it before any batch is read.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps > 0:
+            raise NothingLeftToTrain(f"step {state.global_step} of {state.max_steps}")
+        return control
+
+
 class CompleteCheckpoints(TrainerCallback):
     """Mark each checkpoint complete once every process has written its part of it, then rotate."""
 

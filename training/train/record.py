@@ -97,6 +97,11 @@ def _change(first: float | None, last: float | None) -> str:
     return f"{first:.4f} -> {last:.4f}"
 
 
+def _speed(tokens_per_second: float | None) -> str:
+    # None: this session trained no step (it resumed from the run's last checkpoint)
+    return "no step trained in this session" if tokens_per_second is None else f"{tokens_per_second} tokens/s"
+
+
 def log_summary(record: dict, run: RunDir) -> None:
     m = record["metrics"]
     lines = [
@@ -113,7 +118,7 @@ def log_summary(record: dict, run: RunDir) -> None:
     if m.get("estimated_peak_memory_bytes") and m["peak_memory_bytes"] is not None:
         memory += f"; estimated {human_size(m['estimated_peak_memory_bytes'])} for rows of max_length tokens"
     lines += [
-        f"  speed           {m['tokens_per_second']} tokens/s",
+        f"  speed           {_speed(m['tokens_per_second'])}",
         f"  peak memory     {memory}",
         f"  adapter         {run.adapter}",
         f"  record          {run.run_json}",

@@ -97,7 +97,12 @@ def run_training(
         _keep_data_order(run, recipe, sft_args, checkpoint, world)
 
         stop, throughput = GracefulStop(world), Throughput()
-        callbacks = [ckpt.CompleteCheckpoints(save_total_limit(recipe)), stop, throughput]
+        callbacks = [
+            ckpt.StopAtTheLastStep(),
+            ckpt.CompleteCheckpoints(save_total_limit(recipe)),
+            stop,
+            throughput,
+        ]
         profiler = None
         if profile_steps:
             profiler = StepProfiler(
@@ -112,7 +117,7 @@ def run_training(
         tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
         try:
             with tracking as measured_peak:
-                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                _train(trainer, checkpoint)
         except torch.OutOfMemoryError as e:
             raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
         finally:
@@ -155,6 +160,14 @@ def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
         )
     if world.world_size > 1:
         os.environ.update(process_group_environment(recipe))
+
+
+def _train(trainer, checkpoint: Path | None) -> None:
+    """Train, from `checkpoint` when resuming; nothing when that checkpoint holds the last step."""
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except ckpt.NothingLeftToTrain as e:
+        log.info("%s holds the run's last step (%s): nothing is left to train", checkpoint, e)
 
 
 def _finished_already(run: RunDir, recipe: Recipe, world: Ranks, *, force: bool) -> bool:

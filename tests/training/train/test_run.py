@@ -281,6 +281,26 @@ def test_sigkill_during_a_checkpoint_save_resumes_from_the_last_complete_one(tin
     assert run["metrics"]["global_step"] == 10
 
 
+def test_a_run_stopped_after_its_last_checkpoint_resumes_without_training_past_max_steps(tiny_dir, tmp_path):
+    """Stopped during the final evaluation or while writing the adapter: the rerun writes the adapter
+    of the last checkpoint. The Trainer trained one more step, past max_steps and its LR schedule."""
+    from safetensors.torch import load_file
+
+    settings = ["training.max_steps=3", "training.save_steps=1", "training.eval_strategy=no"]
+    assert train_in_process(QUICK, tmp_path, *settings) == 0
+    run = tmp_path / "quickstart"
+    shutil.rmtree(run / "adapter")  # what a kill after checkpoint-3 leaves
+    (run / "run.json").unlink()
+
+    assert train_in_process(QUICK, tmp_path, *settings) == 0
+    result = read_run(run)
+    assert result["resumed_from"].endswith("checkpoint-3") and result["metrics"]["global_step"] == 3
+    assert [step for step, _ in checkpoints(run / "checkpoints")] == [2, 3]
+    last = load_file(run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == last.keys() and all(torch.equal(adapter[k], last[k]) for k in last)
+
+
 def test_force_starts_over(interrupted_run, tmp_path):
     run = copy_run(interrupted_run, tmp_path)
     assert train_in_process(QUICK, tmp_path, "training.max_steps=3", force=True) == 0
