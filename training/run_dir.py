@@ -63,6 +63,11 @@ class RunDir:
         return self.path / "data_order.json"
 
     @property
+    def train_lock(self) -> Path:
+        """Held by the train of this run while it runs; beside the run folder, which --force deletes."""
+        return self.path.with_name(f".{self.path.name}.train.lock")
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

@@ -11,11 +11,13 @@ leaves no run folder.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,10 +79,23 @@ def run_training(
     the others wait for it at barriers, resume from the checkpoint it chose, and take part in
     the collective steps (training, evaluation, saving).
     """
-    started = time.time()
-    mkl_vml.warm_up()
     run = RunDir(recipe.output.run_dir())
     world = ranks()
+    with _one_train_at_a_time(run, world):
+        return _run_training(recipe, source, run, world, force, measure_memory, profile_steps)
+
+
+def _run_training(
+    recipe: Recipe,
+    source: str,
+    run: RunDir,
+    world: Ranks,
+    force: bool,
+    measure_memory: bool,
+    profile_steps: int,
+) -> int:
+    started = time.time()
+    mkl_vml.warm_up()
     _join_process_group(recipe, world, source)
     device = detect_device()
     dtype = compute_dtype(recipe.model.dtype, device)
@@ -150,6 +165,34 @@ def run_training(
         if world.is_main:
             log_summary(record, run)
         return 0
+
+
+@contextlib.contextmanager
+def _one_train_at_a_time(run: RunDir, world: Ranks) -> Iterator[None]:
+    """Refuse a second train of the same run folder while one runs.
+
+    Two wrote the same checkpoints, each deleted the other's unfinished one as the leftover of a
+    kill (and a failing or --force one the whole folder), and both reported success. The kernel
+    releases the lock when its process ends, however it ends.
+    """
+    if not world.is_main:  # the other processes of one run follow rank 0
+        yield
+        return
+    run.train_lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.train_lock, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise CheckpointError(
+                f"{run.path} is being trained by another process ({lock.read().strip() or 'unknown'}; lock "
+                f"{run.train_lock}). Wait for it to finish, or stop it (Ctrl-C saves a checkpoint) and run "
+                "this command again to resume; to train beside it, set output.run_name to another name."
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
+        yield
 
 
 def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:

@@ -301,6 +301,38 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_without_training_past_m
     assert adapter.keys() == last.keys() and all(torch.equal(adapter[k], last[k]) for k in last)
 
 
+def test_a_second_train_of_a_running_run_is_refused_and_touches_nothing(tiny_dir, tmp_path):
+    settings = ["training.max_steps=400", "training.save_steps=1000", "training.eval_strategy=no"]
+    first = subprocess.Popen(train_command(QUICK, tmp_path, *settings), stderr=subprocess.PIPE, text=True)
+    read_until(first, "Trainable parameters")
+    run = tmp_path / "quickstart"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    try:
+        with pytest.raises(CheckpointError, match=r"is being trained by another process") as caught:
+            train_in_process(QUICK, tmp_path, "training.max_steps=1", "training.eval_strategy=no", force=True)
+    except BaseException:
+        first.kill()
+        raise
+    assert str(run) in str(caught.value) and f"pid {first.pid} on" in str(caught.value)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # --force deleted nothing
+
+    read_until(first, "1/400")  # training has begun: SIGTERM saves a checkpoint
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
+    [(step, _)] = checkpoints(run / "checkpoints")
+    # Once the first has ended, the same command resumes it.
+    assert train_in_process(QUICK, tmp_path, *settings[1:], f"training.max_steps={step + 1}") == 0
+    assert read_run(run)["resumed_from"].endswith(f"checkpoint-{step}")
+
+
+def read_until(proc: subprocess.Popen, text: str) -> None:
+    """Read stderr until `text` (progress bars end their lines with \r, not \n)."""
+    seen = ""
+    while text not in seen and proc.poll() is None:
+        seen = seen[-200:] + proc.stderr.read(1)
+
+
 def test_force_starts_over(interrupted_run, tmp_path):
     run = copy_run(interrupted_run, tmp_path)
     assert train_in_process(QUICK, tmp_path, "training.max_steps=3", force=True) == 0
