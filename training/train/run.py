@@ -19,7 +19,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 # This stack's defaults that decide which rows each step sees (sft_config.sft_kwargs).
 DATA_ORDER_DEFAULTS = ("train_sampling_strategy",)
+# What a finished run may be rerun with: how it logs and saves. Its length made the adapter.
+ADAPTER_UNCHANGED_BY = RESUMABLE_CHANGES - {"max_steps", "num_train_epochs"}
 
 
 def run_training(
@@ -220,6 +222,14 @@ def _finished_already(run: RunDir, recipe: Recipe, world: Ranks, *, force: bool)
         shutil.rmtree(run.path)
     barrier()
     if run.is_trained():
+        trained_with = json.loads((run.adapter / RUN_RECORD).read_text(encoding="utf-8")).get("recipe")
+        changed = _recipe_changes(trained_with, recipe, ADAPTER_UNCHANGED_BY) if trained_with else []
+        if changed:
+            raise CheckpointError(
+                f"{run.path} holds a finished run of a different recipe (changed: {'; '.join(changed)}). Its "
+                "adapter was trained with the earlier one: pass --force (make train FORCE=1) to train this "
+                "recipe over it, or set output.run_name to a new name."
+            )
         log.info(
             "Run '%s' is already complete: %s. Pass --force (make train FORCE=1) to train it again.",
             recipe.output.run_name,
@@ -432,17 +442,23 @@ def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
     if not run.recipe_json.is_file():
         return
     before = json.loads(run.recipe_json.read_text(encoding="utf-8"))
-    changed = [
-        f"{key}: {old!r} -> {new!r}"
-        for key, old, new in _diff(before, recipe.to_dict())
-        if key.split(".", 1)[0] not in ("output", "eval")  # where the run lives and how it is judged
-        and not (key.startswith("training.") and key.split(".", 1)[1] in RESUMABLE_CHANGES)
-    ]
+    changed = _recipe_changes(before, recipe, RESUMABLE_CHANGES)
     if changed:
         raise CheckpointError(
             f"{run.path} holds checkpoints of a different recipe (changed: {'; '.join(changed)}). "
             "Resume with the original recipe, pass --force to start over, or set output.run_name to a new name."
         )
+
+
+def _recipe_changes(before: dict, recipe: Recipe, unchanging: Collection[str]) -> list[str]:
+    """`key: old -> new` for what `recipe` changes of `before`, but where the run lives, how it is judged,
+    and the training keys in `unchanging`."""
+    return [
+        f"{key}: {old!r} -> {new!r}"
+        for key, old, new in _diff(before, recipe.to_dict())
+        if key.split(".", 1)[0] not in ("output", "eval")  # where the run lives and how it is judged
+        and not (key.startswith("training.") and key.split(".", 1)[1] in unchanging)
+    ]
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

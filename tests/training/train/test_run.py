@@ -110,6 +110,14 @@ def test_rerunning_a_complete_run_changes_nothing(quickstart_run, caplog):
     assert "already complete" in caplog.text
 
 
+def test_rerunning_a_complete_run_with_another_recipe_is_refused(quickstart_run):
+    before = (quickstart_run / "run.json").read_text()
+    with pytest.raises(CheckpointError, match=r"finished run of a different recipe") as caught:
+        train_in_process(QUICK, quickstart_run.parent, "lora.r=8", "training.logging_steps=3")
+    assert "(changed: lora.r: 16 -> 8)" in str(caught.value)  # logging changes no adapter
+    assert "--force" in str(caught.value) and (quickstart_run / "run.json").read_text() == before
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tiny_dir, tmp_path_factory) -> Path:
     """A run stopped by SIGTERM (as `docker compose stop` does) after a few steps."""
