@@ -31,9 +31,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; readers may be other users
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (disk full) names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

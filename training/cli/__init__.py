@@ -9,6 +9,7 @@ measured 2026-11-29), and a mistyped argument should not wait for that.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -48,6 +49,19 @@ VERBS = {
 }
 
 
+_FULL = "Free space there, or choose another output.dir (--set output.dir=DIR), and run the command again"
+_DENIED = "Fix its permissions (or the read-only mount), or write elsewhere: --set output.dir=DIR"
+# Errors of the storage, not of this program: the file and the reason, without a traceback.
+STORAGE_ERRORS = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EFBIG: _FULL,
+    errno.EACCES: _DENIED,
+    errno.EPERM: _DENIED,
+    errno.EROFS: _DENIED,
+}
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """Every verb with its help; the arguments of `verb` (its module is imported for them)."""
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
@@ -75,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except UserError as e:
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS or e.filename is None:
+            raise
+        print(
+            f"error{f' (rank {rank})' if rank else ''}: {e.filename}: {e.strerror}. {STORAGE_ERRORS[e.errno]}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -332,6 +333,22 @@ def test_a_second_train_of_a_running_run_is_refused_and_touches_nothing(tiny_dir
     # Once the first has ended, the same command resumes it.
     assert train_in_process(QUICK, tmp_path, *settings[1:], f"training.max_steps={step + 1}") == 0
     assert read_run(run)["resumed_from"].endswith(f"checkpoint-{step}")
+
+
+def test_a_write_that_fails_names_the_file_without_a_traceback(tiny_dir, tmp_path):
+    """A full disk, as a file size limit (no root needed): the run stops with the file it could not
+    write, and leaves neither a run folder nor a half-written file."""
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))  # recipe.json is larger
+
+    proc = subprocess.run(
+        train_command(QUICK, tmp_path), preexec_fn=small_files, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {tmp_path / 'quickstart' / 'recipe.json'}: File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "quickstart").exists()
 
 
 def read_until(proc: subprocess.Popen, text: str) -> None:
