@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Collection, Iterator
@@ -248,12 +249,22 @@ def _removed_if_it_fails_before_a_checkpoint(run: RunDir, world: Ranks) -> Itera
     checkpoint, and so every resumed run, keeps its folder as it is: it can resume.
     """
     fresh = world.is_main and ckpt.latest_complete(run.checkpoints, remove_incomplete=False) is None
+    # SIGTERM (docker stop) while the data and the model load killed the process on the spot, leaving
+    # that folder; training replaces this with its graceful stop (callbacks.GracefulStop) meanwhile.
+    previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
         yield
     except BaseException:
         if fresh and ckpt.latest_complete(run.checkpoints, remove_incomplete=False) is None:
             _remove_unresumable(run)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_now(signum: int, frame) -> None:
+    log.warning("%s received while not training: stopping", signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
 
 
 def _remove_unresumable(run: RunDir) -> None:

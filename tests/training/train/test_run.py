@@ -413,6 +413,19 @@ def test_a_first_run_stopped_at_once_before_a_checkpoint_leaves_no_run_folder(ti
     assert not (tmp_path / "quickstart").exists()  # no empty checkpoints/ either
 
 
+def test_a_first_run_stopped_by_sigterm_while_loading_leaves_no_run_folder(tiny_dir, tmp_path):
+    """docker stop while the data and the model load (minutes for a 7B model): before training
+    began, SIGTERM killed the process on the spot and left recipe.json and data_order.json."""
+    proc = subprocess.Popen(train_command(QUICK, tmp_path), stderr=subprocess.PIPE, text=True)
+    read_until(proc, "Data train:")  # the data is being prepared; the model loads next
+    assert (tmp_path / "quickstart" / "recipe.json").is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "SIGTERM received while not training: stopping" in err
+    assert not (tmp_path / "quickstart").exists()
+
+
 def test_a_resumed_run_that_fails_keeps_its_folder(tiny_dir, tmp_path):
     rows = tmp_path / "rows.jsonl"
     shutil.copy("data/ja_dolly.jsonl", rows)
