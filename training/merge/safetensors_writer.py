@@ -79,6 +79,8 @@ def write_streaming(
         for name, tensor in tensors:
             writer.write(name, tensor)
         writer.close()
-    except BaseException:
+    except BaseException as e:
         writer._file.close()
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (disk full) names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -245,6 +246,24 @@ def test_killed_merge_leaves_no_complete_looking_directory(quickstart_run, tmp_p
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (merged / "merge.json").is_file() and not list(tmp_path.glob(".merged.*"))
+
+
+def test_a_merge_that_runs_out_of_space_names_the_file_and_leaves_nothing(quickstart_run, tmp_path):
+    """A full disk, as a file size limit (no root needed): the weights' own writes named no file."""
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # config.json fits, weights do not
+
+    cmd = [sys.executable, "-m", "training", "merge", "--adapter", str(quickstart_run / "adapter")]
+    result = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "merged")], preexec_fn=small_files, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        f"error: {tmp_path}/.merged.partial-" in result.stderr
+        and "model.safetensors: File too large" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_gptq_base_is_refused(tmp_path, tiny_dir):
