@@ -515,6 +515,9 @@ def main() -> None:
                 runs[variant].append(measure_peer(variant, venvs[variant], peer_data, args.steps))
             else:
                 runs[variant].append(measure(variant, args.recipe, args.steps))
+            # After every run, not only at the end, and before saying so: a bench stopped by a time
+            # limit (a lent GPU's call) keeps what it measured.
+            write_report(args, venvs, runs, complete=False)
             r = runs[variant][-1]
             memory = r.get("peak_cuda_bytes") or r["peak_rss_bytes"]
             # Training's tensor peak beside what the estimator predicts for it, in the same unit.
@@ -530,9 +533,6 @@ def main() -> None:
                 f"({time.perf_counter() - t:.0f} s with start-up)",
                 flush=True,
             )
-            # After every run, not only at the end: a bench stopped by a time limit (a lent GPU's call)
-            # keeps what it measured.
-            write_report(args, venvs, runs, complete=False)
 
     summary = write_report(args, venvs, runs, complete=True)
     print(
