@@ -585,10 +585,10 @@ def write_report(
         "results": summary,
         "runs": measured,
     }
+    from training.atomic import write_text
+
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.json.with_name(args.json.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(args.json)
+    write_text(args.json, json.dumps(report, indent=2) + "\n")
     return summary
 
 

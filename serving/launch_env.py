@@ -120,7 +120,7 @@ def plan_gguf(
         max_total_tokens=total,
         max_input_tokens=split_limits(total, max_input_tokens),
         context_source=source,
-        server_derives_limits=True,
+        limits_in_env=max_total_tokens is not None,
     )
 
 

@@ -62,13 +62,13 @@ class LaunchSettings:
     context_source: str
     dtype: str | None = None
     warnings: list[str] = field(default_factory=list)
-    # The server reads the same model and recipe itself (llama.cpp's, --max-model-len auto): the limits
-    # are checked here but passed on only when set explicitly, so that its banner names their source.
-    server_derives_limits: bool = False
+    # False where the server reads the same model and recipe itself (llama.cpp's, --max-model-len auto)
+    # and no limit was set: checked here, not passed on, so that its banner names their source.
+    limits_in_env: bool = True
 
     def env(self) -> dict[str, str]:
         env = {"RUN": self.run, "NUM_SHARD": str(self.num_shard)}
-        if not self.server_derives_limits or self.context_source == "set explicitly":
+        if self.limits_in_env:
             env["MAX_INPUT_TOKENS"] = str(self.max_input_tokens)
             env["MAX_TOTAL_TOKENS"] = str(self.max_total_tokens)
         if self.dtype:

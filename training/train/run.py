@@ -100,65 +100,91 @@ def run_training(
         if _finished_already(run, recipe, world, force=force):
             return 0
         with _removed_if_it_fails_before_a_checkpoint(run, world):
-            checkpoint = _resume_point(run, recipe, world)
-            _keep_data_order(run, recipe, sft_args, checkpoint, world)
-
-            stop, throughput = GracefulStop(world), Throughput()
-            callbacks = [
-                ckpt.StopAtTheLastStep(),
-                ckpt.CompleteCheckpoints(save_total_limit(recipe)),
-                stop,
-                throughput,
-            ]
-            profiler = None
-            if profile_steps:
-                profiler = StepProfiler(
-                    profile_steps, run.profile, cuda=device.type == "cuda", write=world.is_main
-                )
-                callbacks.append(profiler)
-            built = build_trainer(recipe, sft_args, device, dtype, callbacks=callbacks)
-            trainer = built.trainer
-            estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
-            stop.install()
-            # The peak the memory estimator predicts (python -m training estimate), measured the same way.
-            tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
-            try:
-                with tracking as measured_peak:
-                    _train(trainer, checkpoint)
-            except torch.OutOfMemoryError as e:
-                raise OutOfMemory(
-                    out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)
-                ) from e
-            finally:
-                stop.uninstall()
-
-            record = run_record(
+            return _train_and_record(
                 recipe,
                 source,
-                built,
+                run,
+                world,
+                sft_args=sft_args,
                 device=device,
+                dtype=dtype,
                 dtype_name=dtype_name,
-                world=world,
-                checkpoint=checkpoint,
                 started=started,
+                measure_memory=measure_memory,
+                profile_steps=profile_steps,
             )
-            if stop.signum is not None:
-                return _stopped(trainer, run, record, stop.signum, world)
 
-            metrics = loss_metrics(trainer, built.data.eval is not None)
-            metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
-            metrics["estimated_peak_memory_bytes"] = estimated_peak
-            if profiler is not None:  # these steps ran under the profiler: slower than the others
-                metrics["profiled_steps"] = profiler.profiled_steps
-            if world.world_size > 1:
-                # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
-                tps = metrics.get("tokens_per_second")
-                metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
-            record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
-            _save_adapter(trainer, run, record, world)
-            if world.is_main:
-                log_summary(record, run)
-            return 0
+
+def _train_and_record(
+    recipe: Recipe,
+    source: str,
+    run: RunDir,
+    world: Ranks,
+    *,
+    sft_args,
+    device,
+    dtype,
+    dtype_name: str,
+    started: float,
+    measure_memory: bool,
+    profile_steps: int,
+) -> int:
+    """Resume or start, train, and write the adapter and run.json (or the checkpoint of a stop)."""
+    checkpoint = _resume_point(run, recipe, world)
+    _keep_data_order(run, recipe, sft_args, checkpoint, world)
+
+    stop, throughput = GracefulStop(world), Throughput()
+    callbacks = [
+        ckpt.StopAtTheLastStep(),
+        ckpt.CompleteCheckpoints(save_total_limit(recipe)),
+        stop,
+        throughput,
+    ]
+    profiler = None
+    if profile_steps:
+        profiler = StepProfiler(profile_steps, run.profile, cuda=device.type == "cuda", write=world.is_main)
+        callbacks.append(profiler)
+    built = build_trainer(recipe, sft_args, device, dtype, callbacks=callbacks)
+    trainer = built.trainer
+    estimated_peak = _estimated_peak(recipe, sft_args, trainer.model.config, device, world)
+    stop.install()
+    # The peak the memory estimator predicts (python -m training estimate), measured the same way.
+    tracking = track_peak(device.type, enabled=measure_memory and not sft_args.torch_compile)
+    try:
+        with tracking as measured_peak:
+            _run_trainer(trainer, checkpoint)
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
+    finally:
+        stop.uninstall()
+
+    record = run_record(
+        recipe,
+        source,
+        built,
+        device=device,
+        dtype_name=dtype_name,
+        world=world,
+        checkpoint=checkpoint,
+        started=started,
+    )
+    if stop.signum is not None:
+        return _stopped(trainer, run, record, stop.signum, world)
+
+    metrics = loss_metrics(trainer, built.data.eval is not None)
+    metrics.update(throughput.as_dict(), **_memory_metrics(measured_peak, world))
+    metrics["estimated_peak_memory_bytes"] = estimated_peak
+    if profiler is not None:  # these steps ran under the profiler: slower than the others
+        metrics["profiled_steps"] = profiler.profiled_steps
+    if world.world_size > 1:
+        # Throughput counts the tokens of all processes (the Trainer gathers num_input_tokens_seen).
+        tps = metrics.get("tokens_per_second")
+        metrics["tokens_per_second_per_device"] = round(tps / world.world_size, 1) if tps else None
+    record.update(metrics=metrics, finished_at=now(), duration_s=round(time.time() - started, 1))
+    _save_adapter(trainer, run, record, world)
+    if world.is_main:
+        log_summary(record, run)
+    return 0
 
 
 @contextlib.contextmanager
@@ -199,7 +225,7 @@ def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
         os.environ.update(process_group_environment(recipe))
 
 
-def _train(trainer, checkpoint: Path | None) -> None:
+def _run_trainer(trainer, checkpoint: Path | None) -> None:
     """Train, from `checkpoint` when resuming; nothing when that checkpoint holds the last step."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
