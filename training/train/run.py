@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from serving import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
@@ -483,10 +484,20 @@ def _recipe_changes(before: dict, recipe: Recipe, unchanging: Collection[str]) -
     and the training keys in `unchanging`."""
     return [
         f"{key}: {old!r} -> {new!r}"
-        for key, old, new in _diff(before, recipe.to_dict())
+        for key, old, new in _diff(_read_as_this_version(before), recipe.to_dict())
         if key.split(".", 1)[0] not in ("output", "eval")  # where the run lives and how it is judged
         and not (key.startswith("training.") and key.split(".", 1)[1] in unchanging)
     ]
+
+
+def _read_as_this_version(recorded: dict) -> dict:
+    """A recorded recipe with the keys added since it was recorded at their defaults, so that
+    upgrading the stack alone changes no recipe. One this version cannot read (a key since removed
+    or renamed) is compared as it was recorded."""
+    try:
+        return Recipe.model_validate(recorded).to_dict()
+    except ValidationError:
+        return recorded
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

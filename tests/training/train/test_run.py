@@ -119,6 +119,21 @@ def test_rerunning_a_complete_run_with_another_recipe_is_refused(quickstart_run)
     assert "--force" in str(caught.value) and (quickstart_run / "run.json").read_text() == before
 
 
+def test_a_run_recorded_before_a_recipe_key_existed_is_still_complete(quickstart_run, tmp_path, caplog):
+    """Upgrading the stack adds recipe keys at their defaults; that alone is no change of recipe."""
+    caplog.set_level(logging.INFO, logger="training")
+    run = shutil.copytree(quickstart_run, tmp_path / quickstart_run.name)
+    record = run / "adapter" / "run.json"
+    older = json.loads(record.read_text())
+    del older["recipe"]["lora"]["use_rslora"]  # as if recorded before the key existed
+    record.write_text(json.dumps(older))
+    assert train_in_process(QUICK, tmp_path) == 0
+    assert "already complete" in caplog.text
+    # The same key set away from its default is a change, recorded or not.
+    with pytest.raises(CheckpointError, match=r"\(changed: lora.use_rslora: False -> True\)"):
+        train_in_process(QUICK, tmp_path, "lora.use_rslora=true")
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tiny_dir, tmp_path_factory) -> Path:
     """A run stopped by SIGTERM (as `docker compose stop` does) after a few steps."""
