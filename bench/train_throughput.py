@@ -255,6 +255,7 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     """
     from transformers import AutoConfig
 
+    from training.data.formats import RESPONSE_FORMATS
     from training.data.prepare import prepare_data
     from training.model.loading import compute_dtype, detect_device, load_tokenizer
     from training.model.tiny import resolve_model_name
@@ -267,7 +268,7 @@ def render_for_peers(recipe_path: str, steps: str, out: str) -> None:
     prepared = prepare_data(recipe.data, tokenizer)
     if "assistant_masks" not in prepared.train.column_names:
         raise SystemExit(
-            f"{recipe_path}: the peers need a prompt/response split (format instruction or messages)"
+            f"{recipe_path}: the peers need a prompt/response split (format {' or '.join(RESPONSE_FORMATS)})"
         )
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.data.formats import row_format
+from training.data.formats import FORMATS, RESPONSE_FORMATS, ROLES, row_format
 from training.data.templates import MODEL_TEMPLATE, resolve_template
 from training.errors import RecipeError
 
@@ -93,7 +93,7 @@ class ValidationSplit(_Section):
 
 class DataSection(_Section):
     source: str = Field(description="Local .jsonl/.json/.csv/.parquet file, or a hub dataset id")
-    format: str = Field(description="text, instruction or messages (training.data.formats)")
+    format: str = Field(description=f"{', '.join(FORMATS)} (training.data.formats)")
     template: str | None = Field(
         None,
         description="Built-in template name (koalpaca, dolly-ja, alpaca), 'model' (the base "
@@ -104,6 +104,11 @@ class DataSection(_Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename source columns, e.g. {question: instruction}"
     )
+    roles: dict[str, Literal[ROLES]] = Field(
+        default_factory=dict,
+        description="Format sharegpt: more speaker names (conversations[].from) and their roles, "
+        "e.g. {bot: assistant}",
+    )
     subset: str | None = Field(None, description="Hub dataset configuration name")
     revision: str | None = None
     split: str = "train"
@@ -112,7 +117,8 @@ class DataSection(_Section):
     max_length: int = Field(1024, gt=0)
     packing: bool = False
     completion_only_loss: bool | None = Field(
-        None, description="Loss on response tokens only. Default: on for instruction and messages"
+        None,
+        description=f"Loss on response tokens only. Default: on for {', '.join(RESPONSE_FORMATS)}",
     )
     on_bad_row: Literal["error", "skip"] = "error"
     max_dropped_fraction: float = Field(
@@ -154,7 +160,7 @@ class DataSection(_Section):
         if not has_response and self.completion_only_loss:
             raise ValueError(
                 f"completion_only_loss needs a prompt/response split, which format '{self.format}' does not "
-                "have; use format 'instruction' or 'messages', or set completion_only_loss: false"
+                f"have; use format {' or '.join(map(repr, RESPONSE_FORMATS))}, or set completion_only_loss: false"
             )
         if has_response and self.template is None:
             raise ValueError(
@@ -162,7 +168,12 @@ class DataSection(_Section):
                 "custom string such as '### Q: {instruction}\\n### A: {output}'"
             )
         if self.template == MODEL_TEMPLATE and not has_response:
-            raise ValueError("template 'model' only applies to formats instruction and messages")
+            raise ValueError(f"template 'model' only applies to formats {', '.join(RESPONSE_FORMATS)}")
+        if self.roles and self.format != "sharegpt":
+            raise ValueError(
+                f"roles names the speakers of format sharegpt (conversations[].from); format '{self.format}' "
+                "has none"
+            )
         return self
 
     @property

@@ -98,6 +98,18 @@ def test_missing_required_keys(tmp_path):
         ("data: {source: d.jsonl, format: text, template: model}", "only applies to formats"),
         ("data: {source: d.jsonl, format: instruction, template: chatml}", "unknown template 'chatml'"),
         (
+            "data: {source: d.jsonl, format: shargpt, template: alpaca}",
+            "one of: text, instruction, messages, sharegpt",
+        ),
+        (
+            "data: {source: d.jsonl, format: messages, template: alpaca, roles: {bot: assistant}}",
+            "roles names the speakers of format sharegpt",
+        ),
+        (
+            "data: {source: d.jsonl, format: sharegpt, template: alpaca, roles: {bot: robot}}",
+            "data.roles.bot: Input should be 'system', 'user' or 'assistant'",
+        ),
+        (
             "data: {source: d.jsonl, format: instruction, template: 'Q: {question} A: {output}'}",
             "unknown field",
         ),

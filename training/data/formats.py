@@ -4,21 +4,35 @@ Formats (FORMATS, the one table a recipe's data.format is checked against):
 - text: one field of raw text, trained on as a whole.
 - instruction: instruction, optional input, output (Alpaca / Dolly style).
 - messages: OpenAI-style chat turns [{"role": ..., "content": ...}, ...].
+- sharegpt: ShareGPT chat turns {"conversations": [{"from": ..., "value": ...}, ...]}.
 
-instruction and messages rows become chat turns, rendered later by the recipe's template.
+instruction and chat rows become chat turns, rendered later by the recipe's template.
 A malformed row raises RowError naming the field; the caller adds the row's location and
 applies the recipe's bad-row policy. A new format is one converter and one entry in FORMATS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from training.data.templates import BUILTIN_TEMPLATES, PromptTemplate
 
+if TYPE_CHECKING:  # the recipe names the data layer's types; data does not depend on it
+    from training.recipe import DataSection
+
 ROLES = ("system", "user", "assistant")
+
+# ShareGPT speaker names: LLaMA-Factory's defaults (human, gpt, system) and those axolotl's
+# chat_template also takes (user, assistant). Any other name maps through data.roles.
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 class RowError(ValueError):
@@ -77,50 +91,123 @@ def instruction_example(row: dict[str, Any], template: PromptTemplate | None) ->
     return Example(messages=[*prompt, {"role": "assistant", "content": output}])
 
 
+@dataclass(frozen=True)
+class ChatLayout:
+    """How a chat format spells a conversation, so that each error names the field as the row has it."""
+
+    field: str  # the row's list of turns
+    role_key: str
+    content_key: str
+    roles: Mapping[str, str]  # role name in the row -> system, user or assistant
+    # OpenAI messages have nothing more a template could use; ShareGPT exports carry extra keys
+    # per turn (weight in SlimOrca and OpenHermes), which are ignored rather than refused.
+    only_role_and_content: bool
+    unknown_role_hint: str = ""
+
+
+MESSAGES = ChatLayout("messages", "role", "content", {r: r for r in ROLES}, only_role_and_content=True)
+SHAREGPT = ChatLayout(
+    "conversations",
+    "from",
+    "value",
+    SHAREGPT_ROLES,
+    only_role_and_content=False,
+    unknown_role_hint="; data.roles maps other names, e.g. {bot: assistant}",
+)
+
+
 def messages_example(row: dict[str, Any], template: PromptTemplate | None) -> Example:
-    messages = row.get("messages")
-    if messages is None:
-        raise MissingField("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RowError("messages", "must be a non-empty list of {role, content} objects")
-    clean = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RowError(where, f"must be an object with role and content, got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise RowError(f"{where}.role", f"{role!r} is not one of {', '.join(ROLES)}")
-        try:
-            # An empty system message is harmless; an empty user or assistant turn is a data error.
-            content = _string(message, "content", required=role != "system")
-        except RowError as e:
-            raise RowError(f"{where}.content", e.problem) from None
-        clean.append({"role": role, "content": content})
-        for key in message:
-            if key not in ("role", "content"):
-                raise RowError(f"{where}.{key}", "unexpected key; a message has only role and content")
-    has_system = clean[0]["role"] == "system"
+    return chat_example(row, template, MESSAGES)
+
+
+def sharegpt_example(
+    row: dict[str, Any], template: PromptTemplate | None, extra_roles: Mapping[str, str] | None = None
+) -> Example:
+    layout = replace(SHAREGPT, roles={**SHAREGPT_ROLES, **extra_roles}) if extra_roles else SHAREGPT
+    return chat_example(row, template, layout)
+
+
+def chat_example(row: dict[str, Any], template: PromptTemplate | None, layout: ChatLayout) -> Example:
+    turns = row.get(layout.field)
+    if turns is None:
+        raise MissingField(layout.field)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(
+            layout.field, f"must be a non-empty list of {{{layout.role_key}, {layout.content_key}}} objects"
+        )
+    messages = [_chat_turn(turn, f"{layout.field}[{i}]", layout) for i, turn in enumerate(turns)]
+    _check_turn_order(messages, [turn[layout.role_key] for turn in turns], template, layout)
+    return Example(messages=messages)
+
+
+def _chat_turn(turn: Any, where: str, layout: ChatLayout) -> dict[str, str]:
+    if not isinstance(turn, dict):
+        raise RowError(
+            where,
+            f"must be an object with {layout.role_key} and {layout.content_key}, got {type(turn).__name__}",
+        )
+    if layout.role_key not in turn:
+        # Named with the keys the turn has: role/content under "conversations" is the messages layout.
+        keys = ", ".join(repr(str(key)) for key in turn)
+        raise RowError(
+            f"{where}.{layout.role_key}",
+            f"missing; a turn has {layout.role_key} and {layout.content_key}, this one {keys or 'no keys'}",
+        )
+    name = turn[layout.role_key]
+    if not isinstance(name, str) or name not in layout.roles:
+        raise RowError(
+            f"{where}.{layout.role_key}",
+            f"{name!r} is not one of {', '.join(layout.roles)}{layout.unknown_role_hint}",
+        )
+    role = layout.roles[name]
+    try:
+        # An empty system message is harmless; an empty user or assistant turn is a data error.
+        content = _string(turn, layout.content_key, required=role != "system")
+    except RowError as e:
+        raise RowError(f"{where}.{layout.content_key}", e.problem) from None
+    if layout.only_role_and_content:
+        for key in turn:
+            if key not in (layout.role_key, layout.content_key):
+                raise RowError(
+                    f"{where}.{key}",
+                    f"unexpected key; a message has only {layout.role_key} and {layout.content_key}",
+                )
+    return {"role": role, "content": content}
+
+
+def _check_turn_order(
+    messages: list[dict[str, str]], names: list[str], template: PromptTemplate | None, layout: ChatLayout
+) -> None:
+    """An optional system message, then user and assistant alternating, ending with an assistant turn.
+    `names` are the role names as the row spells them, for the errors."""
+
+    def spelled(role: str) -> str:  # 'gpt' or 'assistant', as the row may spell a role
+        return " or ".join(repr(name) for name, mapped in layout.roles.items() if mapped == role)
+
+    has_system = messages[0]["role"] == "system"
     if has_system and template is not None and template.system_prefix is None:
         # Caught here, by row: the chat template would raise while the data is tokenized, with no row.
         with_system = [t.name for t in BUILTIN_TEMPLATES.values() if t.system_prefix is not None]
         raise RowError(
-            "messages[0].role",
+            f"{layout.field}[0].{layout.role_key}",
             f"a system message, but template '{template.name}' has no place for one; leave it out, or use "
             f"a template with a system slot: {', '.join(with_system)} or model",
         )
-    turns = clean[1:] if has_system else clean
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            index = i + (len(clean) - len(turns))
+    first = 1 if has_system else 0
+    for index in range(first, len(messages)):
+        expected = "user" if (index - first) % 2 == 0 else "assistant"
+        if messages[index]["role"] != expected:
             raise RowError(
-                f"messages[{index}].role",
-                f"expected {expected!r}: after an optional system message, turns alternate user, assistant",
+                f"{layout.field}[{index}].{layout.role_key}",
+                f"expected {spelled(expected)}, got {names[index]!r}: after an optional system message, "
+                "turns alternate user, assistant",
             )
-    if not turns or turns[-1]["role"] != "assistant":
-        raise RowError("messages", "must end with an assistant message (the response to learn)")
-    return Example(messages=clean)
+    if len(messages) == first or messages[-1]["role"] != "assistant":
+        raise RowError(
+            layout.field,
+            f"must end with an assistant message ({layout.role_key} {spelled('assistant')}), the response "
+            "to learn",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,7 +215,7 @@ class RowFormat:
     """A data.format: how a row becomes an Example, and what the recipe must say for it."""
 
     name: str
-    convert: Callable[[dict[str, Any], str, PromptTemplate | None], Example]  # row, text_field, template
+    convert: Callable[[dict[str, Any], DataSection, PromptTemplate | None], Example]  # row, data, template
     # Rows split into a prompt and a response, so the loss can count the response alone; such rows
     # are rendered by a template (data.template).
     has_response: bool
@@ -137,19 +224,20 @@ class RowFormat:
 FORMATS = {
     f.name: f
     for f in (
+        RowFormat("text", lambda row, data, template: text_example(row, data.text_field), has_response=False),
         RowFormat(
-            "text", lambda row, text_field, template: text_example(row, text_field), has_response=False
+            "instruction", lambda row, data, template: instruction_example(row, template), has_response=True
         ),
+        RowFormat("messages", lambda row, data, template: messages_example(row, template), has_response=True),
         RowFormat(
-            "instruction",
-            lambda row, text_field, template: instruction_example(row, template),
+            "sharegpt",
+            lambda row, data, template: sharegpt_example(row, template, data.roles),
             has_response=True,
-        ),
-        RowFormat(
-            "messages", lambda row, text_field, template: messages_example(row, template), has_response=True
         ),
     )
 }
+# The formats whose rows have a prompt/response split (for the recipe's messages).
+RESPONSE_FORMATS = [f.name for f in FORMATS.values() if f.has_response]
 
 
 def row_format(name: str) -> RowFormat:

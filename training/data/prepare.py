@@ -210,7 +210,7 @@ def _convert(row: SourceRow, cfg: DataSection, template: PromptTemplate | None) 
         if src in value:
             value[dst] = value.pop(src)
     try:
-        return FORMATS[cfg.format].convert(value, cfg.text_field, template)
+        return FORMATS[cfg.format].convert(value, cfg, template)
     except MissingField as e:
         if e.field in value:  # present but null
             raise
