@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from training.data.formats import FORMATS, Example, MissingField, RowError
+from training.data.formats import FORMATS, MESSAGES, SHAREGPT, Example, MissingField, RowError
 from training.data.sources import SourceRow, read_rows
 from training.data.templates import MODEL_TEMPLATE, PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.data.tokenization import TokenStats, tokenize_examples
@@ -214,10 +214,23 @@ def _convert(row: SourceRow, cfg: DataSection, template: PromptTemplate | None) 
     except MissingField as e:
         if e.field in value:  # present but null
             raise
-        # Own exports often name their columns otherwise (質問, 답변, question, conversations).
         fields = ", ".join(repr(str(name)) for name in value)
-        hint = f" (data.columns renames fields, e.g. {{{next(iter(value))}: {e.field}}})" if value else ""
-        raise RowError(e.field, f"missing; the row has {fields or 'no fields'}{hint}") from None
+        raise RowError(
+            e.field, f"missing; the row has {fields or 'no fields'}{_missing_field_hint(value, e.field)}"
+        ) from None
+
+
+def _missing_field_hint(row: dict, missing: str) -> str:
+    """How a row without the field its format needs may still be read."""
+    for name, layout in (("messages", MESSAGES), ("sharegpt", SHAREGPT)):
+        turns = row.get(layout.field)
+        if layout.field != missing and isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            if {layout.role_key, layout.content_key} <= set(turns[0]):  # the other chat format's rows
+                return f" (its turns are format {name}'s: set data.format: {name})"
+    if not row:
+        return ""
+    # Own exports often name their columns otherwise (質問, 답변, question, dialog).
+    return f" (data.columns renames fields, e.g. {{{next(iter(row))}: {missing}}})"
 
 
 def _split_off(examples: list[Example], fraction: float, source: str) -> tuple[list[Example], list[Example]]:

@@ -164,3 +164,13 @@ def test_validate_checks_a_sharegpt_file_and_a_tiny_run_trains_on_it(tmp_path, t
     run = read_run(tmp_path / "out" / "quickstart-chat")
     assert run["status"] == "complete" and run["data"]["train"]["rows_read"] == 54
     assert run["data"]["train"]["loss_tokens"] > 0
+
+
+def test_a_chat_file_read_as_the_other_chat_format_says_which_format_it_is(tmp_path, llama_tokenizer):
+    sharegpt = sharegpt_file(tmp_path / "chat.jsonl")
+    for source, wrong, right in (
+        (str(sharegpt), "messages", "sharegpt"),
+        ("data/chat_messages.jsonl", "sharegpt", "messages"),
+    ):
+        with pytest.raises(DataError, match=rf"its turns are format {right}'s: set data.format: {right}"):
+            prepare_data(DataSection(source=source, format=wrong, template="koalpaca"), llama_tokenizer)
