@@ -14,8 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from training.data.encodings import EXAMPLES as ENCODING_EXAMPLES
+from training.data.encodings import check_encoding
 from training.data.formats import FORMATS, RESPONSE_FORMATS, ROLES, row_format
 from training.data.templates import MODEL_TEMPLATE, resolve_template
 from training.errors import RecipeError
@@ -112,6 +122,12 @@ class DataSection(_Section):
     subset: str | None = Field(None, description="Hub dataset configuration name")
     revision: str | None = None
     split: str = "train"
+    encoding: str | None = Field(
+        None,
+        description="Text encoding of a .jsonl/.json/.csv file (data.source and validation.file), a Python "
+        f"codec name: {ENCODING_EXAMPLES}. Default: UTF-8, with or without a byte-order mark. Passed to "
+        "`datasets` for a hub dataset of CSV or JSON files",
+    )
     validation: ValidationSplit | None = None
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (smoke runs)")
     max_length: int = Field(1024, gt=0)
@@ -141,6 +157,18 @@ class DataSection(_Section):
         if v is not None:
             resolve_template(v)  # raises ValueError naming what is allowed
         return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if str(info.data.get("source", "")).lower().endswith(".parquet"):
+            raise ValueError(
+                "applies to .jsonl/.json/.csv files; text in Parquet is UTF-8 by its specification, so remove "
+                "data.encoding"
+            )
+        return check_encoding(v)  # raises ValueError naming what is allowed
 
     @field_validator("validation", mode="before")
     @classmethod

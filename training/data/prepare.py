@@ -81,7 +81,12 @@ def read_examples(cfg: DataSection, template: PromptTemplate | None) -> Rows:
     """Read the data, check and convert each row (bad-row policy), split off validation. Needs no
     tokenizer: `validate` runs it too, so that a bad row stops a recipe before a model is loaded."""
     train_rows = read_rows(
-        cfg.source, split=cfg.split, subset=cfg.subset, revision=cfg.revision, max_rows=cfg.max_rows
+        cfg.source,
+        split=cfg.split,
+        subset=cfg.subset,
+        revision=cfg.revision,
+        max_rows=cfg.max_rows,
+        encoding=cfg.encoding,
     )
     train_examples, train_report = convert_rows(train_rows, cfg, template, source=cfg.source)
     eval_examples, eval_report = None, None
@@ -95,7 +100,13 @@ def read_examples(cfg: DataSection, template: PromptTemplate | None) -> Rows:
             train_report.rows_read -= len(eval_examples)
         else:
             source = v.file or cfg.source
-            rows = read_rows(source, split=v.split or "train", subset=cfg.subset, revision=cfg.revision)
+            rows = read_rows(
+                source,
+                split=v.split or "train",
+                subset=cfg.subset,
+                revision=cfg.revision,
+                encoding=cfg.encoding,
+            )
             eval_examples, eval_report = convert_rows(rows, cfg, template, source=source)
     if not train_examples:
         raise DataError(f"{cfg.source}: no usable training rows")

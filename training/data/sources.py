@@ -2,8 +2,8 @@
 
 Local JSON Lines, JSON and CSV are parsed here rather than through `datasets`, because
 pyarrow's schema inference fails on a wrongly typed row with a message that names no
-row; parsing row by row lets a bad row be reported (or skipped) by its line number.
-Parquet is typed already and hub datasets come through `datasets.load_dataset`.
+row; parsing row by row lets a bad row be reported (or skipped) by its line number. They are UTF-8
+unless data.encoding names another encoding (training.data.encodings). Parquet is typed already and hub datasets come through `datasets.load_dataset`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ReadInstruction
 
+from training.data.encodings import codec_for, encoding_advice, encoding_label
 from training.errors import DataError
 
 LOCAL_SUFFIXES = {
@@ -50,77 +51,83 @@ def read_rows(
     subset: str | None = None,
     revision: str | None = None,
     max_rows: int | None = None,
+    encoding: str | None = None,
 ) -> list[SourceRow]:
+    """The rows of `source`; `encoding` (data.encoding) is the text encoding of a JSON or CSV file,
+    None for UTF-8."""
     if is_local(source):
-        rows = _read_local(Path(source))
+        rows = _read_local(Path(source), encoding)
         rows = _apply_split(rows, split, source)
     else:
-        rows = _read_hub(source, split=split, subset=subset, revision=revision)
+        rows = _read_hub(source, split=split, subset=subset, revision=revision, encoding=encoding)
     return rows[:max_rows] if max_rows else rows
 
 
-def _read_local(path: Path) -> list[SourceRow]:
+def _read_local(path: Path, encoding: str | None) -> list[SourceRow]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
     if kind == "jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, encoding)
     if kind == "json":
-        return _read_json(path)
+        return _read_json(path, encoding)
     if kind == "csv":
-        return _read_csv(path)
-    return _read_parquet(path)
+        return _read_csv(path, encoding)
+    return _read_parquet(path)  # text in Parquet is UTF-8 by its specification
 
 
-def _read_jsonl(path: Path) -> list[SourceRow]:
+def _read_jsonl(path: Path, encoding: str | None) -> list[SourceRow]:
+    codec = codec_for(encoding)
     rows = []
-    # Read as bytes and decoded line by line: a line that is not UTF-8 (one row pasted from a
-    # Shift-JIS or CP949 file) is then a bad row by its number, like a line that is not JSON.
+    undecodable: list[bytes] = []
+    first_undecodable: SourceRow | None = None
+    # Read as bytes and decoded line by line: a line that is not text in the file's encoding (one row
+    # pasted from a Shift-JIS or CP949 file) is then a bad row by its number, like a line that is not JSON.
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f"{path} line {number}"
             try:
-                line = raw.decode("utf-8-sig")  # -sig: the byte-order mark Windows editors put first
+                line = raw.decode(codec)
             except UnicodeDecodeError as e:
-                rows.append(
-                    SourceRow(
-                        where,
-                        None,
-                        f"not UTF-8 text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)",
-                    )
-                )
+                problem = f"not {encoding_label(encoding)} text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)"
+                rows.append(SourceRow(where, None, problem))
+                undecodable.append(raw)
+                first_undecodable = first_undecodable or rows[-1]
                 continue
             try:
                 rows.append(SourceRow(where, json.loads(line)))
             except json.JSONDecodeError as e:
                 rows.append(SourceRow(where, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+    if first_undecodable is not None:
+        # Said once, on the first such row (the one an error stops at): the lines that do not decode,
+        # taken together, are the best evidence of what they are.
+        first_undecodable.parse_error += "; " + encoding_advice(b"".join(undecodable), encoding)
     return rows
 
 
-def _utf8_text(path: Path) -> str:
-    """The whole file as text; a file that is not UTF-8 is a DataError naming the line."""
+def _text(path: Path, encoding: str | None) -> str:
+    """The whole file as text; a file that does not decode is a DataError naming the line and what to do."""
     data = path.read_bytes()
     try:
-        # -sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise become part
-        # of the first column's name ("\ufeffinstruction"), and every row would miss that column.
-        return data.decode("utf-8-sig")
+        return data.decode(codec_for(encoding))
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path} line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+            f"{path} line {line}: not {encoding_label(encoding)} text (byte {data[e.start]:#04x}); "
+            + encoding_advice(data, encoding)
         ) from None
 
 
-def _read_json(path: Path) -> list[SourceRow]:
+def _read_json(path: Path, encoding: str | None) -> list[SourceRow]:
     try:
-        data = json.loads(_utf8_text(path))
+        data = json.loads(_text(path, encoding))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line saved as .json, which `datasets` reads too
-            return _read_jsonl(path)
+            return _read_jsonl(path, encoding)
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style exports
@@ -129,8 +136,8 @@ def _read_json(path: Path) -> list[SourceRow]:
     return [SourceRow(f"{path} item {i}", row) for i, row in enumerate(data, start=1)]
 
 
-def _read_csv(path: Path) -> list[SourceRow]:
-    reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
+def _read_csv(path: Path, encoding: str | None) -> list[SourceRow]:
+    reader = csv.reader(io.StringIO(_text(path, encoding), newline=""))
     header = next(reader, [])
     rows = []
     first = reader.line_num + 1
@@ -177,11 +184,20 @@ def _apply_split(rows: list[SourceRow], split: str, source: str) -> list[SourceR
     return rows[absolute.from_ : absolute.to]
 
 
-def _read_hub(source: str, *, split: str, subset: str | None, revision: str | None) -> list[SourceRow]:
-
+def _read_hub(
+    source: str, *, split: str, subset: str | None, revision: str | None, encoding: str | None
+) -> list[SourceRow]:
+    # `datasets` decodes CSV and JSON files with the encoding it is given; its Parquet and Arrow readers
+    # take none, so it is passed only when the recipe sets one.
+    options = {"encoding": encoding} if encoding is not None else {}
     try:
-        ds = datasets.load_dataset(source, name=subset, split=split, revision=revision)
+        ds = datasets.load_dataset(source, name=subset, split=split, revision=revision, **options)
     except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "could not load"
+        if encoding is not None and "'encoding'" in str(e):
+            raise DataError(
+                f"{source}: data.encoding ({encoding}) applies to CSV and JSON files, and this dataset's "
+                "files are Parquet or Arrow, whose text is UTF-8 by specification; remove data.encoding"
+            ) from None
         raise DataError(
             f"could not load dataset {source!r} (split {split!r}) from the Hugging Face Hub: "
             f"{type(e).__name__}: {e}\n"

@@ -1,0 +1,232 @@
+"""Local data in legacy Korean and Japanese encodings: read with data.encoding, and without it an error
+that names the encoding the file is most likely in (never applied on its own)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import run_cli
+from training.data import sources
+from training.data.encodings import likely_encoding
+from training.data.prepare import read_examples
+from training.data.templates import resolve_template
+from training.errors import DataError, RecipeError
+from training.recipe import DataSection, recipe_from_dict
+
+# A cell with a line break in it, as spreadsheets write one: quoted over two lines of the CSV.
+KOREAN = [
+    {"instruction": "대한민국의 수도는 어디입니까?", "output": "서울입니다.\n인구는 약 천만 명입니다."},
+    {"instruction": "김치는 무엇인가요?", "output": "배추와 고춧가루로 만든 한국의 발효 음식입니다."},
+    {"instruction": "“존댓말”을 설명해 주세요.", "output": "상대를 높이는 말투입니다."},
+]
+JAPANESE = [
+    {"instruction": "日本の首都はどこですか？", "output": "東京です。\n人口は約千四百万人です。"},
+    {"instruction": "富士山の高さは？", "output": "３７７６メートルです。"},
+    {"instruction": "「敬語」を説明してください。", "output": "相手を敬う言葉づかいです。"},
+]
+# Windows' own characters (①, NEC row 13) that only CP932 among the Japanese codecs has.
+JAPANESE_WINDOWS = [*JAPANESE, {"instruction": "①の読み方は？", "output": "「いち」または「まるいち」です。"}]
+
+# (rows, the encoding the file is written in, the encoding the error should name)
+LEGACY = [
+    (KOREAN, "cp949", "cp949"),
+    (KOREAN, "euc-kr", "cp949"),  # CP949 reads all of EUC-KR
+    (JAPANESE_WINDOWS, "cp932", "cp932"),
+    (JAPANESE, "shift_jis", "cp932"),
+    (JAPANESE, "euc-jp", "euc-jp"),
+]
+KINDS = ["csv", "jsonl", "json"]
+
+
+def text_of(rows: list[dict], kind: str) -> str:
+    if kind == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["instruction", "output"], lineterminator="\r\n")  # as Excel
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    if kind == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return json.dumps(rows, ensure_ascii=False, indent=1)
+
+
+def write(path: Path, rows: list[dict], encoding: str) -> Path:
+    path.write_bytes(text_of(rows, path.suffix[1:]).encode(encoding))
+    return path
+
+
+def section(source: Path, **kw) -> DataSection:
+    return DataSection(source=str(source), format="instruction", template="koalpaca", **kw)
+
+
+def examples(cfg: DataSection) -> list[dict]:
+    return [e.as_json() for e in read_examples(cfg, resolve_template(cfg.template)).train]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("rows", "encoding", "named"), LEGACY)
+def test_legacy_file_reads_with_data_encoding_as_its_utf8_copy_does(tmp_path, rows, encoding, named, kind):
+    utf8 = write(tmp_path / f"utf8.{kind}", rows, "utf-8")
+    legacy = write(tmp_path / f"legacy.{kind}", rows, encoding)
+    expected = examples(section(utf8))
+    assert len(expected) == len(rows) and "\n" in expected[0]["messages"][1]["content"]
+    assert examples(section(legacy, encoding=encoding)) == expected
+    assert examples(section(legacy, encoding=named)) == expected  # what the error tells them to set
+
+
+@pytest.mark.parametrize("kind", ["csv", "json"])
+@pytest.mark.parametrize(("rows", "encoding", "named"), LEGACY)
+def test_legacy_file_without_data_encoding_names_the_one_to_set(tmp_path, rows, encoding, named, kind):
+    path = write(tmp_path / f"d.{kind}", rows, encoding)
+    with pytest.raises(DataError) as e:
+        examples(section(path))
+    message = str(e.value)
+    line = 2 if kind == "csv" else 3  # the first row; in the JSON, after "[" and " {"
+    assert message.startswith(f"{path} line {line}: not UTF-8 text (byte 0x"), message
+    assert f"it decodes as {named} (" in message
+    assert f"set data.encoding: {named} in the recipe, or save the file as UTF-8" in message
+
+
+@pytest.mark.parametrize(("rows", "encoding", "named"), LEGACY)
+def test_json_lines_name_the_encoding_once_on_the_first_line_that_does_not_decode(
+    tmp_path, rows, encoding, named
+):
+    # A UTF-8 file with rows pasted in from a legacy one: each such line is a bad row by its number.
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
+    lines[1:] = [json.dumps(r, ensure_ascii=False).encode(encoding) for r in rows[1:]]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as e:
+        examples(section(path))
+    assert f"{path} line 2: (row): not UTF-8 text (byte 0x" in str(e.value)
+    assert f"set data.encoding: {named} in the recipe" in str(e.value)
+
+    skipped = read_examples(section(path, on_bad_row="skip"), resolve_template("koalpaca")).train_report
+    assert (skipped.rows_read, skipped.rows_skipped_bad) == (len(rows), len(rows) - 1)
+    first, *others = skipped.bad_rows
+    assert f"data.encoding: {named}" in first
+    assert others and all("data.encoding" not in b for b in others)  # said once, not on every row
+
+
+def test_file_in_neither_language_suggests_no_encoding(tmp_path):
+    french = tmp_path / "fr.csv"
+    french.write_bytes(
+        "instruction,output\nOù est la bibliothèque ?,À côté de l'église ; très près.\n".encode("latin-1")
+    )
+    noise = tmp_path / "noise.csv"
+    noise.write_bytes(b"instruction,output\n" + random.Random(0).randbytes(2000))
+    for path in (french, noise):
+        with pytest.raises(DataError) as e:
+            examples(section(path))
+        assert f"{path} line 2: not UTF-8 text" in str(e.value)
+        assert "save the file as UTF-8, or set data.encoding to the encoding it is in" in str(e.value)
+        assert "decodes as" not in str(e.value)
+
+
+def test_the_guess_is_by_script_where_the_byte_ranges_overlap():
+    # Shift-JIS kana are valid CP949 (ありがとう reads as 궇귟궕궴궎, Hangul no one writes), and EUC-KR Hangul
+    # is valid EUC-JP (대한민국 reads as 企廃肯厩, kanji without a kana between them).
+    assert likely_encoding("ありがとうございます".encode("cp932"), None).codec == "cp932"
+    assert likely_encoding("대한민국의 수도는 서울".encode("cp949"), None).codec == "cp949"
+    assert likely_encoding("대한민국의 수도는 서울".encode("cp949"), "cp949") is None
+    assert likely_encoding("ありがとうございます".encode("cp932"), "cp932") is None
+
+
+def test_a_wrong_data_encoding_names_the_right_one(tmp_path):
+    utf8 = write(tmp_path / "d.csv", KOREAN, "utf-8")
+    with pytest.raises(DataError) as e:
+        examples(section(utf8, encoding="cp932"))
+    assert f"{utf8} line 2: not cp932 text" in str(e.value)
+    assert "it decodes as utf-8 (the default): set data.encoding: utf-8 in the recipe" in str(e.value)
+    korean = write(tmp_path / "ko.csv", KOREAN, "cp949")
+    with pytest.raises(DataError, match=r"not cp932 text .*set data.encoding: cp949 in the recipe"):
+        examples(section(korean, encoding="cp932"))
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8", "UTF8"])
+def test_utf8_with_a_byte_order_mark_still_reads(tmp_path, encoding):
+    # Excel's "CSV UTF-8" starts with one; it must not become part of the first column's name.
+    for kind in KINDS:
+        path = tmp_path / f"bom.{kind}"
+        path.write_bytes(text_of(KOREAN, kind).encode("utf-8-sig"))
+        assert examples(section(path, encoding=encoding)) == examples(section(write(path, KOREAN, "utf-8")))
+
+
+def recipe_error(data: dict) -> str:
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"model": {"name": "tiny://llama"}, "data": {"format": "text", **data}})
+    return str(e.value)
+
+
+def test_data_encoding_must_be_a_text_encoding_a_data_file_can_be_in():
+    unknown = recipe_error({"source": "d.csv", "encoding": "korean-windows"})
+    assert "data.encoding: not a text encoding Python knows" in unknown
+    assert "utf-8, cp949, euc-kr, cp932, shift_jis, euc-jp" in unknown and "'korean-windows'" in unknown
+    assert "data.encoding: not a text encoding" in recipe_error({"source": "d.csv", "encoding": "base64"})
+    assert "data.encoding: utf-16 writes ASCII characters as other bytes" in recipe_error(
+        {"source": "d.csv", "encoding": "utf-16"}
+    )
+    parquet = recipe_error({"source": "d.parquet", "encoding": "cp949"})
+    assert "data.encoding: applies to .jsonl/.json/.csv files; text in Parquet is UTF-8" in parquet
+    for name in ("utf-8", "cp949", "EUC-KR", "cp932", "shift_jis", "euc_jp"):
+        recipe_from_dict(
+            {
+                "model": {"name": "tiny://llama"},
+                "data": {"source": "d.csv", "format": "text", "encoding": name},
+            }
+        )
+
+
+def test_a_hub_dataset_gets_data_encoding_only_when_set(tmp_path, monkeypatch):
+    # `datasets` reads a hub repository of CSV or JSON files with it; its Parquet reader takes none.
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(KOREAN), parquet)
+    given = []
+    load_parquet = datasets.load_dataset
+
+    def load_dataset(source, *, name, split, revision, **options):  # the hub repository holds d.parquet
+        given.append(options)
+        return load_parquet("parquet", data_files=str(parquet), split=split, **options)
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", load_dataset)
+    assert [r.value for r in sources.read_rows("org/ko-data")] == KOREAN
+    with pytest.raises(DataError) as e:
+        sources.read_rows("org/ko-data", encoding="cp949")
+    assert given == [{}, {"encoding": "cp949"}]
+    assert "org/ko-data: data.encoding (cp949) applies to CSV and JSON files" in str(e.value)
+    assert "remove data.encoding" in str(e.value)
+
+
+def test_validate_names_the_encoding_of_a_cp949_csv_and_reads_it_once_set(tmp_path):
+    data = write(tmp_path / "ko.csv", KOREAN, "cp949")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{name: tiny://llama}}\ndata: {{source: {data}, format: instruction, template: koalpaca}}\n",
+        encoding="utf-8",
+    )
+    refused = run_cli("validate", "--recipe", str(recipe))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{data} line 2: not UTF-8 text (byte 0x" in refused.stderr
+    assert "set data.encoding: cp949 in the recipe" in refused.stderr
+    ok = run_cli("validate", "--recipe", str(recipe), "--set", "data.encoding=cp949")
+    assert ok.returncode == 0, ok.stderr
+    assert f"{data}: 3 training rows, all well-formed" in ok.stdout
+
+
+def test_data_encoding_applies_to_the_validation_file_too(tmp_path):
+    train = write(tmp_path / "train.csv", KOREAN, "cp949")
+    held_out = write(tmp_path / "held_out.jsonl", KOREAN[:2], "cp949")
+    cfg = section(train, encoding="cp949", validation={"file": str(held_out)})
+    rows = read_examples(cfg, resolve_template("koalpaca"))
+    assert [e.as_json() for e in rows.eval] == examples(
+        section(write(tmp_path / "u.csv", KOREAN[:2], "utf-8"))
+    )
