@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from datasets import Dataset
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from training.data.formats import FORMATS, MESSAGES, SHAREGPT, Example, MissingField, RowError
+from training.data.formats import FORMATS, MESSAGES, SHAREGPT, ChatLayout, Example, MissingField, RowError
 from training.data.sources import SourceRow, read_rows
 from training.data.templates import MODEL_TEMPLATE, PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.data.tokenization import TokenStats, tokenize_examples
@@ -235,13 +235,17 @@ def _missing_field_hint(row: dict, missing: str) -> str:
     """How a row without the field its format needs may still be read."""
     for name, layout in (("messages", MESSAGES), ("sharegpt", SHAREGPT)):
         turns = row.get(layout.field)
-        if layout.field != missing and isinstance(turns, list) and turns and isinstance(turns[0], dict):
-            if {layout.role_key, layout.content_key} <= set(turns[0]):  # the other chat format's rows
-                return f" (its turns are format {name}'s: set data.format: {name})"
+        first_turn = turns[0] if isinstance(turns, list) and turns else None
+        if layout.field != missing and isinstance(first_turn, dict) and _has_keys(first_turn, layout):
+            return f" (its turns are format {name}'s: set data.format: {name})"
     if not row:
         return ""
     # Own exports often name their columns otherwise (質問, 답변, question, dialog).
     return f" (data.columns renames fields, e.g. {{{next(iter(row))}: {missing}}})"
+
+
+def _has_keys(turn: dict, layout: ChatLayout) -> bool:
+    return {layout.role_key, layout.content_key} <= set(turn)
 
 
 def _split_off(examples: list[Example], fraction: float, source: str) -> tuple[list[Example], list[Example]]:
