@@ -2,8 +2,9 @@
 
 Local JSON Lines, JSON and CSV are parsed here rather than through `datasets`, because
 pyarrow's schema inference fails on a wrongly typed row with a message that names no
-row; parsing row by row lets a bad row be reported (or skipped) by its line number. They are UTF-8
-unless data.encoding names another encoding (training.data.encodings). Parquet is typed already and hub datasets come through `datasets.load_dataset`.
+row; parsing row by row lets a bad row be reported (or skipped) by its line number. They are
+UTF-8 unless data.encoding names another encoding (training.data.encodings). Parquet is typed
+already and hub datasets come through `datasets.load_dataset`.
 """
 
 from __future__ import annotations
