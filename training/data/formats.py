@@ -103,6 +103,7 @@ class ChatLayout:
     # per turn (weight in SlimOrca and OpenHermes), which are ignored rather than refused.
     only_role_and_content: bool
     unknown_role_hint: str = ""
+    system_field: str | None = None  # a row's system prompt beside its turns
 
 
 MESSAGES = ChatLayout("messages", "role", "content", {r: r for r in ROLES}, only_role_and_content=True)
@@ -113,6 +114,7 @@ SHAREGPT = ChatLayout(
     SHAREGPT_ROLES,
     only_role_and_content=False,
     unknown_role_hint="; data.roles maps other names, e.g. {bot: assistant}",
+    system_field="system",
 )
 
 
@@ -136,8 +138,40 @@ def chat_example(row: dict[str, Any], template: PromptTemplate | None, layout: C
             layout.field, f"must be a non-empty list of {{{layout.role_key}, {layout.content_key}}} objects"
         )
     messages = [_chat_turn(turn, f"{layout.field}[{i}]", layout) for i, turn in enumerate(turns)]
+    system = _row_system_prompt(row, messages, template, layout)
     _check_turn_order(messages, [turn[layout.role_key] for turn in turns], template, layout)
-    return Example(messages=messages)
+    return Example(messages=[system, *messages] if system else messages)
+
+
+def _row_system_prompt(
+    row: dict[str, Any], messages: list[dict[str, str]], template: PromptTemplate | None, layout: ChatLayout
+) -> dict[str, str] | None:
+    """The system message a ShareGPT row gives beside its turns (its `system` field), if any.
+
+    Exports often carry one per row (LLaMA-Factory's sharegpt column `system`, axolotl's default
+    field); dropping it would train without the prompt the data was written under."""
+    field = layout.system_field
+    if field is None or row.get(field) is None:
+        return None
+    prompt = _string(row, field, required=False)
+    if not prompt.strip():  # exports write "" for rows without one
+        return None
+    if messages[0]["role"] == "system":
+        raise RowError(field, f"a system prompt here and in {layout.field}[0]: give it in one place")
+    if problem := _no_system_slot(template):
+        raise RowError(field, problem)
+    return {"role": "system", "content": prompt}
+
+
+def _no_system_slot(template: PromptTemplate | None) -> str | None:
+    """Why a system message cannot be rendered by `template`; None when it can."""
+    if template is None or template.system_prefix is not None:
+        return None
+    with_system = [t.name for t in BUILTIN_TEMPLATES.values() if t.system_prefix is not None]
+    return (
+        f"a system message, but template '{template.name}' has no place for one; leave it out, or use "
+        f"a template with a system slot: {', '.join(with_system)} or model"
+    )
 
 
 def _chat_turn(turn: Any, where: str, layout: ChatLayout) -> dict[str, str]:
@@ -185,14 +219,9 @@ def _check_turn_order(
         return " or ".join(repr(name) for name, mapped in layout.roles.items() if mapped == role)
 
     has_system = messages[0]["role"] == "system"
-    if has_system and template is not None and template.system_prefix is None:
-        # Caught here, by row: the chat template would raise while the data is tokenized, with no row.
-        with_system = [t.name for t in BUILTIN_TEMPLATES.values() if t.system_prefix is not None]
-        raise RowError(
-            f"{layout.field}[0].{layout.role_key}",
-            f"a system message, but template '{template.name}' has no place for one; leave it out, or use "
-            f"a template with a system slot: {', '.join(with_system)} or model",
-        )
+    # Caught here, by row: the chat template would raise while the data is tokenized, with no row.
+    if has_system and (problem := _no_system_slot(template)):
+        raise RowError(f"{layout.field}[0].{layout.role_key}", problem)
     first = 1 if has_system else 0
     for index in range(first, len(messages)):
         expected = "user" if (index - first) % 2 == 0 else "assistant"

@@ -99,6 +99,23 @@ def test_a_system_turn_needs_a_template_with_a_system_slot():
     assert e.value.field == "conversations[0].from" and "template 'dolly-ja' has no place" in e.value.problem
 
 
+def test_a_row_level_system_prompt_is_the_conversations_system_message():
+    with_turn = turns(("system", "짧게 답하세요."), ("human", "안녕?"), ("gpt", "안녕하세요."))
+    beside = {"system": "짧게 답하세요.", **turns(("human", "안녕?"), ("gpt", "안녕하세요."))}
+    assert sharegpt_example(beside, KOALPACA) == sharegpt_example(with_turn, KOALPACA)
+    # Exports write an empty one for rows without a prompt.
+    empty = {**beside, "system": ""}
+    assert [m["role"] for m in sharegpt_example(empty, KOALPACA).messages] == ["user", "assistant"]
+    for row, template, problem in (
+        ({**with_turn, "system": "s"}, KOALPACA, "a system prompt here and in conversations[0]"),
+        (beside, BUILTIN_TEMPLATES["dolly-ja"], "template 'dolly-ja' has no place for one"),
+        ({**beside, "system": ["s"]}, KOALPACA, "must be a string, got list"),
+    ):
+        with pytest.raises(RowError) as e:
+            sharegpt_example(row, template)
+        assert e.value.field == "system" and problem in e.value.problem
+
+
 def test_an_unknown_speaker_names_the_allowed_ones_and_data_roles_maps_it():
     row = turns(("Human", "a"), ("bot", "b"))
     with pytest.raises(RowError) as e:
