@@ -39,6 +39,27 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` for a writer that wants a file name (savefig); it becomes
+    `path` when the block succeeds and is removed when it fails. It keeps `path`'s suffix, from
+    which such writers take the format."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; readers may be other users
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # disk full names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 

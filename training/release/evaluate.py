@@ -26,7 +26,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving import mkl_vml
-from training.atomic import write_json
+from training.atomic import replacing, write_json
 from training.data.validation import eval_data
 from training.errors import UserError
 from training.model.loading import compute_dtype, detect_device, load_model
@@ -213,10 +213,17 @@ def _harness_record(selection: TaskSelection, harness: HarnessSettings) -> dict:
 
 
 def write_report(report: dict, json_path: Path, png_path: Path) -> str:
-    """JSON and a bar chart beside the model; returns the terminal table."""
-    write_json(json_path, report)
+    """A bar chart, then the JSON record, beside the model; returns the terminal table.
+
+    The record goes last, and an earlier one first: a failure in between leaves no record beside a
+    chart of other results (or none).
+    """
     models = report["models"]
     tasks = report.get("harness", {}).get("tasks", [])
+    columns = [_task_column(models, task) for task in tasks]
+    json_path.unlink(missing_ok=True)
+    _chart(models, columns, png_path, report["source"])
+    write_json(json_path, report)
     lines = []
     if report["source"]:
         lines.append(
@@ -224,7 +231,6 @@ def write_report(report: dict, json_path: Path, png_path: Path) -> str:
         )
     if tasks:
         lines.append(f"lm-eval {report['harness']['lm_eval_version']}: {', '.join(tasks)}")
-    columns = [_task_column(models, task) for task in tasks]
     header = f"  {'model':<28}{'perplexity':>12}{'tokens':>9}{'agrees w/ trained':>19}{'exact match':>13}"
     lines.append(header + "".join(f"{title:>{max(len(title) + 2, 10)}}" for title, _ in columns))
     for label, r in models.items():
@@ -242,7 +248,6 @@ def write_report(report: dict, json_path: Path, png_path: Path) -> str:
             row += f"{'' if value is None else f'{value:.3f}':>{max(len(title) + 2, 10)}}"
         lines.append(row)
     lines += [f"  note: {note}" for note in agreement_notes(report)]
-    _chart(models, columns, png_path, report["source"])
     lines.append(f"  -> {json_path}, {png_path}")
     return "\n".join(lines)
 
@@ -285,6 +290,5 @@ def _chart(models: dict, columns: list[tuple[str, dict]], path: Path, source: st
         ax.set_title("lm-evaluation-harness", fontsize=10)
         ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120)

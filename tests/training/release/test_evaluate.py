@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import resource
 import subprocess
 import sys
 
@@ -76,3 +78,43 @@ def test_eval_without_validation_split_says_how_to_fix(quickstart_run):
     )
     with pytest.raises(UserError, match="no validation split"):
         evaluate(recipe, ["base"])
+
+
+WRITE_REPORT = """
+import json, sys
+from pathlib import Path
+from training.release.evaluate import write_report
+folder = Path(sys.argv[1])
+write_report(json.loads(sys.argv[2]), folder / "eval.json", folder / "eval.png")
+"""
+
+
+def test_a_chart_that_cannot_be_written_leaves_no_record_and_no_temporary_file(tmp_path):
+    """A full disk, as a file size limit (no root needed) between the record's size and the chart's:
+    the record is written after the chart, and the earlier evaluation's record is gone (its chart
+    stays); nothing half-written is left."""
+    report = {
+        "source": "data/dolly-ja-sample.jsonl",
+        "rows": 8,
+        "prompts": 0,
+        "models": {
+            "base": {"perplexity": 31.4, "tokens": 90},
+            "adapter (nf4)": {"perplexity": 12.5, "tokens": 90},
+        },
+    }
+    (tmp_path / "eval.json").write_text('{"earlier": true}')
+    (tmp_path / "eval.png").write_bytes(b"earlier chart")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the record fits, the chart does not
+
+    proc = subprocess.run(
+        [sys.executable, "-c", WRITE_REPORT, str(tmp_path), json.dumps(report)],
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert f"[Errno {errno.EFBIG}] File too large: '{tmp_path / 'eval.png'}'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.png"]
+    assert (tmp_path / "eval.png").read_bytes() == b"earlier chart"
