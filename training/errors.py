@@ -25,5 +25,9 @@ class CheckpointError(UserError):
     pass
 
 
+class RunInUse(UserError):
+    """Another process is training, merging or exporting the same run (training.run_lock)."""
+
+
 class OutOfMemory(UserError):
     """The device ran out of memory mid-run: the message says which setting to change."""

@@ -14,6 +14,7 @@ outputs/<run>/
     <run>-Q.export.json what was converted, how, the tensor types, and the comparison with merged/
     <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
+outputs/.<run>.lock   held by the train, merge or export of the run while it runs (training.run_lock)
 
 The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
 importing this module (serving depends on nothing in training); serving.model_dir and
@@ -63,9 +64,10 @@ class RunDir:
         return self.path / "data_order.json"
 
     @property
-    def train_lock(self) -> Path:
-        """Held by the train of this run while it runs; beside the run folder, which --force deletes."""
-        return self.path.with_name(f".{self.path.name}.train.lock")
+    def lock(self) -> Path:
+        """Held by the train, merge or export of this run while it runs (training.run_lock); beside
+        the run folder, which train --force deletes."""
+        return self.path.with_name(f".{self.path.name}.lock")
 
     @property
     def checkpoints(self) -> Path:

@@ -48,7 +48,8 @@ from training.model.hub_files import download_model_files
 from training.model.scoring import perplexity
 from training.model.tiny import resolve_model_name
 from training.recipe import Recipe, shard_size_bytes
-from training.run_dir import MERGE_RECORD
+from training.run_dir import MERGE_RECORD, RunDir
+from training.run_lock import one_command_at_a_time
 from training.runinfo import human_size, now, peak_memory_bytes, versions
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,12 @@ def merge_adapter(
     mkl_vml.warm_up()
     adapter = read_adapter(adapter_dir)
     out_dir = Path(out_dir)
+    # Before an unfinished merged/ is removed as a killed merge's: another merge may be writing it.
+    with one_command_at_a_time(RunDir.of_merged(out_dir), "merge"):
+        return _merge(adapter, out_dir, settings, force=force)
+
+
+def _merge(adapter: Adapter, out_dir: Path, settings: MergeSettings, *, force: bool) -> dict:
     remove_stale_partials(out_dir.parent, out_dir.name)
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force (make merge FORCE=1) to replace it")

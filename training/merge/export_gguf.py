@@ -33,6 +33,7 @@ from training.merge import llama_cpp
 from training.merge.modelfile import ModelfileError, build_modelfile
 from training.merge.verify_gguf import TOLERANCE, GGUFVerificationError, verify_gguf
 from training.run_dir import MERGE_RECORD, RunDir
+from training.run_lock import one_command_at_a_time
 from training.runinfo import human_size, now, versions
 
 log = logging.getLogger(__name__)
@@ -109,21 +110,45 @@ def export_gguf(merged: str | Path, run: RunDir, settings: ExportSettings) -> di
     merged = Path(merged)
     config, merge_record = _read_merged(merged)
     converter = llama_cpp.converter_dir()
-    remove_stale_partials(run.path, run.gguf_dir.name)
-    existing = [run.gguf(q) for q in settings.quants if run.gguf(q).exists()]
-    if existing and not settings.force:
-        raise UserError(
-            f"{', '.join(map(str, existing))} already exist(s); pass --force (make export FORCE=1) to replace"
-        )
     dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
     outtype = llama_cpp.LOSSLESS_OUTTYPE.get(dtype)
     if outtype is None:
         raise UserError(
             f"{merged}: dtype {dtype} cannot be converted; re-merge with --dtype float16 or bfloat16"
         )
+    # Before the work folder of an earlier export is removed as a killed one's: it may be running.
+    with one_command_at_a_time(run, "export"):
+        return _export(
+            merged,
+            run,
+            settings,
+            merge_record=merge_record,
+            context_length=_context_length(config, merge_record),
+            converter=converter,
+            dtype=dtype,
+            outtype=outtype,
+        )
+
+
+def _export(
+    merged: Path,
+    run: RunDir,
+    settings: ExportSettings,
+    *,
+    merge_record: dict,
+    context_length: int | None,
+    converter: Path,
+    dtype: str,
+    outtype: str,
+) -> dict[str, dict]:
+    remove_stale_partials(run.path, run.gguf_dir.name)
+    existing = [run.gguf(q) for q in settings.quants if run.gguf(q).exists()]
+    if existing and not settings.force:
+        raise UserError(
+            f"{', '.join(map(str, existing))} already exist(s); pass --force (make export FORCE=1) to replace"
+        )
     tokenizer = AutoTokenizer.from_pretrained(merged)
     template, template_spec = _prompt_template(merge_record, tokenizer)
-    context_length = _context_length(config, merge_record)
 
     started = time.perf_counter()
     work = temp_dir_beside(run.gguf_dir)

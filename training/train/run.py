@@ -11,14 +11,12 @@ leaves no run folder.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -33,6 +31,7 @@ from training.errors import CheckpointError, OutOfMemory, RecipeError
 from training.model.loading import compute_dtype, detect_device
 from training.recipe import Recipe
 from training.run_dir import ADAPTER, RUN_RECORD, RunDir
+from training.run_lock import one_command_at_a_time
 from training.runinfo import now, peak_memory_bytes
 from training.train import checkpoints as ckpt
 from training.train.builder import build_trainer
@@ -190,29 +189,17 @@ def _train_and_record(
 
 @contextlib.contextmanager
 def _one_train_at_a_time(run: RunDir, world: Ranks) -> Iterator[None]:
-    """Refuse a second train of the same run folder while one runs.
+    """Refuse a second train (or a merge, an export) of the same run folder while one runs.
 
     Two wrote the same checkpoints, each deleted the other's unfinished one as the leftover of a
-    kill (and a failing or --force one the whole folder), and both reported success. The kernel
-    releases the lock when its process ends, however it ends.
+    kill (and a failing or --force one the whole folder), and both reported success.
     """
     if not world.is_main:  # the other processes of one run follow rank 0
         yield
         return
-    run.train_lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(run.train_lock, "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise CheckpointError(
-                f"{run.path} is being trained by another process ({lock.read().strip() or 'unknown'}; lock "
-                f"{run.train_lock}). Wait for it to finish, or stop it (Ctrl-C saves a checkpoint) and run "
-                "this command again to resume; to train beside it, set output.run_name to another name."
-            ) from None
-        lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+    with one_command_at_a_time(
+        run, "train", advice=" to resume; to train beside it, set output.run_name to another name."
+    ):
         yield
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import read_run, train_command, train_in_process
-from training.errors import CheckpointError, DataError, OutOfMemory
+from training.errors import CheckpointError, DataError, OutOfMemory, RunInUse
 from training.train import run as run_module
 from training.train.checkpoints import MARKER, checkpoints
 from training.train.throughput import Throughput
@@ -332,7 +332,7 @@ def test_a_second_train_of_a_running_run_is_refused_and_touches_nothing(tiny_dir
     run = tmp_path / "quickstart"
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     try:
-        with pytest.raises(CheckpointError, match=r"is being trained by another process") as caught:
+        with pytest.raises(RunInUse, match=r"is being trained by another process") as caught:
             train_in_process(QUICK, tmp_path, "training.max_steps=1", "training.eval_strategy=no", force=True)
     except BaseException:
         first.kill()
