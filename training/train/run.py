@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from safetensors import SafetensorError
 
 from serving import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
@@ -155,6 +156,11 @@ def _train_and_record(
             _run_trainer(trainer, checkpoint)
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
+    except (RuntimeError, SafetensorError) as e:
+        failure = _checkpoint_not_saved(trainer, world, e)
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         stop.uninstall()
 
@@ -211,6 +217,21 @@ def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
         )
     if world.world_size > 1:
         os.environ.update(process_group_environment(recipe))
+
+
+def _checkpoint_not_saved(trainer, world: Ranks, error: Exception) -> OSError | None:
+    """A checkpoint save the storage cut short, as the storage error naming that checkpoint (the
+    CLI prints it in one line); None for any other error.
+
+    The partial checkpoint has no completion marker, so a resume would skip it anyway; it goes now,
+    to give back the space it took.
+    """
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    failure = ckpt.save_failure(error, checkpoint)
+    if failure is not None and world.is_main and not ckpt.is_complete(checkpoint):
+        log.warning("Removing the checkpoint that could not be written: %s", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return failure
 
 
 def _run_trainer(trainer, checkpoint: Path | None) -> None:

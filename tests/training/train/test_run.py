@@ -366,6 +366,36 @@ def test_a_write_that_fails_names_the_file_without_a_traceback(tiny_dir, tmp_pat
     assert not (tmp_path / "quickstart").exists()
 
 
+def test_a_checkpoint_the_disk_cannot_hold_names_it_in_one_line_and_the_run_resumes_before_it(
+    tiny_dir, tmp_path
+):
+    """A full disk during a checkpoint save, as a file size limit (no root needed) that the adapter
+    (282 KB) fits and the optimizer state (581 KB, written by torch.save) does not: torch's zip
+    writer said only "unexpected pos". The half-written checkpoint does not stay."""
+    settings = ["training.save_steps=2", "training.eval_strategy=no"]
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=2", *settings) == 0
+    run = tmp_path / "quickstart"
+    shutil.rmtree(run / "adapter")  # what a kill after checkpoint-2 leaves
+    (run / "run.json").unlink()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    proc = subprocess.run(
+        train_command(QUICK, tmp_path, "training.max_steps=4", *settings),
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    failed = run / "checkpoints" / "checkpoint-4"
+    assert f"error: {failed}: could not be written: no space left on the device" in proc.stderr
+    assert "Free space there" in proc.stderr and "Traceback" not in proc.stderr
+    assert [step for step, _ in checkpoints(run / "checkpoints")] == [2]
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=4", *settings) == 0
+    assert read_run(run)["resumed_from"].endswith("checkpoint-2")
+
+
 def read_until(proc: subprocess.Popen, text: str) -> None:
     """Read stderr until `text` (progress bars end their lines with \r, not \n)."""
     seen = ""
