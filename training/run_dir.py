@@ -10,8 +10,9 @@ outputs/<run>/
   merged/             the merged model (safetensors, tokenizer, merge.json)
   eval.json, eval.png the comparison of base, adapter and merged models
   gguf/               llama.cpp exports of merged/, per quantization type Q:
-    <run>-Q.gguf        the model (written last: its presence means the export passed verification)
+    <run>-Q.gguf        the model (in place only once the export passed verification)
     <run>-Q.export.json what was converted, how, the tensor types, and the comparison with merged/
+                        (written last: its presence means the GGUF beside it is the one it describes)
     <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
 outputs/.<run>.lock   held by the train, merge or export of the run while it runs (training.run_lock)

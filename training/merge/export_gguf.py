@@ -1,8 +1,9 @@
 """Export a merged model to GGUF with llama.cpp's own tools, verified, with an Ollama Modelfile.
 
 outputs/<run>/gguf/ (training.run_dir names the files), per quantization type Q:
-  <run>-Q.gguf          written last, so its presence means the export passed
-  <run>-Q.export.json   converter and quantizer, tensor types, size, sha256, verification
+  <run>-Q.gguf          in place only once the export passed
+  <run>-Q.export.json   converter and quantizer, tensor types, size, sha256, verification; written
+                        last, so its presence means the GGUF beside it is the one it describes
   <run>-Q.Modelfile     FROM ./<run>-Q.gguf, the chat template as a Go template, stops
 
 The merged model is converted once by llama.cpp's convert_hf_to_gguf.py into a lossless GGUF
@@ -142,7 +143,7 @@ def _export(
     outtype: str,
 ) -> dict[str, dict]:
     remove_stale_partials(run.path, run.gguf_dir.name)
-    existing = [run.gguf(q) for q in settings.quants if run.gguf(q).exists()]
+    existing = [run.gguf(q) for q in settings.quants if _exported(run, q)]
     if existing and not settings.force:
         raise UserError(
             f"{', '.join(map(str, existing))} already exist(s); pass --force (make export FORCE=1) to replace"
@@ -216,16 +217,38 @@ def _export(
             }
             write_text(work / run.gguf_modelfile(quant).name, modelfile.text)
 
-        # Publish: record and Modelfile first, each GGUF last (readers look for the GGUF).
         run.gguf_dir.mkdir(parents=True, exist_ok=True)
         for quant, record in records.items():
-            write_json(run.gguf_record(quant), record)
-            os.replace(work / run.gguf_modelfile(quant).name, run.gguf_modelfile(quant))
-            os.replace(work / record["file"], run.gguf(quant))
+            _publish(work, run, quant, record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _log_summary(records, run)
     return records
+
+
+def _exported(run: RunDir, quant: str) -> bool:
+    """A finished export of `quant`: its record is written last. A GGUF without one is what an export
+    interrupted while publishing left, and is replaced."""
+    if run.gguf(quant).exists() and not run.gguf_record(quant).exists():
+        log.warning(
+            "%s has no %s (an interrupted export): exporting it again",
+            run.gguf(quant),
+            run.gguf_record(quant).name,
+        )
+        return False
+    return run.gguf(quant).exists()
+
+
+def _publish(work: Path, run: RunDir, quant: str, record: dict) -> None:
+    """Move one verified type into gguf/: the record last, once the GGUF it describes is in place.
+
+    The record of an earlier export goes first, so that an interruption or a failure in between
+    leaves no record describing a GGUF that is not there, or that is the old one.
+    """
+    run.gguf_record(quant).unlink(missing_ok=True)
+    os.replace(work / run.gguf_modelfile(quant).name, run.gguf_modelfile(quant))
+    os.replace(work / record["file"], run.gguf(quant))
+    write_json(run.gguf_record(quant), record)
 
 
 def _log_summary(records: dict[str, dict], run: RunDir) -> None:

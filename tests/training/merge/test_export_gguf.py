@@ -192,3 +192,26 @@ def test_without_the_converter_the_error_says_how_to_get_it(tmp_path, monkeypatc
     monkeypatch.setenv("LLAMA_CPP_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=f"not in {tmp_path}/converter-0.3.36"):
         llama_cpp.converter_dir()
+
+
+@export
+def test_a_forced_export_that_fails_while_publishing_leaves_no_record_of_a_gguf_not_there(
+    quickstart_gguf, tmp_path
+):
+    """The record goes last, the earlier one first: a failure between the two (here the GGUF cannot be
+    moved into place, a folder being in its way) leaves no record describing a GGUF that is not there,
+    or the old one. The next export makes the type again without --force: it was not finished."""
+    source, _ = quickstart_gguf
+    run = RunDir(tmp_path / "quickstart")
+    shutil.copytree(source / "merged", run.merged)
+    run.gguf_dir.mkdir()
+    shutil.copy(source / "gguf" / "quickstart-f32.export.json", run.gguf_record("f32"))  # an earlier export
+    run.gguf("f32").mkdir()
+    with pytest.raises(IsADirectoryError):
+        export_gguf(run.merged, run, ExportSettings(quants=("f32",), verify=False, force=True))
+    assert not run.gguf_record("f32").exists()
+
+    run.gguf("f32").rmdir()
+    shutil.copy(source / "gguf" / "quickstart-f32.gguf", run.gguf("f32"))  # in place, its record not yet
+    export_gguf(run.merged, run, ExportSettings(quants=("f32",), verify=False))
+    assert record(run.path, "f32")["sha256"] == hashlib.sha256(run.gguf("f32").read_bytes()).hexdigest()
