@@ -157,6 +157,27 @@ class StopAtTheLastStep(TrainerCallback):
         return control
 
 
+class IntervalsOfThisRecipe(TrainerCallback):
+    """A resumed run logs, evaluates and saves at the intervals of the recipe it resumes with.
+
+    The Trainer takes them back from the checkpoint's trainer_state.json, so a save_steps changed
+    on resume (a change the recipe check allows) was ignored without a word: a run started with
+    save_steps 1000 and resumed with 100 still saved every 1000 steps.
+    """
+
+    KINDS = ("logging_steps", "eval_steps", "save_steps")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        restored = {kind: getattr(state, kind) for kind in self.KINDS}
+        state.compute_steps(args, state.max_steps)
+        changed = [
+            f"{k} {getattr(state, k):g} (was {v:g})" for k, v in restored.items() if getattr(state, k) != v
+        ]
+        if changed:  # transformers warns that they differ; this says which ones apply
+            log.info("Resumed with the recipe's intervals: %s", ", ".join(changed))
+        return control
+
+
 class CompleteCheckpoints(TrainerCallback):
     """Mark each checkpoint complete once every process has written its part of it, then rotate."""
 

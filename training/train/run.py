@@ -137,6 +137,7 @@ def _train_and_record(
     stop, throughput = GracefulStop(world), Throughput()
     callbacks = [
         ckpt.StopAtTheLastStep(),
+        ckpt.IntervalsOfThisRecipe(),
         ckpt.CompleteCheckpoints(save_total_limit(recipe)),
         stop,
         throughput,

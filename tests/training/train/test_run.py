@@ -396,6 +396,19 @@ def test_a_checkpoint_the_disk_cannot_hold_names_it_in_one_line_and_the_run_resu
     assert read_run(run)["resumed_from"].endswith("checkpoint-2")
 
 
+def test_a_resumed_run_saves_at_the_intervals_of_the_recipe_it_resumes_with(tiny_dir, tmp_path, caplog):
+    """The Trainer restored save_steps from the checkpoint and kept saving every 2 steps."""
+    caplog.set_level(logging.INFO, logger="training")
+    settings = ["training.eval_strategy=no", "training.save_total_limit=10"]
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=2", "training.save_steps=2", *settings) == 0
+    run = tmp_path / "quickstart"
+    shutil.rmtree(run / "adapter")  # what a kill after checkpoint-2 leaves
+    (run / "run.json").unlink()
+    assert train_in_process(QUICK, tmp_path, "training.max_steps=5", "training.save_steps=1", *settings) == 0
+    assert [step for step, _ in checkpoints(run / "checkpoints")] == [2, 3, 4, 5]
+    assert "Resumed with the recipe's intervals: save_steps 1 (was 2)" in caplog.text
+
+
 def read_until(proc: subprocess.Popen, text: str) -> None:
     """Read stderr until `text` (progress bars end their lines with \r, not \n)."""
     seen = ""
