@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import train_in_process
+from tests.conftest import run_cli, train_in_process
 from training.errors import RunInUse
 from training.merge.coordinator import MergeSettings, merge_adapter
 from training.run_dir import RunDir
@@ -100,3 +100,17 @@ def test_an_export_of_a_run_being_merged_is_refused_and_leaves_its_work_folder(q
         export_gguf(run.merged, run, ExportSettings(quants=("f32",), verify=False))
     assert f"pid {merger.pid} on" in str(caught.value)
     assert unfinished.is_dir() and not run.gguf_dir.exists()
+
+
+def test_an_eval_of_a_run_being_trained_is_refused_and_a_train_of_one_being_evaluated_too(
+    quickstart_run, tmp_path
+):
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    with held(run, "train"):
+        refused = run_cli("eval", "--set", f"output.dir={tmp_path}", "--model", "base", "--prompts", "1")
+    assert refused.returncode == 2 and "is being trained by another process" in refused.stderr
+    assert not (run / "eval.json").exists()
+    with held(run, "eval"), pytest.raises(RunInUse, match=r"is being evaluated by another process"):
+        train_in_process("recipes/quickstart.yaml", tmp_path, force=True)
+    assert (run / "adapter").is_dir()  # --force deleted nothing under the evaluation

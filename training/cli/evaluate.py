@@ -10,6 +10,7 @@ from training.errors import UserError
 from training.recipe import load_recipe
 from training.release.evaluate import HarnessSettings, evaluate, write_report
 from training.run_dir import RunDir
+from training.run_lock import one_command_at_a_time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         api_key=os.environ.get("API_KEY") or None,
     )
-    report = evaluate(recipe, models, file=args.file, prompts=args.prompts, harness=harness)
-    print(write_report(report, run_dir.eval_json, run_dir.eval_png))
+    # Held while the models load: a train --force or a merge --force of the run would replace them.
+    with one_command_at_a_time(run_dir, "eval"):
+        report = evaluate(recipe, models, file=args.file, prompts=args.prompts, harness=harness)
+        print(write_report(report, run_dir.eval_json, run_dir.eval_png))
     return 0
 
 
