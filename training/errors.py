@@ -26,7 +26,7 @@ class CheckpointError(UserError):
 
 
 class RunInUse(UserError):
-    """Another process is training, merging, exporting or evaluating the same run (training.run_lock)."""
+    """Another process is training, merging, exporting, evaluating or uploading the same run (training.run_lock)."""
 
 
 class OutOfMemory(UserError):

@@ -15,7 +15,7 @@ outputs/<run>/
                         (written last: its presence means the GGUF beside it is the one it describes)
     <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
-outputs/.<run>.lock   held by the train, merge, export or eval of the run while it runs (training.run_lock)
+outputs/.<run>.lock   held by the train, merge, export, eval or push of the run while it runs (training.run_lock)
 
 The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
 importing this module (serving depends on nothing in training); serving.model_dir and
@@ -66,7 +66,7 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        """Held by the train, merge, export or eval of this run while it runs (training.run_lock); beside
+        """Held by the train, merge, export, eval or push of this run while it runs (training.run_lock); beside
         the run folder, which train --force deletes."""
         return self.path.with_name(f".{self.path.name}.lock")
 

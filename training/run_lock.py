@@ -1,10 +1,10 @@
-"""One command at a time writes a run folder: train, merge, export and eval of a run exclude each other.
+"""One command at a time uses a run folder: train, merge, export, eval and push of a run exclude each other.
 
 They share one lock per run because each reads what the one before writes and cleans up what
 an interrupted one left: a merge read the adapter a train was replacing, and deleted a running
 merge's unfinished merged/ as the leftover of a kill (an export likewise a running export's work
-folder), and a `train --force` deleted the folder a merge, an export or an eval was reading from
-and writing into.
+folder), and a `train --force` deleted the folder a merge, an export, an eval or an upload was
+reading from and writing into.
 
 The lock is an flock on `.<run>.lock` beside the run folder (which `train --force` deletes), taken
 without waiting: a second command is refused at once, naming the holder. The kernel releases it
@@ -28,12 +28,13 @@ _DOING = {
     "merge": ("merged", "stop it (Ctrl-C)"),
     "export": ("exported", "stop it (Ctrl-C)"),
     "eval": ("evaluated", "stop it (Ctrl-C)"),
+    "push": ("uploaded", "stop it (Ctrl-C)"),
 }
 
 
 @contextlib.contextmanager
 def one_command_at_a_time(run: RunDir, command: str, *, advice: str = ".") -> Iterator[None]:
-    """Hold the run's lock for `command` (train, merge, export or eval), or raise RunInUse.
+    """Hold the run's lock for `command` (train, merge, export, eval or push), or raise RunInUse.
 
     `advice` ends the refusal's message (after "run this command again"): what else the refused
     command can do.

@@ -114,3 +114,17 @@ def test_an_eval_of_a_run_being_trained_is_refused_and_a_train_of_one_being_eval
     with held(run, "eval"), pytest.raises(RunInUse, match=r"is being evaluated by another process"):
         train_in_process("recipes/quickstart.yaml", tmp_path, force=True)
     assert (run / "adapter").is_dir()  # --force deleted nothing under the evaluation
+
+
+def test_a_push_of_a_run_being_trained_is_refused_before_it_builds_or_sends_anything(
+    quickstart_run, tmp_path
+):
+    from training.release.hub import push
+
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    token = tmp_path / "token"
+    token.write_text("hf_not_a_real_token\n")
+    with held(run, "train"), pytest.raises(RunInUse, match=r"is being trained by another process"):
+        push(run, "adapter", repo_id="someone/x", private=True, token_file=str(token))
+    assert not (run / "upload").exists()

@@ -20,6 +20,8 @@ from huggingface_hub.errors import HfHubHTTPError
 from training.atomic import building_dir
 from training.errors import UserError
 from training.release.model_card import build_card
+from training.run_dir import RunDir
+from training.run_lock import one_command_at_a_time
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +83,19 @@ def push(run_dir: Path, what: str, *, repo_id: str | None, private: bool, token_
     """Build the upload folder, then upload it. Returns the repository URL."""
     token = read_token(token_file)
     name = repo_id or default_repo_id(run_dir.name, what)
-    folder = build_upload_folder(run_dir, what, name)
-    log.info("Upload folder ready: %s", folder)
+    # Held through the upload: a train --force or merge --force of the run replaced what it sends.
+    with one_command_at_a_time(RunDir(run_dir), "push"):
+        folder = build_upload_folder(run_dir, what, name)
+        log.info("Upload folder ready: %s", folder)
+        return _upload(HfApi(token=token), folder, name, what=what, run=run_dir.name, private=private)
 
-    api = HfApi(token=token)
+
+def _upload(api: HfApi, folder: Path, name: str, *, what: str, run: str, private: bool) -> str:
     try:
         if "/" not in name:
             name = f"{api.whoami()['name']}/{name}"
         url = api.create_repo(name, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(
-            folder_path=folder, repo_id=name, commit_message=f"Upload {what} of run {run_dir.name}"
-        )
+        api.upload_folder(folder_path=folder, repo_id=name, commit_message=f"Upload {what} of run {run}")
     except HfHubHTTPError as e:
         raise UserError(f"the Hub refused the upload to {name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - offline mode, DNS, refused connections, timeouts
