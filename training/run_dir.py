@@ -66,8 +66,8 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        """Held by the train, merge, export, eval or push of this run while it runs (training.run_lock); beside
-        the run folder, which train --force deletes."""
+        """Held by the train, merge, export, eval or push of this run while it runs
+        (training.run_lock); beside the run folder, which train --force deletes."""
         return self.path.with_name(f".{self.path.name}.lock")
 
     @property
