@@ -129,3 +129,39 @@ def encoding_advice(data: bytes, failed: str | None) -> str:
         return f"check data.encoding ({failed}), or save the file as UTF-8"
     fix = f"it decodes as {candidate.codec} ({candidate.described}): set data.encoding: {candidate.codec} in the recipe"
     return fix if candidate.codec == "utf-8" else f"{fix}, or save the file as UTF-8"
+
+
+# The language each Korean or Japanese codec is for (Python's canonical codec names), so that a file that
+# decodes without an error in the data.encoding a recipe gives can still be told to be another one's.
+_LANGUAGE_OF = {
+    **dict.fromkeys(("cp949", "euc_kr", "johab"), ("Korean", _reads_as_korean)),
+    **dict.fromkeys(
+        ("cp932", "shift_jis", "shift_jis_2004", "shift_jisx0213", "euc_jp", "euc_jis_2004", "euc_jisx0213"),
+        ("Japanese", _reads_as_japanese),
+    ),
+}
+
+
+def misread(data: bytes, encoding: str) -> str | None:
+    """Why `data` is not text in `encoding` although it decodes in it without an error (EUC-KR bytes
+    decode in EUC-JP as kanji), for an error; None when it reads as `encoding`'s language, or when no
+    other encoding reads it better.
+
+    Checked only where the encoding is given: a wrong one would otherwise train on garbage."""
+    language = _LANGUAGE_OF.get(codecs.lookup(encoding).name)
+    if language is None:
+        return None
+    name, reads_well = language
+    try:
+        letters = _letters(data.decode(encoding))
+    except UnicodeDecodeError:
+        return None  # said row by row, or as the file's error, where it is read
+    if not letters or reads_well(letters):
+        return None
+    candidate = likely_encoding(data, encoding)
+    if candidate is None:
+        return None
+    return (
+        f"decodes in data.encoding {encoding} without an error, but not into {name} text; it decodes as "
+        f"{candidate.codec} ({candidate.described}): set data.encoding: {candidate.codec} in the recipe"
+    )

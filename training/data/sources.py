@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import ReadInstruction
 
-from training.data.encodings import codec_for, encoding_advice, encoding_label
+from training.data.encodings import codec_for, encoding_advice, encoding_label, misread
 from training.errors import DataError
 
 LOCAL_SUFFIXES = {
@@ -70,6 +70,8 @@ def _read_local(path: Path, encoding: str | None) -> list[SourceRow]:
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
+    if encoding is not None and kind != "parquet" and (problem := misread(path.read_bytes(), encoding)):
+        raise DataError(f"{path}: {problem}")
     if kind == "jsonl":
         return _read_jsonl(path, encoding)
     if kind == "json":

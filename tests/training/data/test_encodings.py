@@ -152,6 +152,22 @@ def test_a_wrong_data_encoding_names_the_right_one(tmp_path):
         examples(section(korean, encoding="cp932"))
 
 
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_data_encoding_that_decodes_into_another_script_names_the_right_one(tmp_path, kind):
+    # EUC-KR's Hangul decode in EUC-JP without an error, as kanji: 대한민국 reads as 企廃肯厩.
+    korean = write(tmp_path / f"ko.{kind}", KOREAN, "euc-kr")
+    with pytest.raises(DataError) as e:
+        examples(section(korean, encoding="euc-jp"))
+    assert f"{korean}: decodes in data.encoding euc-jp without an error, but not into Japanese text" in str(
+        e.value
+    )
+    assert "set data.encoding: cp949 in the recipe" in str(e.value)
+    # Text in the encoding's own language passes, however few of its letters are not ASCII.
+    assert len(examples(section(korean, encoding="euc-kr"))) == len(KOREAN)
+    ascii_only = write(tmp_path / f"en.{kind}", [{"instruction": "Hi?", "output": "Hello."}], "ascii")
+    assert len(examples(section(ascii_only, encoding="euc-jp"))) == 1
+
+
 @pytest.mark.parametrize("encoding", [None, "utf-8", "UTF8"])
 def test_utf8_with_a_byte_order_mark_still_reads(tmp_path, encoding):
     # Excel's "CSV UTF-8" starts with one; it must not become part of the first column's name.
