@@ -31,6 +31,7 @@ _KANJI = re.compile(r"[\u4e00-\u9fff]")
 # script. Misread bytes land in other scripts (half-width katakana, rare Hangul, jamo) for the most part.
 PLAUSIBLE_SHARE = 0.8
 SAMPLE_LETTERS = 10_000  # enough to judge; scanning a whole large file letter by letter takes minutes
+SAMPLE_BYTES = 1 << 20  # where misread looks for them: at most 2 bytes a letter in these encodings
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
@@ -153,9 +154,12 @@ def misread(data: bytes, encoding: str) -> str | None:
         return None
     name, reads_well = language
     try:
-        letters = _letters(data.decode(encoding))
+        # The file's start holds the letters judged by (SAMPLE_LETTERS); the reader decodes all of it.
+        # An incremental decoder leaves a character the sample cuts in two undecoded, not an error.
+        sample = codecs.getincrementaldecoder(encoding)().decode(data[:SAMPLE_BYTES])
     except UnicodeDecodeError:
         return None  # said row by row, or as the file's error, where it is read
+    letters = _letters(sample)
     if not letters or reads_well(letters):
         return None
     candidate = likely_encoding(data, encoding)

@@ -70,41 +70,41 @@ def _read_local(path: Path, encoding: str | None) -> list[SourceRow]:
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unsupported file type; use one of {', '.join(sorted(LOCAL_SUFFIXES))}")
-    if encoding is not None and kind != "parquet" and (problem := misread(path.read_bytes(), encoding)):
+    if kind == "parquet":
+        return _read_parquet(path)  # text in Parquet is UTF-8 by its specification
+    data = path.read_bytes()  # once: the encoding check and the reader share it
+    if encoding is not None and (problem := misread(data, encoding)):
         raise DataError(f"{path}: {problem}")
     if kind == "jsonl":
-        return _read_jsonl(path, encoding)
+        return _read_jsonl(path, data, encoding)
     if kind == "json":
-        return _read_json(path, encoding)
-    if kind == "csv":
-        return _read_csv(path, encoding)
-    return _read_parquet(path)  # text in Parquet is UTF-8 by its specification
+        return _read_json(path, data, encoding)
+    return _read_csv(path, data, encoding)
 
 
-def _read_jsonl(path: Path, encoding: str | None) -> list[SourceRow]:
+def _read_jsonl(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
     codec = codec_for(encoding)
     rows = []
     undecodable: list[bytes] = []
     first_undecodable: SourceRow | None = None
-    # Read as bytes and decoded line by line: a line that is not text in the file's encoding (one row
+    # Split as bytes and decoded line by line: a line that is not text in the file's encoding (one row
     # pasted from a Shift-JIS or CP949 file) is then a bad row by its number, like a line that is not JSON.
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                line = raw.decode(codec)
-            except UnicodeDecodeError as e:
-                problem = f"not {encoding_label(encoding)} text (byte {raw[e.start]:#04x} at byte {e.start + 1} of the line)"
-                rows.append(SourceRow(where, None, problem))
-                undecodable.append(raw)
-                first_undecodable = first_undecodable or rows[-1]
-                continue
-            try:
-                rows.append(SourceRow(where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                rows.append(SourceRow(where, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            line = raw.decode(codec)
+        except UnicodeDecodeError as e:
+            at = f"byte {raw[e.start]:#04x} at byte {e.start + 1} of the line"
+            rows.append(SourceRow(where, None, f"not {encoding_label(encoding)} text ({at})"))
+            undecodable.append(raw)
+            first_undecodable = first_undecodable or rows[-1]
+            continue
+        try:
+            rows.append(SourceRow(where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            rows.append(SourceRow(where, None, f"not valid JSON ({e.msg} at column {e.colno})"))
     if first_undecodable is not None:
         # Said once, on the first such row (the one an error stops at): the lines that do not decode,
         # taken together, are the best evidence of what they are.
@@ -112,9 +112,8 @@ def _read_jsonl(path: Path, encoding: str | None) -> list[SourceRow]:
     return rows
 
 
-def _text(path: Path, encoding: str | None) -> str:
-    """The whole file as text; a file that does not decode is a DataError naming the line and what to do."""
-    data = path.read_bytes()
+def _text(path: Path, data: bytes, encoding: str | None) -> str:
+    """The file's `data` as text; data that does not decode is a DataError naming the line and what to do."""
     try:
         return data.decode(codec_for(encoding))
     except UnicodeDecodeError as e:
@@ -125,22 +124,22 @@ def _text(path: Path, encoding: str | None) -> str:
         ) from None
 
 
-def _read_json(path: Path, encoding: str | None) -> list[SourceRow]:
+def _read_json(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
     try:
-        data = json.loads(_text(path, encoding))
+        parsed = json.loads(_text(path, data, encoding))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line saved as .json, which `datasets` reads too
-            return _read_jsonl(path, encoding)
+            return _read_jsonl(path, data, encoding)
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-        data = next(iter(data.values()))  # {"data": [...]} style exports
-    if not isinstance(data, list):
+    if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(next(iter(parsed.values())), list):
+        parsed = next(iter(parsed.values()))  # {"data": [...]} style exports
+    if not isinstance(parsed, list):
         raise DataError(f"{path}: expected a JSON list of objects (or use JSON Lines, one object per line)")
-    return [SourceRow(f"{path} item {i}", row) for i, row in enumerate(data, start=1)]
+    return [SourceRow(f"{path} item {i}", row) for i, row in enumerate(parsed, start=1)]
 
 
-def _read_csv(path: Path, encoding: str | None) -> list[SourceRow]:
-    reader = csv.reader(io.StringIO(_text(path, encoding), newline=""))
+def _read_csv(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
+    reader = csv.reader(io.StringIO(_text(path, data, encoding), newline=""))
     header = next(reader, [])
     rows = []
     first = reader.line_num + 1

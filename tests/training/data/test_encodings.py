@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_cli
-from training.data import sources
+from training.data import encodings, sources
 from training.data.encodings import likely_encoding
 from training.data.prepare import read_examples
 from training.data.templates import resolve_template
@@ -166,6 +166,16 @@ def test_a_data_encoding_that_decodes_into_another_script_names_the_right_one(tm
     assert len(examples(section(korean, encoding="euc-kr"))) == len(KOREAN)
     ascii_only = write(tmp_path / f"en.{kind}", [{"instruction": "Hi?", "output": "Hello."}], "ascii")
     assert len(examples(section(ascii_only, encoding="euc-jp"))) == 1
+
+
+def test_the_encoding_check_judges_by_the_start_of_the_file_even_where_it_cuts_a_character(
+    tmp_path, monkeypatch
+):
+    korean = write(tmp_path / "ko.jsonl", KOREAN, "euc-kr")
+    # The sample ends between the two bytes of 서, after the first row's question: still judged.
+    monkeypatch.setattr(encodings, "SAMPLE_BYTES", korean.read_bytes().index("서".encode("euc-kr")) + 1)
+    with pytest.raises(DataError, match="not into Japanese text"):
+        examples(section(korean, encoding="euc-jp"))
 
 
 @pytest.mark.parametrize("encoding", [None, "utf-8", "UTF8"])
