@@ -21,29 +21,17 @@ from typing import Any
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; readers may be other users
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write (disk full) names no file
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary file beside `path` for a writer that wants a file name (savefig); it becomes
-    `path` when the block succeeds and is removed when it fails. It keeps `path`'s suffix, from
-    which such writers take the format."""
+    """A temporary file beside `path` (write_text's, or a writer's that wants a file name: savefig);
+    it becomes `path` when the block succeeds and is removed when it fails. It keeps `path`'s
+    suffix, from which such writers take the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
