@@ -196,7 +196,7 @@ def _train_and_record(
 
 @contextlib.contextmanager
 def _one_train_at_a_time(run: RunDir, world: Ranks) -> Iterator[None]:
-    """Refuse a second train (or a merge, an export) of the same run folder while one runs.
+    """Refuse a second train (or a merge, export, eval or push) of the same run folder while one runs.
 
     Two wrote the same checkpoints, each deleted the other's unfinished one as the leftover of a
     kill (and a failing or --force one the whole folder), and both reported success.
