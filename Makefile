@@ -374,6 +374,7 @@ ifeq ($(RUNTIME),docker)
 	If the Docker engine has the GPUs (DOCKER_HOST), pass HAS_GPU=yes" >&2; exit 2)
 	@settings=$$($(COMPOSE) run --rm --no-deps -T -e RUN -e NUM_SHARD -e QUANTIZE -e DTYPE \
 	    -e MAX_INPUT_TOKENS -e MAX_TOTAL_TOKENS -e LORA_BASE_MODEL -e LORA_ADAPTERS -e GGUF_QUANT -e API_KEY \
+	    -e TOOL_CALL_PARSER \
 	    serve-cpu python -m serving launch-env --backend $(SERVE_BACKEND)) && test -n "$$settings" && eval "$$settings" \
 	  && $(COMPOSE) --profile $(SERVE_PROFILE) up -d --wait $(SERVE_SERVICE) \
 	  || { $(COMPOSE) --profile $(SERVE_PROFILE) logs --tail 40 $(SERVE_SERVICE) 2>/dev/null; exit 1; }

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from serving import tool_calls
 from serving.backends.base import LaunchError
 from serving.backends.llamacpp import DEFAULT_QUANT
 from serving.backends.tgi import CONTAINER_OUTPUTS, parse_lora_adapters
@@ -126,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per request (default, or auto: the recipe's max_length)",
     )
     p.add_argument("--device", default="cpu", help="local: cpu (default), cuda, cuda:1, or auto")
+    p.add_argument(
+        "--tool-call-parser",
+        default=os.environ.get("TOOL_CALL_PARSER") or tool_calls.AUTO,
+        metavar="NAME",
+        help="vLLM: how to read the tool calls the model writes, for requests that offer tools: auto "
+        "(default, or $TOOL_CALL_PARSER): from its chat template (hermes for Qwen2.5/Qwen3, qwen3_coder "
+        "for Qwen3.5, llama3_json for Llama 3.1/3.2); none; or one of vLLM's parser names",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -252,6 +261,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             api_key=api_key,
             adapters=adapters,
+            tool_call_parser=args.tool_call_parser,
             on_ready=banner(model, name, length, source, adapters, api_key=bool(api_key)),
         )
     if choice.reason:
@@ -374,6 +384,8 @@ def _launch_env(args: argparse.Namespace) -> int:
         f"request (input up to {settings.max_input_tokens}), from {settings.context_source}",
         file=sys.stderr,
     )
+    for note in settings.notes:
+        print(note, file=sys.stderr)
     print(shell(settings))
     return 0
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from serving.backends import get_backend
 from serving.backends.base import LaunchError, LaunchSettings, check_num_shard, split_limits
 from serving.backends.llamacpp import DEFAULT_QUANT, gguf_path
-from serving.model_dir import ModelDir, ModelDirError
+from serving.backends.vllm import choose_tool_call_parser
+from serving.model_dir import ModelDir, ModelDirError, read_chat_template
 
 GPU_BACKENDS = ("tgi", "vllm")
 LAUNCHED = (*GPU_BACKENDS, "llamacpp")  # backends `make serve` starts with compose
@@ -61,8 +62,10 @@ def plan_merged(
     max_input_tokens: int | None = None,
     quantize: str | None = None,
     dtype: str | None = None,
+    tool_calls: str | None = None,
 ) -> LaunchSettings:
-    """Settings to serve a merged model with TGI or vLLM, after checking it can be served so."""
+    """Settings to serve a merged model with TGI or vLLM, after checking it can be served so.
+    `tool_calls`: vLLM's tool-call parser, 'auto' (unset: from the chat template) or 'none'."""
     if backend not in GPU_BACKENDS:
         raise LaunchError(f"unknown GPU backend {backend!r}; choose one of: {', '.join(GPU_BACKENDS)}")
     server = get_backend(backend)
@@ -89,6 +92,10 @@ def plan_merged(
     choice = {k: v for k, v in (("QUANTIZE", quantize), ("DTYPE", dtype)) if v}
     settings.dtype = server.launch_dtype(model, choice, settings.warnings)
     settings.warnings.extend(server.check_model(model, num_shard))
+    if backend == "vllm":  # TGI reads tool calls with its own grammar, for any model
+        settings.tool_call_parser = choose_tool_call_parser(
+            tool_calls, read_chat_template(model.path), settings.notes
+        )
     return settings
 
 
@@ -174,6 +181,7 @@ def plan_from_env(
             max_input_tokens=max_input,
             quantize=env.get("QUANTIZE") or None,
             dtype=env.get("DTYPE") or None,
+            tool_calls=env.get("TOOL_CALL_PARSER") or None,
         )
     except ModelDirError as e:
         raise LaunchError(f"{e} (RUN={run})") from None

@@ -130,6 +130,7 @@ def run_vllm_cpu(
     port: int,
     api_key: str | None,
     adapters: Sequence[tuple[str, Path]] = (),
+    tool_call_parser: str | None = None,
     on_ready: Callable[[str, list[str]], None] | None = None,
 ) -> int:
     """Serve `model` with vLLM on the CPU until it stops; its exit status. VLLM_CPU_ARGS adds options."""
@@ -151,6 +152,7 @@ def run_vllm_cpu(
             api_key=api_key,
             runtime_dir=runtime_dir,
             adapters=adapters,
+            tool_call_parser=tool_call_parser,
             python=python,
         )
         if not has_plugin(python):

@@ -62,9 +62,12 @@ class LaunchSettings:
     context_source: str
     dtype: str | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the person starting it should know
     # False where the server reads the same model and recipe itself (llama.cpp's, --max-model-len auto)
     # and no limit was set: checked here, not passed on, so that its banner names their source.
     limits_in_env: bool = True
+    # vLLM: the parser of the tool calls the model writes (serving.tool_calls); None: tools are refused.
+    tool_call_parser: str | None = None
 
     def env(self) -> dict[str, str]:
         env = {"RUN": self.run, "NUM_SHARD": str(self.num_shard)}
@@ -73,6 +76,12 @@ class LaunchSettings:
             env["MAX_TOTAL_TOKENS"] = str(self.max_total_tokens)
         if self.dtype:
             env["DTYPE"] = self.dtype
+        if self.backend == "vllm":
+            # compose.yaml's vLLM command line is fixed, so both flags are always there: the switch
+            # turned off (--no-enable-auto-tool-choice), vLLM never reads the parser's name.
+            on = self.tool_call_parser is not None
+            env["VLLM_TOOL_CHOICE"] = "enable-auto-tool-choice" if on else "no-enable-auto-tool-choice"
+            env["TOOL_CALL_PARSER"] = self.tool_call_parser or "hermes"
         return env
 
 

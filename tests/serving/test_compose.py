@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.backends.base import LaunchSettings
 from serving.backends.tgi import IMAGE as TGI_IMAGE
 from serving.backends.tgi import QUANTIZE as TGI_QUANTIZE
 from serving.backends.vllm import IMAGE as VLLM_IMAGE
@@ -39,6 +40,8 @@ SETTINGS = (
     "VLLM_CPU_IMAGE",
     "VLLM_CPU_KVCACHE_SPACE",
     "VLLM_CPU_ARGS",
+    "VLLM_TOOL_CHOICE",
+    "TOOL_CALL_PARSER",
     "GGUF_QUANT",
     "LLAMACPP_IMAGE",
     "RECIPE",
@@ -118,11 +121,26 @@ def test_every_flag_and_variable_is_one_the_pinned_image_documents(service):
     assert raw["image"] == f"${{{IMAGE_VARIABLES[service]}:-{SERVERS[service]}}}"
     assert documented["image"] == SERVERS[service]
     args = raw["command"][1:] if service == "vllm" else raw["command"]  # vLLM's first argument is the model
+    if service == "vllm":  # the switch named by a variable: each name it can take
+        switch = "--${VLLM_TOOL_CHOICE:-no-enable-auto-tool-choice}"
+        assert switch in args
+        args = [a for a in args if a != switch] + tool_choice_switches()
     undocumented = [a for a in args if flag_name(a) not in documented["flags"]]
     assert not undocumented, f"{service}: flags the image does not document: {undocumented}"
     assert all(a.startswith("--") for a in args)
     unknown_env = sorted(set(raw["environment"]) - set(documented["env"]) - LIBRARY_ENV[service])
     assert not unknown_env, f"{service}: environment variables the image does not document: {unknown_env}"
+
+
+def tool_choice_switches() -> list[str]:
+    """vLLM's --${VLLM_TOOL_CHOICE} in both settings make serve gives it, as the documented flag: vLLM
+    makes each boolean field a --flag / --no-flag pair (engine/arg_utils.py, BooleanOptionalAction;
+    test_vllm_cpu.py runs both on the real parser)."""
+    switches = []
+    for parser in ("hermes", None):
+        settings = LaunchSettings("vllm", "run", 1, 2, 1, "set", tool_call_parser=parser)
+        switches.append("--" + settings.env()["VLLM_TOOL_CHOICE"].removeprefix("no-"))
+    return switches
 
 
 def test_fixed_values_are_allowed_values():
@@ -172,6 +190,8 @@ def test_gpu_servers_pass_docker_compose_config_with_safe_defaults(tmp_path):
         "--max-model-len=2048",
     ]
     assert vllm["environment"]["VLLM_NO_USAGE_STATS"] == "1" and vllm["environment"]["DO_NOT_TRACK"] == "1"
+    # Requests that offer tools are refused until make serve finds the model writes tool calls.
+    assert vllm["command"][-2:] == ["--no-enable-auto-tool-choice", "--tool-call-parser=hermes"]
 
 
 def test_settings_flow_into_both_servers(tmp_path):
@@ -184,6 +204,8 @@ def test_settings_flow_into_both_servers(tmp_path):
         API_KEY="k3y",
         QUANTIZE="bitsandbytes-nf4",
         SERVE_PORT="9000",
+        VLLM_TOOL_CHOICE="enable-auto-tool-choice",
+        TOOL_CALL_PARSER="qwen3_coder",
     )
     tgi, vllm, cpu, vllm_cpu = services["tgi"], services["vllm"], services["serve-cpu"], services["vllm-cpu"]
     assert "--model-id=/outputs/ko-7b/merged" in tgi["command"] and "--num-shard=4" in tgi["command"]
@@ -197,6 +219,8 @@ def test_settings_flow_into_both_servers(tmp_path):
         "--max-model-len=2048",
     ]
     assert vllm["environment"]["VLLM_API_KEY"] == "k3y" and cpu["environment"]["API_KEY"] == "k3y"
+    assert vllm["command"][-2:] == ["--enable-auto-tool-choice", "--tool-call-parser=qwen3_coder"]
+    assert vllm_cpu["environment"]["TOOL_CALL_PARSER"] == "qwen3_coder"  # its serve command reads it
     assert vllm_cpu["environment"]["API_KEY"] == "k3y" and "ko-7b" in vllm_cpu["command"]
     assert {services[s]["ports"][0]["published"] for s in ("tgi", "vllm", "serve-cpu", "vllm-cpu")} == {
         "9000"
@@ -240,7 +264,9 @@ def test_vllm_on_the_cpu_is_built_from_the_lock_and_started_as_make_serve_starts
     assert int(svc["shm_size"]) >= 2**30
     env = svc["environment"]
     assert (env["HF_HUB_OFFLINE"], env["VLLM_NO_USAGE_STATS"], env["DO_NOT_TRACK"]) == ("1", "1", "1")
-    assert all(env[k] is None for k in ("API_KEY", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_ARGS"))
+    assert all(
+        env[k] is None for k in ("API_KEY", "VLLM_CPU_KVCACHE_SPACE", "TOOL_CALL_PARSER", "VLLM_CPU_ARGS")
+    )
     assert "/health" in " ".join(svc["healthcheck"]["test"])
     assert "deploy" not in svc and "restart" not in svc
     dockerfile = (ROOT / "docker" / "Dockerfile.vllm-cpu").read_text(encoding="utf-8")

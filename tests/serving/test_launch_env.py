@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import trl
 
 from serving.backends.base import LaunchError
 from serving.backends.tgi import plan_multi_lora
@@ -150,8 +151,8 @@ def test_empty_optional_settings_are_refused_for_tgi(merged_model):
 
 
 def test_launch_env_prints_settings_a_shell_can_eval(merged_model, capsys, monkeypatch):
-
     monkeypatch.setenv("RUN", "quickstart")
+    monkeypatch.delenv("TOOL_CALL_PARSER", raising=False)
     assert (
         main(
             [
@@ -173,6 +174,9 @@ def test_launch_env_prints_settings_a_shell_can_eval(merged_model, capsys, monke
         "NUM_SHARD": "2",
         "MAX_INPUT_TOKENS": "255",
         "MAX_TOTAL_TOKENS": "256",
+        # The quickstart's template (dolly-ja) writes no tool calls: vLLM refuses requests with tools.
+        "VLLM_TOOL_CHOICE": "no-enable-auto-tool-choice",
+        "TOOL_CALL_PARSER": "hermes",
     }
     assert "256 tokens per request" in err
     assert (
@@ -190,6 +194,28 @@ def test_launch_env_prints_settings_a_shell_can_eval(merged_model, capsys, monke
         == 2
     )
     assert "set NUM_SHARD to one of 1, 2" in capsys.readouterr().err
+
+
+def test_vllm_reads_tool_calls_as_the_models_chat_template_writes_them(model_copy, capsys):
+    # A model fine-tuned on tool calls with Qwen2.5's own template (data.template: model).
+    qwen = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+    (model_copy / "chat_template.jinja").write_text(qwen, encoding="utf-8")
+    outputs = model_copy.parent.parent
+    settings = plan_from_env("vllm", num_shard=1, outputs=outputs, env={})
+    env = settings.env()
+    assert (env["VLLM_TOOL_CHOICE"], env["TOOL_CALL_PARSER"]) == ("enable-auto-tool-choice", "hermes")
+    assert settings.notes == [
+        "tool calls: requests may offer tools; vLLM reads the model's calls as hermes (from the chat template)"
+    ]
+    chosen = plan_from_env("vllm", num_shard=1, outputs=outputs, env={"TOOL_CALL_PARSER": "qwen3_xml"})
+    assert chosen.env()["TOOL_CALL_PARSER"] == "qwen3_xml" and "(chosen)" in chosen.notes[0]
+    off = plan_from_env("vllm", num_shard=1, outputs=outputs, env={"TOOL_CALL_PARSER": "none"})
+    assert off.env()["VLLM_TOOL_CHOICE"] == "no-enable-auto-tool-choice" and not off.notes
+    # TGI reads tool calls with its own grammar, for any model: nothing to set.
+    assert "TOOL_CALL_PARSER" not in plan_from_env("tgi", num_shard=1, outputs=outputs, env={}).env()
+    # A misspelt name stops before the minutes of loading, where vLLM would take it and fail loaded.
+    with pytest.raises(LaunchError, match="TOOL_CALL_PARSER: unknown tool-call parser 'hermess'"):
+        plan_from_env("vllm", num_shard=1, outputs=outputs, env={"TOOL_CALL_PARSER": "hermess"})
 
 
 def test_launch_env_says_llamacpp_runs_on_the_cpu(merged_model, capsys, monkeypatch):

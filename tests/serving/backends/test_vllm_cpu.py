@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+import trl
 from huggingface_hub import InferenceClient
 from huggingface_hub import constants as hub_constants
 
@@ -35,6 +36,7 @@ from serving.client import ServingClient
 from serving.errors import AuthenticationError, LimitExceededError, RequestRejectedError
 from serving.launcher import shutdown_timeout, vllm_python
 from serving.model_dir import ModelDir, read_chat_template
+from serving.tool_calls import VLLM_PARSERS
 from tests.serving.conftest import API_KEY, VLLM_START_TIMEOUT, ServerProcess
 from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
 from training.data.templates import BUILTIN_TEMPLATES
@@ -162,6 +164,66 @@ def test_the_command_serves_the_run_in_its_dtype_with_the_recipes_limit(merged_m
     assert command.env["VLLM_HOST_IP"] == "127.0.0.1" and command.env["VLLM_NO_USAGE_STATS"] == "1"
     # The user's warning filters stay, the resource tracker's warning is filtered after them.
     assert command.env["PYTHONWARNINGS"] == f"error::DeprecationWarning,{RESOURCE_TRACKER_WARNINGS}"
+
+
+QWEN_TEMPLATE = Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja"
+
+
+def tool_calling_model(merged_model: Path, target: Path) -> Path:
+    """The merged model with Qwen2.5's chat template, as a run fine-tuned on tool calls with
+    data.template: model saves it."""
+    shutil.copytree(merged_model, target)
+    shutil.copy(QWEN_TEMPLATE, target / "chat_template.jinja")
+    return target
+
+
+def test_vllm_starts_with_the_parser_for_the_tool_calls_the_template_writes(merged_model, tmp_path):
+    def command(model: Path, requested: str | None = None):
+        return VLLMCPU().local_command(
+            ModelDir.open(model),
+            served_name="m",
+            max_model_len=256,
+            host="127.0.0.1",
+            port=1,
+            api_key=None,
+            runtime_dir=tmp_path,
+            tool_call_parser=requested,
+        )
+
+    qwen = tool_calling_model(merged_model, tmp_path / "qwen")
+    auto = command(qwen)
+    assert auto.argv[-3:] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert "vLLM reads the model's calls as hermes (from the chat template)" in auto.notes[-1]
+    assert "--enable-auto-tool-choice" not in command(qwen, "none").argv
+    # The quickstart's dolly-ja template has no place for tool calls: vLLM refuses requests with tools.
+    assert "--enable-auto-tool-choice" not in command(merged_model).argv
+    assert command(merged_model, "llama3_json").argv[-1] == "llama3_json"
+    with pytest.raises(LaunchError, match="unknown tool-call parser 'hermess'"):
+        command(qwen, "hermess")
+
+
+def test_the_tool_call_parsers_are_the_installed_vllms_and_its_switch_turns_off(vllm_env):
+    registered = ast.literal_eval(
+        assigned(installed_vllm_source("tool_parsers/__init__.py"), "_TOOL_PARSERS_TO_REGISTER")
+    )
+    assert set(registered) == VLLM_PARSERS
+    # compose.yaml gives the GPU server both flags, the switch --no-enable-auto-tool-choice when off.
+    check = (
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+        "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+        "import sys\n"
+        "args = make_arg_parser(FlexibleArgumentParser()).parse_args(['--model', 'm', *sys.argv[1:]])\n"
+        "validate_parsed_serve_args(args)\n"
+        "print(args.enable_auto_tool_choice, args.tool_call_parser)\n"
+    )
+    for switch, on in (("--no-enable-auto-tool-choice", "False"), ("--enable-auto-tool-choice", "True")):
+        done = subprocess.run(
+            [vllm_python(), "-c", check, switch, "--tool-call-parser=hermes"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0 and done.stdout.split()[-2:] == [on, "hermes"], done.stderr[-2000:]
 
 
 def adapter_dirs(tmp_path: Path, ranks: dict[str, int]) -> list[tuple[str, Path]]:
@@ -343,6 +405,44 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
     assert status == 0, log[-3000:]
     assert "Application shutdown complete" in log  # it shut down, rather than being killed
     assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
+
+
+def test_a_model_trained_on_tool_calls_answers_requests_that_offer_tools(merged_model, vllm_env, tmp_path):
+    """Started as make serve starts it (the parser from the chat template), vLLM takes a chat that
+    offers tools (tool_choice auto, the default), which it answers 400 when started without."""
+    server = ServerProcess(
+        tool_calling_model(merged_model, tmp_path / "qwen"),
+        "--backend",
+        "vllm",
+        "--max-model-len",  # room for Qwen's tools preamble in the tiny tokenizer's many tokens
+        "1024",
+        env=vllm_env,
+        start_timeout=VLLM_START_TIMEOUT,
+    )
+    try:
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "description": "The weather in a city.",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ]
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+        answer = client.chat.completions.create(
+            model="quickstart",
+            messages=[{"role": "user", "content": "ソウルの天気は?"}],
+            tools=tools,
+            max_tokens=8,
+            temperature=0,
+        )
+        # The tiny random model writes no call; the request is taken and answered.
+        assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    finally:
+        server.stop()
+    assert "vLLM reads the model's calls as hermes" in "".join(server.output)
 
 
 # --- the real server: vllm_server, the merged quickstart model -------------------------------
