@@ -125,8 +125,9 @@ class DataSection(_Section):
     encoding: str | None = Field(
         None,
         description="Text encoding of a .jsonl/.json/.csv file (data.source and validation.file), a Python "
-        f"codec name: {ENCODING_EXAMPLES}. Default: UTF-8, with or without a byte-order mark. Passed to "
-        "`datasets` for a hub dataset of CSV or JSON files",
+        f"codec name: {ENCODING_EXAMPLES} (cp949 Korean, cp932 Japanese, gb18030 Simplified Chinese, cp950 "
+        "Traditional Chinese: what Excel writes on Windows in that language; euc-jp: older Japanese Unix "
+        "exports). Default: UTF-8, with or without a byte-order mark. Passed to `datasets` for a hub dataset of CSV or JSON files",
     )
     validation: ValidationSplit | None = None
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (smoke runs)")

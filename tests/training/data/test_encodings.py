@@ -1,5 +1,5 @@
-"""Local data in legacy Korean and Japanese encodings: read with data.encoding, and without it an error
-that names the encoding the file is most likely in (never applied on its own)."""
+"""Local data in legacy Korean, Japanese and Chinese encodings: read with data.encoding, and without it an
+error that names the encoding the file is most likely in (never applied on its own)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,61 @@ JAPANESE = [
 ]
 # Windows' own characters (①, NEC row 13) that only CP932 among the Japanese codecs has.
 JAPANESE_WINDOWS = [*JAPANESE, {"instruction": "①の読み方は？", "output": "「いち」または「まるいち」です。"}]
+# Chinese as Excel on Chinese Windows saves it: GBK (a subset of GB18030) and Big5 (CP950).
+SIMPLIFIED = [
+    {
+        "instruction": "中国的首都是哪里？",
+        "output": "中国的首都是北京。\n北京有三千多年的建城史，常住人口约2,180万。",
+    },
+    {
+        "instruction": "请用简单的话解释什么是机器学习。",
+        "output": "机器学习是让计算机从数据中找出规律的方法。比如，给模型看很多标注好的图片，它就能学会分辨猫和狗。"
+        "常见的框架有 PyTorch 和 TensorFlow。",
+    },
+    {
+        "instruction": "“微调”（fine-tuning）和从头训练有什么区别？",
+        "output": "微调是在已经预训练好的模型上，用少量领域数据继续训练；从头训练则需要大量数据和算力。"
+        "用 QLoRA 在一张 24GB 显卡上就能微调 7B 模型。",
+    },
+    {
+        "instruction": "如何在 Excel 里把表格保存为 CSV 文件？",
+        "output": "点击“文件”→“另存为”，在“保存类型”中选择“CSV（逗号分隔）”，然后点“保存”。",
+    },
+    {
+        "instruction": "推荐几本适合初学者的编程书。",
+        "output": "可以从《Python编程：从入门到实践》开始，再读《算法图解》。每天写一点代码，坚持三个月，进步会很明显。",
+    },
+]
+TRADITIONAL = [
+    {
+        "instruction": "臺灣最高的山是哪一座？",
+        "output": "臺灣最高的山是玉山，海拔約3,952公尺。\n它也是東北亞的最高峰。",
+    },
+    {
+        "instruction": "請用簡單的話解釋什麼是機器學習。",
+        "output": "機器學習是讓電腦從資料中找出規律的方法。例如，給模型看很多標註好的圖片，它就能學會分辨貓和狗。"
+        "常見的框架有 PyTorch 和 TensorFlow。",
+    },
+    {
+        "instruction": "「微調」（fine-tuning）和從頭訓練有什麼不同？",
+        "output": "微調是在已經預訓練好的模型上，用少量領域資料繼續訓練；從頭訓練則需要大量資料與運算資源。"
+        "用 QLoRA 在一張 24GB 顯示卡上就能微調 7B 模型。",
+    },
+    {
+        "instruction": "如何在 Excel 裡把表格存成 CSV 檔？",
+        "output": "點選「檔案」→「另存新檔」，在「存檔類型」中選擇「CSV（逗號分隔）」，然後按「儲存」。",
+    },
+    {
+        "instruction": "推薦幾本適合初學者的程式設計書。",
+        "output": "可以從《Python程式設計：從入門到實踐》開始，再讀《演算法圖解》。每天寫一點程式，堅持三個月，進步會很明顯。",
+    },
+]
+# Characters that Windows' CP950 has and Python's big5 does not: €, and 恒 among seven hanzi it added.
+TRADITIONAL_WINDOWS = [
+    *TRADITIONAL,
+    {"instruction": "「恒心」的「恒」怎麼寫？", "output": "「恒」是「恆」的異體字，兩種寫法都很常見。"},
+    {"instruction": "這支耳機在歐洲賣多少錢？", "output": "大約 €129，含稅。"},
+]
 
 # (rows, the encoding the file is written in, the encoding the error should name)
 LEGACY = [
@@ -43,6 +98,11 @@ LEGACY = [
     (JAPANESE_WINDOWS, "cp932", "cp932"),
     (JAPANESE, "shift_jis", "cp932"),
     (JAPANESE, "euc-jp", "euc-jp"),
+    (SIMPLIFIED, "gbk", "gb18030"),  # GB18030 reads all of GBK, and GBK all of GB2312
+    (SIMPLIFIED, "gb2312", "gb18030"),
+    (SIMPLIFIED, "gb18030", "gb18030"),
+    (TRADITIONAL, "big5", "cp950"),  # CP950 reads all of Big5
+    (TRADITIONAL_WINDOWS, "cp950", "cp950"),
 ]
 KINDS = ["csv", "jsonl", "json"]
 
@@ -139,6 +199,43 @@ def test_the_guess_is_by_script_where_the_byte_ranges_overlap():
     assert likely_encoding("대한민국의 수도는 서울".encode("cp949"), None).codec == "cp949"
     assert likely_encoding("대한민국의 수도는 서울".encode("cp949"), "cp949") is None
     assert likely_encoding("ありがとうございます".encode("cp932"), "cp932") is None
+    # EUC-KR's Hangul are GB2312's hanzi byte for byte (대한민국 reads as 措茄刮惫 in GB18030), and EUC-JP's
+    # kana Big5's frequent hanzi (ありがとう reads as 丐曰互午丹 in CP950): Korean and Japanese come first.
+    assert likely_encoding("대한민국의 수도는 서울".encode("euc-kr"), None).codec == "cp949"
+    assert likely_encoding("ありがとうございます".encode("euc-jp"), None).codec == "euc-jp"
+    assert likely_encoding("中国的首都是北京".encode("gbk"), None).codec == "gb18030"
+    assert likely_encoding("臺灣最高的山是玉山".encode("big5"), None).codec == "cp950"
+
+
+@pytest.mark.parametrize(("rows", "encoding", "named"), LEGACY)
+def test_each_row_alone_is_named_by_its_own_language(rows, encoding, named):
+    # Korean and Japanese never named Chinese, nor Chinese Korean or Japanese, though GB18030 and CP950
+    # decode nearly any Korean or Japanese bytes, and CP949 many GBK ones.
+    for row in rows:
+        line = json.dumps(row, ensure_ascii=False).encode(encoding)
+        assert likely_encoding(line, None).codec == named, row
+
+
+def test_a_stray_byte_does_not_make_a_korean_file_chinese(tmp_path):
+    # 0xC9A1 is no CP949 character but GB2312's 伞: the file decodes in GB18030 alone, all common hanzi there.
+    path = tmp_path / "ko.csv"
+    path.write_bytes(text_of(KOREAN, "csv").encode("cp949").replace(b"\n", b"\n\xc9\xa1", 1))
+    with pytest.raises(DataError) as e:
+        examples(section(path))
+    assert "save the file as UTF-8, or set data.encoding to the encoding it is in" in str(e.value)
+    with pytest.raises(DataError, match="reads as Korean text in cp949 as well"):
+        examples(section(path, encoding="gb18030"))
+
+
+def test_cp950_reads_what_excel_on_traditional_chinese_windows_writes_where_big5_does_not(tmp_path):
+    path = write(tmp_path / "zh.csv", TRADITIONAL_WINDOWS, "cp950")  # with € and 恒
+    with pytest.raises(DataError) as e:
+        examples(section(path, encoding="big5"))
+    assert f"{path} line 8: not big5 text (byte 0xf9)" in str(e.value)  # 恒, the first row with one
+    assert "it decodes as cp950 (Traditional Chinese: Big5 as Windows writes it, e.g. Excel on" in str(
+        e.value
+    )
+    assert len(examples(section(path, encoding="cp950"))) == len(TRADITIONAL_WINDOWS)
 
 
 def test_a_wrong_data_encoding_names_the_right_one(tmp_path):
@@ -166,6 +263,55 @@ def test_a_data_encoding_that_decodes_into_another_script_names_the_right_one(tm
     assert len(examples(section(korean, encoding="euc-kr"))) == len(KOREAN)
     ascii_only = write(tmp_path / f"en.{kind}", [{"instruction": "Hi?", "output": "Hello."}], "ascii")
     assert len(examples(section(ascii_only, encoding="euc-jp"))) == 1
+
+
+def test_a_korean_data_encoding_on_chinese_text_that_decodes_names_the_chinese_one(tmp_path):
+    # These rows have none of GBK's row 0xC9 (上, 生), which CP949 refuses: CP949 decodes them without an
+    # error, into Hangul and Hanja (中国的首都 reads as 櫓벌돨看떼).
+    gbk = write(tmp_path / "zh.jsonl", SIMPLIFIED[:2], "gbk")
+    assert gbk.read_bytes().decode("cp949")
+    with pytest.raises(DataError) as e:
+        examples(section(gbk, encoding="cp949"))
+    assert f"{gbk}: decodes in data.encoding cp949 without an error, but not into Korean text" in str(e.value)
+    assert (
+        "it decodes as gb18030 (Simplified Chinese: GB2312, GBK or their superset GB18030, e.g. Excel"
+        in str(e.value)
+    )
+    assert "set data.encoding: gb18030 in the recipe" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("rows", "encoding", "given", "named"),
+    [
+        (KOREAN, "euc-kr", "gb18030", "cp949"),  # all of it common hanzi in GB18030
+        (KOREAN, "euc-kr", "gbk", "cp949"),
+        (KOREAN[:1], "cp949", "cp950", "cp949"),  # and in CP950
+        (JAPANESE, "euc-jp", "gb18030", "euc-jp"),  # GB2312 has the kana of JIS X 0208, where they are
+        (JAPANESE, "euc-jp", "cp950", "euc-jp"),  # and Big5 its frequent hanzi
+        (JAPANESE[1:], "euc-jp", "big5", "euc-jp"),
+    ],
+)
+def test_a_chinese_data_encoding_on_korean_or_japanese_text_names_theirs(
+    tmp_path, rows, encoding, given, named
+):
+    path = write(tmp_path / "d.csv", rows, encoding)
+    assert path.read_bytes().decode(given)
+    with pytest.raises(DataError) as e:
+        examples(section(path, encoding=given))
+    assert f"{path}: decodes in data.encoding {given} without an error, but " in str(e.value)
+    assert f"set data.encoding: {named} in the recipe" in str(e.value)
+
+
+def test_a_chinese_data_encoding_on_korean_text_says_why_it_is_taken_for_korean(tmp_path):
+    korean = write(tmp_path / "ko.csv", KOREAN, "euc-kr")
+    with pytest.raises(DataError) as e:
+        examples(section(korean, encoding="gb18030"))
+    assert str(e.value) == (
+        f"{korean}: decodes in data.encoding gb18030 without an error, but reads as Korean text in cp949 as "
+        "well, and a file that reads as both is taken to be Korean: set data.encoding: cp949 in the recipe "
+        "(Korean: EUC-KR or its superset CP949, e.g. Excel on Korean Windows); if it is Simplified Chinese, "
+        "save it as UTF-8"
+    )
 
 
 def test_the_encoding_check_judges_by_the_start_of_the_file_even_where_it_cuts_a_character(
@@ -203,7 +349,18 @@ def test_data_encoding_must_be_a_text_encoding_a_data_file_can_be_in():
     )
     parquet = recipe_error({"source": "d.parquet", "encoding": "cp949"})
     assert "data.encoding: applies to .jsonl/.json/.csv files; text in Parquet is UTF-8" in parquet
-    for name in ("utf-8", "cp949", "EUC-KR", "cp932", "shift_jis", "euc_jp"):
+    for name in (
+        "utf-8",
+        "cp949",
+        "EUC-KR",
+        "cp932",
+        "shift_jis",
+        "euc_jp",
+        "gb18030",
+        "GBK",
+        "big5",
+        "cp950",
+    ):
         recipe_from_dict(
             {
                 "model": {"name": "tiny://llama"},
