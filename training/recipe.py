@@ -88,16 +88,45 @@ class LoraSection(_Section):
         return self
 
 
+def _checked_encoding(encoding: str | None, path: str | None, key: str) -> str | None:
+    if encoding is None:
+        return encoding
+    if str(path or "").lower().endswith(".parquet"):
+        raise ValueError(
+            f"applies to .jsonl/.json/.csv files; text in Parquet is UTF-8 by its specification, so remove {key}"
+        )
+    return check_encoding(encoding)  # raises ValueError naming what is allowed
+
+
 class ValidationSplit(_Section):
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
     file: str | None = None
     split: str | None = Field(None, description="A split expression of the same hub dataset, e.g. test[:500]")
+    encoding: str | None = Field(
+        None,
+        description="Text encoding of validation.file, where it differs from data.encoding (the default): "
+        "a file from elsewhere",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _checked_encoding(v, info.data.get("file"), "data.validation.encoding")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ValidationSplit:
         given = [k for k in ("fraction", "file", "split") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of fraction, file or split")
+        return self
+
+    @model_validator(mode="after")
+    def _encoding_of_a_file(self) -> ValidationSplit:
+        if self.encoding is not None and self.file is None:
+            split = "fraction" if self.fraction is not None else "split"
+            raise ValueError(
+                f"encoding applies to validation.file; a {split} of data.source is read with data.encoding"
+            )
         return self
 
 
@@ -124,10 +153,11 @@ class DataSection(_Section):
     split: str = "train"
     encoding: str | None = Field(
         None,
-        description="Text encoding of a .jsonl/.json/.csv file (data.source and validation.file), a Python "
-        f"codec name: {ENCODING_EXAMPLES} (cp949 Korean, cp932 Japanese, gb18030 Simplified Chinese, cp950 "
-        "Traditional Chinese: what Excel writes on Windows in that language; euc-jp: older Japanese Unix "
-        "exports). Default: UTF-8, with or without a byte-order mark. Passed to `datasets` for a hub dataset of CSV or JSON files",
+        description="Text encoding of a .jsonl/.json/.csv file (data.source, and validation.file unless "
+        f"validation.encoding is given), a Python codec name: {ENCODING_EXAMPLES} (cp949 Korean, cp932 "
+        "Japanese, gb18030 Simplified Chinese, cp950 Traditional Chinese: what Excel writes on Windows in that "
+        "language; euc-jp: older Japanese Unix exports). Default: UTF-8, with or without a byte-order mark. "
+        "Passed to `datasets` for a hub dataset of CSV or JSON files",
     )
     validation: ValidationSplit | None = None
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (smoke runs)")
@@ -162,14 +192,7 @@ class DataSection(_Section):
     @field_validator("encoding")
     @classmethod
     def _known_encoding(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if v is None:
-            return v
-        if str(info.data.get("source", "")).lower().endswith(".parquet"):
-            raise ValueError(
-                "applies to .jsonl/.json/.csv files; text in Parquet is UTF-8 by its specification, so remove "
-                "data.encoding"
-            )
-        return check_encoding(v)  # raises ValueError naming what is allowed
+        return _checked_encoding(v, info.data.get("source"), "data.encoding")
 
     @field_validator("validation", mode="before")
     @classmethod

@@ -145,14 +145,17 @@ def _letters(text: str) -> list[str]:
     return list(itertools.islice(found, SAMPLE_LETTERS))
 
 
-def encoding_advice(data: bytes, failed: str | None) -> str:
-    """What to do about `data` that is not text in the `failed` encoding (None: UTF-8), for an error."""
+def encoding_advice(data: bytes, failed: str | None, key: str = "data.encoding") -> str:
+    """What to do about `data` that is not text in the `failed` encoding (None: UTF-8), for an error; `key`
+    is the recipe key the encoding comes from."""
     candidate = likely_encoding(data, failed)
     if candidate is None:
         if failed is None:
-            return f"save the file as UTF-8, or set data.encoding to the encoding it is in (e.g. {EXAMPLES})"
-        return f"check data.encoding ({failed}), or save the file as UTF-8"
-    fix = f"it decodes as {candidate.codec} ({candidate.described}): set data.encoding: {candidate.codec} in the recipe"
+            return f"save the file as UTF-8, or set {key} to the encoding it is in (e.g. {EXAMPLES})"
+        return f"check {key} ({failed}), or save the file as UTF-8"
+    fix = (
+        f"it decodes as {candidate.codec} ({candidate.described}): set {key}: {candidate.codec} in the recipe"
+    )
     return fix if candidate.codec == "utf-8" else f"{fix}, or save the file as UTF-8"
 
 
@@ -169,7 +172,7 @@ _LANGUAGE_OF = {
 }
 
 
-def misread(data: bytes, encoding: str) -> str | None:
+def misread(data: bytes, encoding: str, key: str = "data.encoding") -> str | None:
     """Why `data` is not text in `encoding` although it decodes in it without an error (EUC-KR bytes
     decode in EUC-JP as kanji, and in GB18030 as common hanzi), for an error; None when it reads as
     `encoding`'s language and no language before it claims it (_claimed_by), or when no other encoding
@@ -191,17 +194,17 @@ def misread(data: bytes, encoding: str) -> str | None:
         if candidate is None:
             return None
         return (
-            f"decodes in data.encoding {encoding} without an error, but reads as {candidate.language} text in "
+            f"decodes in {key} {encoding} without an error, but reads as {candidate.language} text in "
             f"{candidate.codec} as well, and a file that reads as both is taken to be {candidate.language}: set "
-            f"data.encoding: {candidate.codec} in the recipe ({candidate.described}); if it is {language}, "
+            f"{key}: {candidate.codec} in the recipe ({candidate.described}); if it is {language}, "
             "save it as UTF-8"
         )
     candidate = likely_encoding(data, encoding)
     if candidate is None:
         return None
     return (
-        f"decodes in data.encoding {encoding} without an error, but not into {language} text; it decodes as "
-        f"{candidate.codec} ({candidate.described}): set data.encoding: {candidate.codec} in the recipe"
+        f"decodes in {key} {encoding} without an error, but not into {language} text; it decodes as "
+        f"{candidate.codec} ({candidate.described}): set {key}: {candidate.codec} in the recipe"
     )
 
 

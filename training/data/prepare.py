@@ -105,7 +105,9 @@ def read_examples(cfg: DataSection, template: PromptTemplate | None) -> Rows:
                 split=v.split or "train",
                 subset=cfg.subset,
                 revision=cfg.revision,
-                encoding=cfg.encoding,
+                # A validation file from elsewhere may be in another encoding than data.source.
+                encoding=v.encoding or cfg.encoding,
+                encoding_key="data.validation.encoding" if v.file else "data.encoding",
             )
             eval_examples, eval_report = convert_rows(rows, cfg, template, source=source)
     if not train_examples:

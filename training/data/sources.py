@@ -53,18 +53,19 @@ def read_rows(
     revision: str | None = None,
     max_rows: int | None = None,
     encoding: str | None = None,
+    encoding_key: str = "data.encoding",
 ) -> list[SourceRow]:
-    """The rows of `source`; `encoding` (data.encoding) is the text encoding of a JSON or CSV file,
-    None for UTF-8."""
+    """The rows of `source`; `encoding` is the text encoding of a JSON or CSV file, None for UTF-8, and
+    `encoding_key` the recipe key it comes from, for messages."""
     if is_local(source):
-        rows = _read_local(Path(source), encoding)
+        rows = _read_local(Path(source), encoding, encoding_key)
         rows = _apply_split(rows, split, source)
     else:
         rows = _read_hub(source, split=split, subset=subset, revision=revision, encoding=encoding)
     return rows[:max_rows] if max_rows else rows
 
 
-def _read_local(path: Path, encoding: str | None) -> list[SourceRow]:
+def _read_local(path: Path, encoding: str | None, key: str) -> list[SourceRow]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
@@ -73,16 +74,16 @@ def _read_local(path: Path, encoding: str | None) -> list[SourceRow]:
     if kind == "parquet":
         return _read_parquet(path)  # text in Parquet is UTF-8 by its specification
     data = path.read_bytes()  # once: the encoding check and the reader share it
-    if encoding is not None and (problem := misread(data, encoding)):
+    if encoding is not None and (problem := misread(data, encoding, key)):
         raise DataError(f"{path}: {problem}")
     if kind == "jsonl":
-        return _read_jsonl(path, data, encoding)
+        return _read_jsonl(path, data, encoding, key)
     if kind == "json":
-        return _read_json(path, data, encoding)
-    return _read_csv(path, data, encoding)
+        return _read_json(path, data, encoding, key)
+    return _read_csv(path, data, encoding, key)
 
 
-def _read_jsonl(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
+def _read_jsonl(path: Path, data: bytes, encoding: str | None, key: str) -> list[SourceRow]:
     codec = codec_for(encoding)
     rows = []
     undecodable: list[bytes] = []
@@ -108,11 +109,11 @@ def _read_jsonl(path: Path, data: bytes, encoding: str | None) -> list[SourceRow
     if first_undecodable is not None:
         # Said once, on the first such row (the one an error stops at): the lines that do not decode,
         # taken together, are the best evidence of what they are.
-        first_undecodable.parse_error += "; " + encoding_advice(b"".join(undecodable), encoding)
+        first_undecodable.parse_error += "; " + encoding_advice(b"".join(undecodable), encoding, key)
     return rows
 
 
-def _text(path: Path, data: bytes, encoding: str | None) -> str:
+def _text(path: Path, data: bytes, encoding: str | None, key: str) -> str:
     """The file's `data` as text; data that does not decode is a DataError naming the line and what to do."""
     try:
         return data.decode(codec_for(encoding))
@@ -120,16 +121,16 @@ def _text(path: Path, data: bytes, encoding: str | None) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
             f"{path} line {line}: not {encoding_label(encoding)} text (byte {data[e.start]:#04x}); "
-            + encoding_advice(data, encoding)
+            + encoding_advice(data, encoding, key)
         ) from None
 
 
-def _read_json(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
+def _read_json(path: Path, data: bytes, encoding: str | None, key: str) -> list[SourceRow]:
     try:
-        parsed = json.loads(_text(path, data, encoding))
+        parsed = json.loads(_text(path, data, encoding, key))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # one object per line saved as .json, which `datasets` reads too
-            return _read_jsonl(path, data, encoding)
+            return _read_jsonl(path, data, encoding, key)
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if isinstance(parsed, dict) and len(parsed) == 1 and isinstance(next(iter(parsed.values())), list):
         parsed = next(iter(parsed.values()))  # {"data": [...]} style exports
@@ -138,8 +139,8 @@ def _read_json(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]
     return [SourceRow(f"{path} item {i}", row) for i, row in enumerate(parsed, start=1)]
 
 
-def _read_csv(path: Path, data: bytes, encoding: str | None) -> list[SourceRow]:
-    reader = csv.reader(io.StringIO(_text(path, data, encoding), newline=""))
+def _read_csv(path: Path, data: bytes, encoding: str | None, key: str) -> list[SourceRow]:
+    reader = csv.reader(io.StringIO(_text(path, data, encoding, key), newline=""))
     header = next(reader, [])
     rows = []
     first = reader.line_num + 1

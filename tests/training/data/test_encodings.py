@@ -413,3 +413,48 @@ def test_data_encoding_applies_to_the_validation_file_too(tmp_path):
     assert [e.as_json() for e in rows.eval] == examples(
         section(write(tmp_path / "u.csv", KOREAN[:2], "utf-8"))
     )
+
+
+def test_validation_encoding_reads_a_validation_file_in_another_encoding_than_data_encoding(tmp_path):
+    train = write(tmp_path / "train.csv", KOREAN, "cp949")
+    held_out = write(tmp_path / "held_out.jsonl", SIMPLIFIED, "gbk")  # from elsewhere
+    cfg = section(train, encoding="cp949", validation={"file": str(held_out), "encoding": "gb18030"})
+    rows = read_examples(cfg, resolve_template("koalpaca"))
+    assert [e.as_json() for e in rows.eval] == examples(
+        section(write(tmp_path / "u.csv", SIMPLIFIED, "utf-8"))
+    )
+    assert [e.as_json() for e in rows.train] == examples(section(write(tmp_path / "k.csv", KOREAN, "utf-8")))
+
+
+def test_a_validation_file_that_does_not_decode_names_validation_encoding(tmp_path):
+    train = write(tmp_path / "train.csv", KOREAN, "utf-8")
+    held_out = write(tmp_path / "held_out.csv", TRADITIONAL, "big5")
+    with pytest.raises(DataError) as e:
+        examples(section(train, validation={"file": str(held_out)}))
+    assert f"{held_out} line 2: not UTF-8 text" in str(e.value)
+    assert "set data.validation.encoding: cp950 in the recipe" in str(e.value)
+
+    # data.encoding applies to it unless validation.encoding is given, and is checked as that.
+    train = write(tmp_path / "train.csv", KOREAN, "cp949")
+    gbk = write(tmp_path / "held_out.jsonl", SIMPLIFIED[:2], "gbk")  # decodes in CP949, as Hangul
+    with pytest.raises(DataError) as e:
+        read_examples(
+            section(train, encoding="cp949", validation={"file": str(gbk)}), resolve_template("koalpaca")
+        )
+    assert f"{gbk}: decodes in data.validation.encoding cp949 without an error, but not into Korean" in str(
+        e.value
+    )
+    assert "set data.validation.encoding: gb18030 in the recipe" in str(e.value)
+
+
+def test_validation_encoding_is_checked_as_data_encoding_is():
+    validation = {"source": "d.csv", "encoding": "cp949"}
+    unknown = recipe_error({**validation, "validation": {"file": "v.csv", "encoding": "big-five"}})
+    assert "data.validation.encoding: not a text encoding Python knows" in unknown
+    parquet = recipe_error({**validation, "validation": {"file": "v.parquet", "encoding": "cp950"}})
+    assert "data.validation.encoding: applies to .jsonl/.json/.csv files" in parquet
+    assert "remove data.validation.encoding" in parquet
+    for split in ({"fraction": 0.1}, {"split": "test"}):
+        message = recipe_error({**validation, "validation": {**split, "encoding": "cp950"}})
+        assert "data.validation: encoding applies to validation.file; a " in message
+        assert "of data.source is read with data.encoding" in message
