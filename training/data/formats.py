@@ -6,7 +6,8 @@ Formats (FORMATS, the one table a recipe's data.format is checked against):
 - messages: OpenAI-style chat turns [{"role": ..., "content": ...}, ...].
 - sharegpt: ShareGPT chat turns {"conversations": [{"from": ..., "value": ...}, ...]}.
 
-instruction and chat rows become chat turns, rendered later by the recipe's template.
+instruction and chat rows become chat turns, rendered later by the recipe's template. Chat rows
+may hold tool calls (training.data.tool_calls), which only the base model's own template renders.
 A malformed row raises RowError naming the field; the caller adds the row's location and
 applies the recipe's bad-row policy. A new format is one converter and one entry in FORMATS.
 """
@@ -14,48 +15,56 @@ applies the recipe's bad-row policy. A new format is one converter and one entry
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from training.data.row_errors import MissingField, RowError, TemplateMismatch
 from training.data.templates import BUILTIN_TEMPLATES, PromptTemplate
+from training.data.tool_calls import (
+    TOOL_TEMPLATE_HINT,
+    openai_tool_calls,
+    parse_tools,
+    sharegpt_tool_calls,
+    tool_reply_keys,
+)
 
 if TYPE_CHECKING:  # the recipe names the data layer's types; data does not depend on it
     from training.recipe import DataSection
 
-ROLES = ("system", "user", "assistant")
+__all__ = ["Example", "MissingField", "RowError", "TemplateMismatch"]  # the row errors, for callers
 
-# ShareGPT speaker names: LLaMA-Factory's defaults (human, gpt, system) and those axolotl's
-# chat_template also takes (user, assistant). Any other name maps through data.roles.
+ROLES = ("system", "user", "assistant")  # what data.roles may map a speaker name to
+
+# ShareGPT speaker names: LLaMA-Factory's defaults (human, gpt, system; observation for a tool's
+# result) and those axolotl's chat_template also takes (user, assistant, tool). Any other name maps
+# through data.roles. LLaMA-Factory's function_call is an assistant turn whose value is the calls
+# rather than text (ChatLayout.call_speakers).
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
-
-
-class RowError(ValueError):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
-
-
-class MissingField(RowError):
-    """A field the format needs is not in the row (the caller can say which fields the row has)."""
-
-    def __init__(self, field: str):
-        super().__init__(field, "missing")
 
 
 @dataclass(frozen=True)
 class Example:
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # function schemas, passed to the chat template as tools=
+    # Not what is trained on (the same chat read from two files is the same example), but named in
+    # the errors only rendering the row finds.
+    where: str = field(default="(row)", compare=False)  # the row's place, e.g. "chat.jsonl line 3"
+    tool_field: str | None = field(default=None, compare=False)  # its first tool part; None: none
 
     def as_json(self) -> Any:
-        return {"messages": self.messages} if self.messages is not None else {"text": self.text}
+        if self.messages is None:
+            return {"text": self.text}
+        return {"messages": self.messages, "tools": self.tools} if self.tools else {"messages": self.messages}
 
 
 def _string(row: dict[str, Any], field: str, *, required: bool = True) -> str:
@@ -98,23 +107,35 @@ class ChatLayout:
     field: str  # the row's list of turns
     role_key: str
     content_key: str
-    roles: Mapping[str, str]  # role name in the row -> system, user or assistant
-    # OpenAI messages have nothing more a template could use; ShareGPT exports carry extra keys
-    # per turn (weight in SlimOrca and OpenHermes), which are ignored rather than refused.
-    only_role_and_content: bool
+    roles: Mapping[str, str]  # role name in the row -> system, user, assistant or tool
+    # The keys a turn may have besides role and content, by role; any other is refused. None:
+    # others are ignored. OpenAI messages have nothing more a template could use; ShareGPT exports
+    # carry extra keys per turn (weight in SlimOrca and OpenHermes), which are ignored.
+    other_keys: Mapping[str, tuple[str, ...]] | None
     unknown_role_hint: str = ""
     system_field: str | None = None  # a row's system prompt beside its turns
+    calls_key: str | None = None  # an assistant turn's tool calls beside its content (OpenAI)
+    call_speakers: frozenset[str] = frozenset()  # names of assistant turns whose value is the calls
+    tools_field: str = "tools"  # the row's function schemas
 
 
-MESSAGES = ChatLayout("messages", "role", "content", {r: r for r in ROLES}, only_role_and_content=True)
+MESSAGES = ChatLayout(
+    "messages",
+    "role",
+    "content",
+    {r: r for r in (*ROLES, "tool")},
+    other_keys={"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")},
+    calls_key="tool_calls",
+)
 SHAREGPT = ChatLayout(
     "conversations",
     "from",
     "value",
     SHAREGPT_ROLES,
-    only_role_and_content=False,
+    other_keys=None,
     unknown_role_hint="; data.roles maps other names, e.g. {bot: assistant}",
     system_field="system",
+    call_speakers=frozenset({"function_call"}),
 )
 
 
@@ -138,13 +159,33 @@ def chat_example(row: dict[str, Any], template: PromptTemplate | None, layout: C
             layout.field, f"must be a non-empty list of {{{layout.role_key}, {layout.content_key}}} objects"
         )
     messages = [_chat_turn(turn, f"{layout.field}[{i}]", layout) for i, turn in enumerate(turns)]
+    tools = parse_tools(row.get(layout.tools_field), layout.tools_field)
+    tool_field = _first_tool_field(turns, messages, tools, layout)
+    if tool_field is not None and template is not None:
+        raise TemplateMismatch(
+            tool_field,
+            f"tool calls, tool results and tools need the base model's own chat template, and template "
+            f"'{template.name}' has no place for them; {TOOL_TEMPLATE_HINT}",
+        )
     system = _row_system_prompt(row, messages, template, layout)
     _check_turn_order(messages, [turn[layout.role_key] for turn in turns], template, layout)
-    return Example(messages=[system, *messages] if system else messages)
+    return Example(messages=[system, *messages] if system else messages, tools=tools, tool_field=tool_field)
+
+
+def _first_tool_field(
+    turns: list[dict], messages: list[dict[str, Any]], tools: list[dict] | None, layout: ChatLayout
+) -> str | None:
+    """Where the row first has a tool call, a tool result or tools, as the row spells it."""
+    for i, (turn, message) in enumerate(zip(turns, messages, strict=True)):
+        if message.get("tool_calls") and turn[layout.role_key] not in layout.call_speakers:
+            return f"{layout.field}[{i}].{layout.calls_key}"
+        if message.get("tool_calls") or message["role"] == "tool":
+            return f"{layout.field}[{i}].{layout.role_key}"
+    return layout.tools_field if tools else None
 
 
 def _row_system_prompt(
-    row: dict[str, Any], messages: list[dict[str, str]], template: PromptTemplate | None, layout: ChatLayout
+    row: dict[str, Any], messages: list[dict[str, Any]], template: PromptTemplate | None, layout: ChatLayout
 ) -> dict[str, str] | None:
     """The system message a ShareGPT row gives beside its turns (its `system` field), if any.
 
@@ -174,7 +215,7 @@ def _no_system_slot(template: PromptTemplate | None) -> str | None:
     )
 
 
-def _chat_turn(turn: Any, where: str, layout: ChatLayout) -> dict[str, str]:
+def _chat_turn(turn: Any, where: str, layout: ChatLayout) -> dict[str, Any]:
     if not isinstance(turn, dict):
         raise RowError(
             where,
@@ -194,48 +235,86 @@ def _chat_turn(turn: Any, where: str, layout: ChatLayout) -> dict[str, str]:
             f"{name!r} is not one of {', '.join(layout.roles)}{layout.unknown_role_hint}",
         )
     role = layout.roles[name]
+    content_field = f"{where}.{layout.content_key}"
+    if name in layout.call_speakers:
+        return {
+            "role": role,
+            "content": "",
+            "tool_calls": sharegpt_tool_calls(turn.get(layout.content_key), content_field),
+        }
+    calls = None
+    if role == "assistant" and layout.calls_key is not None:
+        calls = openai_tool_calls(turn.get(layout.calls_key), f"{where}.{layout.calls_key}")
     try:
-        # An empty system message is harmless; an empty user or assistant turn is a data error.
-        content = _string(turn, layout.content_key, required=role != "system")
+        # An empty system message is harmless, and an assistant turn that calls tools may say nothing;
+        # an empty user, answer or tool turn is a data error.
+        content = _string(turn, layout.content_key, required=role != "system" and not calls)
     except RowError as e:
-        raise RowError(f"{where}.{layout.content_key}", e.problem) from None
-    if layout.only_role_and_content:
+        raise RowError(content_field, e.problem) from None
+    if layout.other_keys is not None:
+        allowed = (layout.role_key, layout.content_key, *layout.other_keys.get(role, ()))
         for key in turn:
-            if key not in (layout.role_key, layout.content_key):
+            if key not in allowed:
                 raise RowError(
                     f"{where}.{key}",
-                    f"unexpected key; a message has only {layout.role_key} and {layout.content_key}",
+                    f"unexpected key; a message with role {name!r} has only {', '.join(allowed)}",
                 )
-    return {"role": role, "content": content}
+    message: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    if role == "tool":
+        message.update(tool_reply_keys(turn, where))
+    return message
 
 
 def _check_turn_order(
-    messages: list[dict[str, str]], names: list[str], template: PromptTemplate | None, layout: ChatLayout
+    messages: list[dict[str, Any]], names: list[str], template: PromptTemplate | None, layout: ChatLayout
 ) -> None:
-    """An optional system message, then user and assistant alternating, ending with an assistant turn.
-    `names` are the role names as the row spells them, for the errors."""
+    """An optional system message, then user and assistant alternating, ending with an assistant
+    answer; an assistant turn that calls tools is followed by one or more tool turns (the results),
+    then by an assistant turn again. `names` are the role names as the row spells them, for the errors."""
 
-    def spelled(role: str) -> str:  # 'gpt' or 'assistant', as the row may spell a role
-        return " or ".join(repr(name) for name, mapped in layout.roles.items() if mapped == role)
+    def spelled(*roles: str) -> str:  # 'gpt' or 'assistant', as the row may spell a role
+        return " or ".join(
+            repr(name)
+            for role in roles
+            for name, mapped in layout.roles.items()
+            if mapped == role and name not in layout.call_speakers
+        )
 
     has_system = messages[0]["role"] == "system"
     # Caught here, by row: the chat template would raise while the data is tokenized, with no row.
     if has_system and (problem := _no_system_slot(template)):
         raise RowError(f"{layout.field}[0].{layout.role_key}", problem)
     first = 1 if has_system else 0
+    alternate = "after an optional system message, turns alternate user, assistant"
+    after_calls = (
+        "an assistant turn that calls tools is followed by the tools' results, then an assistant turn"
+    )
+    expected, rule = ("user",), alternate
     for index in range(first, len(messages)):
-        expected = "user" if (index - first) % 2 == 0 else "assistant"
-        if messages[index]["role"] != expected:
+        message = messages[index]
+        if message["role"] not in expected:
             raise RowError(
                 f"{layout.field}[{index}].{layout.role_key}",
-                f"expected {spelled(expected)}, got {names[index]!r}: after an optional system message, "
-                "turns alternate user, assistant",
+                f"expected {spelled(*expected)}, got {names[index]!r}: {rule}",
             )
+        if message.get("tool_calls") or message["role"] == "tool":
+            expected = ("tool", "assistant") if message["role"] == "tool" else ("tool",)
+            rule = after_calls
+        else:
+            expected = ("assistant",) if message["role"] == "user" else ("user",)
+            rule = alternate
     if len(messages) == first or messages[-1]["role"] != "assistant":
         raise RowError(
             layout.field,
             f"must end with an assistant message ({layout.role_key} {spelled('assistant')}), the response "
             "to learn",
+        )
+    if messages[-1].get("tool_calls"):
+        raise RowError(
+            f"{layout.field}[{len(messages) - 1}]",
+            "the row ends with tool calls; end it with the tools' results and the assistant's answer to them",
         )
 
 

@@ -1,7 +1,8 @@
 """From the recipe's data section to the tokenized train and eval datasets TRL trains on.
 
 read rows -> check and convert each row (bad-row policy) -> split off validation (read_examples)
--> tokenize with the chat template -> refuse data that would teach nothing.
+-> check that the chat template renders the rows' tool calls, if any -> tokenize with the chat
+template -> refuse data that would teach nothing.
 """
 
 from __future__ import annotations
@@ -10,16 +11,26 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
-from training.data.formats import FORMATS, MESSAGES, SHAREGPT, ChatLayout, Example, MissingField, RowError
+from training.data.formats import (
+    FORMATS,
+    MESSAGES,
+    SHAREGPT,
+    ChatLayout,
+    Example,
+    MissingField,
+    RowError,
+    TemplateMismatch,
+)
 from training.data.sources import SourceRow, read_rows
 from training.data.templates import MODEL_TEMPLATE, PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.data.tokenization import TokenStats, tokenize_examples
+from training.data.tool_calls import TOOL_TEMPLATE_HINT, tool_template_problem
 from training.errors import DataError
 
 if TYPE_CHECKING:  # the recipe names the data layer's types; data does not depend on it
@@ -37,6 +48,7 @@ class SplitReport:
     rows_read: int = 0
     rows_skipped_bad: int = 0
     bad_rows: list[str] = field(default_factory=list)  # the first few, for the log and run.json
+    rows_with_tools: int = 0  # rows with tool calls, tool results or tools
     tokens: TokenStats = field(default_factory=TokenStats)
 
     def as_dict(self) -> dict:
@@ -45,6 +57,7 @@ class SplitReport:
             "rows_read": self.rows_read,
             "rows_skipped_bad": self.rows_skipped_bad,
             "bad_rows_sample": self.bad_rows,
+            "rows_with_tools": self.rows_with_tools,
             **self.tokens.as_dict(),
         }
 
@@ -95,9 +108,12 @@ def read_examples(cfg: DataSection, template: PromptTemplate | None) -> Rows:
         if v.fraction is not None:
             train_examples, eval_examples = _split_off(train_examples, v.fraction, cfg.source)
             eval_report = SplitReport(
-                source=f"{v.fraction:.0%} of {cfg.source}", rows_read=len(eval_examples)
+                source=f"{v.fraction:.0%} of {cfg.source}",
+                rows_read=len(eval_examples),
+                rows_with_tools=sum(e.tool_field is not None for e in eval_examples),
             )
-            train_report.rows_read -= len(eval_examples)
+            train_report.rows_read -= eval_report.rows_read
+            train_report.rows_with_tools -= eval_report.rows_with_tools
         else:
             source = v.file or cfg.source
             rows = read_rows(
@@ -119,6 +135,7 @@ def prepare_data(cfg: DataSection, tokenizer, *, truncates: bool = True) -> Prep
     template = resolve_template(cfg.template) if cfg.template else None
     training_template, saved_template = chat_templates(cfg, template, tokenizer)
     rows = read_examples(cfg, template)
+    _check_tool_template(rows, cfg, tokenizer, training_template)
 
     def tokenize(examples: list[Example], report: SplitReport, split: str) -> Dataset:
         dataset, report.tokens = tokenize_examples(
@@ -184,6 +201,23 @@ def chat_templates(
     return jinja, jinja
 
 
+def _check_tool_template(rows: Rows, cfg: DataSection, tokenizer, training_template: str | None) -> None:
+    """Once, before tokenizing: can the chat template train on the rows' tool calls? (Rows converted
+    for a built-in or custom template were refused already: those have no place for tools.)"""
+    examples = [*rows.train, *(rows.eval or [])]
+    first = next((e for e in examples if e.tool_field is not None), None)
+    if first is None:
+        return
+    problem = tool_template_problem(
+        tokenizer,
+        training_template,
+        completion_only=cfg.loss_on_completion_only,
+        with_tools=any(e.tools for e in examples),
+    )
+    if problem:
+        raise DataError(f"{first.where}: {first.tool_field}: {problem}; {TOOL_TEMPLATE_HINT}")
+
+
 def convert_rows(
     rows: list[SourceRow], cfg: DataSection, template: PromptTemplate | None, *, source: str
 ) -> tuple[list[Example], SplitReport]:
@@ -191,7 +225,12 @@ def convert_rows(
     examples = []
     for row in rows:
         try:
-            examples.append(_convert(row, cfg, template))
+            example = replace(_convert(row, cfg, template), where=row.where)
+        except TemplateMismatch as e:
+            raise DataError(
+                f"{row.where}: {e}\n(format '{cfg.format}'; data.on_bad_row: skip does not skip such rows, as "
+                "it is the template that cannot render them)"
+            ) from None
         except RowError as e:
             message = f"{row.where}: {e}"
             if cfg.on_bad_row == "error":
@@ -202,6 +241,9 @@ def convert_rows(
             report.rows_skipped_bad += 1
             if len(report.bad_rows) < 5:
                 report.bad_rows.append(message)
+            continue
+        examples.append(example)
+        report.rows_with_tools += example.tool_field is not None
     if report.rows_skipped_bad:
         log.warning(
             "Skipped %d malformed row(s) of %d in %s, e.g. %s",

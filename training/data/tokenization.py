@@ -10,10 +10,14 @@ and stop before training when too much of the data would be wasted.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from itertools import groupby
 
 from datasets import Dataset
+from jinja2 import TemplateError
 
 from training.data.formats import Example
+from training.data.tool_calls import check_rendered
+from training.errors import DataError
 
 BATCH = 256
 
@@ -53,9 +57,17 @@ def tokenize_examples(
     masks: list[list[int]] = []
     for start in range(0, len(examples), BATCH):
         batch = examples[start : start + BATCH]
-        if batch[0].messages is not None:
+        if batch[0].messages is None:
+            input_ids += _tokenize_text([e.text for e in batch], tokenizer)
+            continue
+        # The chat template takes one tools= per call: rows in a run with the same tools (or none) share one.
+        for tools, run in groupby(batch, key=lambda e: e.tools):
+            chats = list(run)
+            if any(e.tool_field is not None for e in chats):
+                _check_tool_rendering(chats, tokenizer, chat_template, tools)
             out = tokenizer.apply_chat_template(
-                [e.messages for e in batch],
+                [e.messages for e in chats],
+                tools=tools,
                 chat_template=chat_template,
                 tokenize=True,
                 return_dict=True,
@@ -64,8 +76,6 @@ def tokenize_examples(
             input_ids += out["input_ids"]
             if completion_only:
                 masks += out["assistant_masks"]
-        else:
-            input_ids += _tokenize_text([e.text for e in batch], tokenizer)
 
     stats = TokenStats()
     kept_ids, kept_masks = [], []
@@ -90,6 +100,22 @@ def tokenize_examples(
     if completion_only:
         columns["assistant_masks"] = kept_masks
     return Dataset.from_dict(columns), stats
+
+
+def _check_tool_rendering(chats: list[Example], tokenizer, chat_template: str | None, tools) -> None:
+    """A template may render the probe's tool call and drop a real row's (a second call in one turn),
+    or refuse the row (Llama 3.1 takes one call per turn): each tool row is rendered as text once
+    more, on its own so that an error names it, and checked."""
+    for example in chats:
+        if example.tool_field is None:
+            continue
+        try:
+            text = tokenizer.apply_chat_template(
+                example.messages, tools=tools, chat_template=chat_template, tokenize=False
+            )
+        except TemplateError as e:
+            raise DataError(f"{example.where}: the chat template refuses the row: {e}") from None
+        check_rendered(example, text)
 
 
 def _tokenize_text(texts: list[str], tokenizer) -> list[list[int]]:

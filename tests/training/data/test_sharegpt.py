@@ -121,7 +121,9 @@ def test_an_unknown_speaker_names_the_allowed_ones_and_data_roles_maps_it():
     with pytest.raises(RowError) as e:
         sharegpt_example(row, KOALPACA)
     assert e.value.field == "conversations[0].from"
-    assert e.value.problem.startswith("'Human' is not one of system, human, user, gpt, assistant; data.roles")
+    assert e.value.problem.startswith(
+        "'Human' is not one of system, human, user, gpt, assistant, function_call, observation, tool; data.roles"
+    )
     example = sharegpt_example(row, KOALPACA, {"Human": "user", "bot": "assistant"})
     assert [m["role"] for m in example.messages] == ["user", "assistant"]
     # A mapped name counts as its role in the order check, and the error lists it among that role's names.
