@@ -17,6 +17,7 @@ class EvalData:
     dataset: object  # datasets.Dataset with input_ids (+ assistant_masks)
     prompts: list[list[dict]]  # chat turns up to the last assistant turn
     references: list[str]  # the reference answers to those prompts
+    tools: list[list[dict] | None]  # each prompt's function schemas (tool-calling rows), else None
     source: str
 
 
@@ -33,5 +34,6 @@ def eval_data(cfg: DataSection, tokenizer, prompts: int = 8) -> EvalData:
         dataset=prepared.eval,
         prompts=[e.messages[:-1] for e in chats],
         references=[e.messages[-1]["content"] for e in chats],
+        tools=[e.tools for e in chats],
         source=prepared.eval_report.source,
     )

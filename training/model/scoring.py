@@ -29,11 +29,16 @@ def perplexity(model, dataset) -> dict:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[dict]]) -> list[str]:
+def greedy_answers(
+    model, tokenizer, prompts: list[list[dict]], tools: list[list[dict] | None] | None = None
+) -> list[str]:
+    """`tools`: each prompt's function schemas, rendered as in training (rows with tool calls)."""
     device = next(model.parameters()).device
     answers = []
-    for messages in prompts:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for messages, functions in zip(prompts, tools or [None] * len(prompts), strict=True):
+        text = tokenizer.apply_chat_template(
+            messages, tools=functions, tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad)

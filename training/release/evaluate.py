@@ -182,7 +182,7 @@ def _score_local(model, tokenizer, data, selection: TaskSelection | None, harnes
     if data is not None:
         log.info("Perplexity and answers on %d rows of %s", len(data.dataset), data.source)
         entry.update(perplexity(model, data.dataset))
-        entry["answers"] = greedy_answers(model, tokenizer, data.prompts)
+        entry["answers"] = greedy_answers(model, tokenizer, data.prompts, data.tools)
     if selection is not None:
         log.info("lm-eval: %s", ", ".join(selection.names))
         entry.update(

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import (
     llama3_1_chat_template,
     llama3_chat_template,
@@ -20,7 +21,9 @@ from trl.chat_template_utils import (
 from tests.conftest import read_run, run_cli, train_in_process
 from training.data.formats import RowError, messages_example, sharegpt_example
 from training.data.prepare import prepare_data
+from training.data.validation import eval_data
 from training.errors import DataError
+from training.model.scoring import MAX_NEW_TOKENS, greedy_answers
 from training.recipe import DataSection
 
 WEATHER = {
@@ -497,6 +500,32 @@ def test_a_row_the_template_refuses_is_named(tmp_path, llama_tokenizer):
         == f"{path} line 3: the chat template refuses the row: This model only supports single tool-calls at once!"
     )
     assert prepare_data(cfg.model_copy(update={"max_rows": 2}), llama31).train_report.rows_with_tools == 2
+
+
+def test_evaluation_prompts_of_tool_rows_end_with_the_results_and_keep_the_tools(tmp_path, qwen_tokenizer):
+    rows = weather_rows(4)
+    cfg = model_section(
+        jsonl(tmp_path / "d.jsonl", rows[:1]), validation={"file": str(jsonl(tmp_path / "v.jsonl", rows))}
+    )
+    data = eval_data(cfg, qwen_tokenizer)
+    assert data.prompts[0] == rows[0]["messages"][:-1] and data.prompts[0][-1]["role"] == "tool"
+    assert data.tools == [[WEATHER], [WEATHER], None, [WEATHER]]
+    assert data.references[0] == "10 °C in Seoul."
+
+
+def test_answers_to_tool_prompts_are_generated_with_their_tools(tiny_dir, qwen_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "llama").eval()
+    prompt = MESSAGES[:-1]
+
+    def answer_to(text: str) -> str:
+        ids = qwen_tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=0)
+        return qwen_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    render = partial(qwen_tokenizer.apply_chat_template, prompt, tokenize=False, add_generation_prompt=True)
+    with_tools, without = answer_to(render(tools=[WEATHER])), answer_to(render())
+    assert with_tools != without  # else this test could not tell whether the tools were rendered
+    assert greedy_answers(model, qwen_tokenizer, [prompt, prompt], [[WEATHER], None]) == [with_tools, without]
 
 
 @pytest.fixture(scope="module")
