@@ -116,6 +116,17 @@ def read_run(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tools_run(tiny_dir, tmp_path_factory) -> Path:
+    """The tool-call quickstart (tiny Qwen2, its own template, data/tool_calls.jsonl), trained and
+    merged (verified) once for the session: <run>/merged."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train_in_process("recipes/quickstart-tools.yaml", out) == 0
+    run = out / "quickstart-tools"
+    merge_adapter(run / "adapter", run / "merged", MergeSettings(), force=True)
+    return run
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tiny_dir, tmp_path_factory) -> Path:
     """The quickstart recipe (tiny Llama, dolly-ja, 4-bit QLoRA), trained once for the session."""
     out = tmp_path_factory.mktemp("runs")

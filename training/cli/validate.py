@@ -49,12 +49,9 @@ def check_rows(data: DataSection) -> str:
     with_tools = rows.train_report.rows_with_tools + (
         rows.eval_report.rows_with_tools if rows.eval_report else 0
     )
-    if (
-        with_tools
-    ):  # the template that must render them comes with the tokenizer, which validate does not load
-        found += (
-            f" ({with_tools} with tool calls: train checks that the base model's chat template renders them)"
-        )
+    # The template that must render them comes with the tokenizer, which validate does not load.
+    if with_tools:
+        found += f" ({with_tools} with tools or tool calls: train checks that the model's chat template renders them)"
     if skipped:
         sample = (rows.train_report.bad_rows or rows.eval_report.bad_rows)[0]
         return f"{found}; {skipped} bad rows skipped (data.on_bad_row: skip), e.g. {sample}"

@@ -1,14 +1,20 @@
 """Tiny real models, built offline, so every path runs on any machine without a hub.
 
-`tiny://llama`, `tiny://llama-tied` and `tiny://gpt-neox` in a recipe name models with a
-few layers and random weights, and a byte-level BPE tokenizer trained on the text that
-ships in data/. They are built on first use under $QLORA_TINY_DIR (default
+`tiny://llama`, `tiny://llama-tied`, `tiny://gpt-neox` and `tiny://qwen2` in a recipe name
+models with a few layers and random weights, and a byte-level BPE tokenizer trained on the
+text that ships in data/. They are built on first use under $QLORA_TINY_DIR (default
 outputs/tiny-models) and are identical on every machine: same data, same seed.
+
+`tiny://qwen2` is shaped as Qwen2.5-Instruct comes: biases on the query, key and value
+projections, ChatML's tokens, no BOS, and Qwen2.5's own chat template, which renders tool
+calls and tool results (the copy TRL ships, trl/chat_templates/qwen2_5.jinja). It is the
+tiny model for `data.template: model` and for chats with tool calls.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -16,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import trl
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
@@ -24,6 +31,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 from training.atomic import building_dir
@@ -33,13 +42,18 @@ from training.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 SCHEME = "tiny://"
-ARCHITECTURES = ("llama", "llama-tied", "gpt-neox")
+ARCHITECTURES = ("llama", "llama-tied", "gpt-neox", "qwen2")
 SEED = 0
 VOCAB_SIZE = 2048
 # Wider than transformers' default of 0.02: with frozen random norms and output head, a
 # 128-wide model at 0.02 cannot produce logits much above 1, so no LoRA could lower the
 # loss far below ln(vocab). At 0.1 a short QLoRA run visibly learns.
 INIT_SCALE = 0.1
+QWEN_TEMPLATE = Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja"
+# Qwen2.5's tokens for its chat turns (special) and its tool calls (added, not special: the calls are
+# text that the answer shows).
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
 
 
 def tiny_dir() -> Path:
@@ -78,10 +92,17 @@ def ensure_tiny_model(arch: str, out_dir: Path | None = None, data_dir: Path | N
 def build_tiny_model(arch: str, target: Path, data_dir: Path) -> None:
 
     log.info("Building tiny model %s in %s (tokenizer trained on %s)", arch, target, data_dir)
-    neox = arch == "gpt-neox"
-    tokenizer = train_tokenizer(data_dir, neox=neox)
+    if arch == "qwen2":
+        tokenizer = train_qwen_tokenizer(data_dir)
+    else:
+        tokenizer = train_tokenizer(data_dir, neox=arch == "gpt-neox")
     torch.manual_seed(SEED)
-    model = _gpt_neox(tokenizer) if neox else _llama(tokenizer, tied=arch == "llama-tied")
+    if arch == "qwen2":
+        model = _qwen2(tokenizer)
+    elif arch == "gpt-neox":
+        model = _gpt_neox(tokenizer)
+    else:
+        model = _llama(tokenizer, tied=arch == "llama-tied")
     with building_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -131,12 +152,38 @@ def _gpt_neox(tokenizer):
     return GPTNeoXForCausalLM(config)
 
 
-def corpus(data_dir: Path) -> Iterator[str]:
+def _qwen2(tokenizer):
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64, as for Llama
+        num_key_value_heads=1,  # grouped-query attention, as every Qwen2.5 model has
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        initializer_range=INIT_SCALE,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+# The shipped datasets the tokenizers are trained on: named, not globbed, so that a new sample file
+# leaves the tiny models (and every figure measured on them) as they were. tool_calls.jsonl came
+# later, with tiny://qwen2, whose tokenizer reads it too.
+CORPUS = ("chat_messages.jsonl", "en_quotes.jsonl", "ja_dolly.jsonl", "ko_usr_bot.jsonl")
+QWEN_CORPUS = (*CORPUS, "tool_calls.jsonl")
+
+
+def corpus(data_dir: Path, files: tuple[str, ...] = CORPUS) -> Iterator[str]:
     """Every string in the shipped datasets, plus the built-in templates' markers."""
-    files = sorted(data_dir.glob("*.jsonl"))
-    if not files:
-        raise ModelLoadError(f"{data_dir}: no .jsonl files to train the tiny tokenizer on")
-    for path in files:
+    missing = [name for name in files if not (data_dir / name).is_file()]
+    if missing:
+        raise ModelLoadError(f"{data_dir}: no {', '.join(missing)} to train the tiny tokenizer on")
+    for path in (data_dir / name for name in files):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 yield from _strings(json.loads(line))
@@ -155,6 +202,39 @@ def _strings(value) -> Iterator[str]:
             yield from _strings(v)
 
 
+def train_qwen_tokenizer(data_dir: Path):
+    """Qwen2.5-Instruct's layout: ChatML's special tokens (<|im_end|> ends a turn and is EOS, as in
+    Qwen's generation_config), no BOS, the tool-call tags as added tokens, and its chat template. The
+    template's own text is in the BPE corpus, so that its system and tools preambles take few tokens."""
+    template = QWEN_TEMPLATE.read_text(encoding="utf-8")
+    tk = _bpe(itertools.chain(corpus(data_dir, QWEN_CORPUS), [template]), list(CHATML_TOKENS))
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=2048,
+    )
+    tokenizer.add_tokens(list(TOOL_CALL_TOKENS))
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _bpe(texts: Iterator[str], special_tokens: list[str]) -> Tokenizer:
+    tk = Tokenizer(models.BPE(unk_token=special_tokens[0]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(texts, trainer)
+    return tk
+
+
 def train_tokenizer(data_dir: Path, *, neox: bool):
 
     if neox:  # GPT-NeoX (Polyglot-ko, OpenCALM): one <|endoftext|> for BOS/EOS, no BOS added
@@ -168,16 +248,7 @@ def train_tokenizer(data_dir: Path, *, neox: bool):
         specials = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>"}
     special_list = list(dict.fromkeys([specials["unk"], specials["bos"], specials["eos"], specials["pad"]]))
 
-    tk = Tokenizer(models.BPE(unk_token=specials["unk"]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=special_list,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tk.train_from_iterator(corpus(data_dir), trainer)
+    tk = _bpe(corpus(data_dir), special_list)
     if not neox:
         bos_id = tk.token_to_id(specials["bos"])
         tk.post_processor = processors.TemplateProcessing(

@@ -37,6 +37,7 @@ from serving.errors import AuthenticationError, LimitExceededError, RequestRejec
 from serving.launcher import shutdown_timeout, vllm_python
 from serving.model_dir import ModelDir, read_chat_template
 from serving.tool_calls import VLLM_PARSERS
+from tests.conftest import ROOT
 from tests.serving.conftest import API_KEY, VLLM_START_TIMEOUT, ServerProcess
 from tests.serving.local_server.test_local_server import CONTEXT, INSTRUCTION, dolly_prompt, greedy, streamed
 from training.data.templates import BUILTIN_TEMPLATES
@@ -407,42 +408,30 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
     assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
 
 
-def test_a_model_trained_on_tool_calls_answers_requests_that_offer_tools(merged_model, vllm_env, tmp_path):
-    """Started as make serve starts it (the parser from the chat template), vLLM takes a chat that
-    offers tools (tool_choice auto, the default), which it answers 400 when started without."""
+def test_a_model_trained_on_tool_calls_answers_with_tool_calls(tools_run, vllm_env):
+    """The tool-call quickstart, trained and merged, served as make serve serves it: vLLM starts
+    with the parser the chat template calls for (hermes), takes a chat that offers tools (it answers
+    400 without the parser) and returns the call the model writes as `tool_calls`."""
     server = ServerProcess(
-        tool_calling_model(merged_model, tmp_path / "qwen"),
-        "--backend",
-        "vllm",
-        "--max-model-len",  # room for Qwen's tools preamble in the tiny tokenizer's many tokens
-        "1024",
-        env=vllm_env,
-        start_timeout=VLLM_START_TIMEOUT,
+        tools_run / "merged", "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT
     )
+    row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
     try:
-        tools = [
-            {
-                "type": "function",
-                "function": {
-                    "name": "get_weather",
-                    "description": "The weather in a city.",
-                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-                },
-            }
-        ]
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
         answer = client.chat.completions.create(
-            model="quickstart",
-            messages=[{"role": "user", "content": "ソウルの天気は?"}],
-            tools=tools,
-            max_tokens=8,
+            model="quickstart-tools",
+            messages=row["messages"][:1],  # What's the weather like in Seoul right now?
+            tools=row["tools"],
+            max_tokens=40,
             temperature=0,
         )
-        # The tiny random model writes no call; the request is taken and answered.
-        assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")
     finally:
         server.stop()
-    assert "vLLM reads the model's calls as hermes" in "".join(server.output)
+    assert "vLLM reads the model's calls as hermes (from the chat template)" in "".join(server.output)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Seoul"})
 
 
 # --- the real server: vllm_server, the merged quickstart model -------------------------------

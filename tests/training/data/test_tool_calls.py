@@ -557,7 +557,9 @@ def test_validate_counts_tool_rows_and_a_tiny_run_trains_on_them(tmp_path, qwen_
     path = jsonl(tmp_path / "tools.jsonl", [OPENAI_ROW, *weather_rows(19)])
     ok = run_cli("validate", "--recipe", recipe, *[a for s in settings for a in ("--set", s)])
     assert ok.returncode == 0, ok.stderr
-    assert f"{path}: 18 training rows, 2 validation rows (14 with tool calls: train checks" in ok.stdout
+    assert (
+        f"{path}: 18 training rows, 2 validation rows (14 with tools or tool calls: train checks" in ok.stdout
+    )
 
     run_settings = [*settings, "training.max_steps=2", "training.save_steps=1000"]
     assert train_in_process(recipe, tmp_path / "out", *run_settings) == 0
