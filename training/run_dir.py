@@ -15,7 +15,9 @@ outputs/<run>/
                         (written last: its presence means the GGUF beside it is the one it describes)
     <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
-outputs/.<run>.lock   held by the train, merge, export, eval or push of the run while it runs (training.run_lock)
+outputs/.<run>.lock   held by the train, merge, export, eval or push of the run while it runs, and shared
+                      by a merge or eval of another run that reads its adapter or merged model
+                      (training.run_lock)
 
 The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
 importing this module (serving depends on nothing in training); serving.model_dir and
@@ -32,6 +34,8 @@ MERGED = "merged"
 RUN_RECORD = "run.json"
 MERGE_RECORD = "merge.json"
 GGUF = "gguf"
+CHECKPOINTS = "checkpoints"
+UPLOAD = "upload"
 ARTIFACTS = (ADAPTER, MERGED)  # what can be published or evaluated by name
 
 
@@ -51,6 +55,18 @@ class RunDir:
         folder that holds MERGED, with MERGED's name as the model's."""
         merged = Path(merged).resolve()
         return cls(merged.parent, None if merged.name == MERGED else merged.name)
+
+    @classmethod
+    def of_adapter(cls, adapter: str | Path) -> RunDir | None:
+        """The run whose commands replace ADAPTER: outputs/<run> for its adapter/, its
+        checkpoints/checkpoint-N/ (which training rotates away) and its upload/adapter/; None for
+        an adapter elsewhere, which no command of this stack writes."""
+        adapter = Path(adapter).resolve()
+        if adapter.parent.name in (CHECKPOINTS, UPLOAD):
+            return cls(adapter.parent.parent)
+        if adapter.name == ADAPTER:
+            return cls(adapter.parent)
+        return None
 
     @property
     def name(self) -> str:
@@ -72,7 +88,7 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def adapter(self) -> Path:
@@ -122,7 +138,7 @@ class RunDir:
         return self.path / what
 
     def upload(self, what: str) -> Path:
-        return self.path / "upload" / what
+        return self.path / UPLOAD / what
 
     def is_trained(self) -> bool:
         """A finished training run: the adapter and its record are in place (written last)."""

@@ -9,15 +9,22 @@ reading from and writing into.
 The lock is an flock on `.<run>.lock` beside the run folder (which `train --force` deletes), taken
 without waiting: a second command is refused at once, naming the holder. The kernel releases it
 when its process ends, however it ends, so a killed command never leaves the run locked.
+
+A command that only reads another run (a merge of that run's adapter into a folder elsewhere, an
+eval of its merged model) holds that run's lock shared: commands that write the run are refused
+while it reads, and other readers are not. Locks are taken in one order (by path), and none waits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO
 
 from training.errors import RunInUse
 from training.run_dir import RunDir
@@ -29,33 +36,77 @@ _DOING = {
     "export": ("exported", "stop it (Ctrl-C)"),
     "eval": ("evaluated", "stop it (Ctrl-C)"),
     "push": ("uploaded", "stop it (Ctrl-C)"),
+    "read": ("read", "stop it (Ctrl-C)"),  # a shared hold: "read: by merge, pid ..."
 }
+# Why a reader may be unable to open a run's lock for writing (another machine's outputs/, mounted
+# read-only): it opens the lock read-only instead, as flock needs no write access.
+_CANNOT_CREATE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @contextlib.contextmanager
-def one_command_at_a_time(run: RunDir, command: str, *, advice: str = ".") -> Iterator[None]:
-    """Hold the run's lock for `command` (train, merge, export, eval or push), or raise RunInUse.
+def one_command_at_a_time(
+    run: RunDir, command: str, *, advice: str = ".", reads: Iterable[RunDir] = ()
+) -> Iterator[None]:
+    """Hold the run's lock for `command` (train, merge, export, eval or push), and the lock of each
+    run in `reads` shared, or raise RunInUse.
 
     `advice` ends the refusal's message (after "run this command again"): what else the refused
     command can do.
     """
-    run.lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(run.lock, "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise RunInUse(_refusal(run, lock.read().strip(), advice)) from None
-        lock.truncate(0)
-        lock.write(f"{command}: pid {os.getpid()} on {socket.gethostname()}\n")
-        lock.flush()
+    holds = {_key(other): (other, True) for other in reads}
+    holds[_key(run)] = (run, False)  # the run it writes is held exclusively, even if it reads it too
+    with contextlib.ExitStack() as stack:
+        for key in sorted(holds):
+            other, shared = holds[key]
+            stack.enter_context(_holding(other, command, advice, shared=shared))
         yield
 
 
-def _refusal(run: RunDir, holder: str, advice: str) -> str:
+def _key(run: RunDir) -> str:
+    """One lock file under any spelling of its path (relative, through a symlink): a process that
+    opened it twice would refuse itself, flock locks being per open file."""
+    return os.path.realpath(run.lock)
+
+
+@contextlib.contextmanager
+def _holding(run: RunDir, command: str, advice: str, *, shared: bool) -> Iterator[None]:
+    lock = _open(run.lock, shared=shared)
+    if lock is None:
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RunInUse(_refusal(run, lock.read().strip(), advice, run.lock)) from None
+        if lock.writable():  # with several readers, it names the latest
+            lock.truncate(0)
+            holder = f"read: by {command}, " if shared else f"{command}: "
+            lock.write(f"{holder}pid {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        yield
+
+
+def _open(path: Path, *, shared: bool) -> IO[str] | None:
+    if not shared:  # a run folder this command writes: its parent is made if need be
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+", encoding="utf-8")
+    try:
+        return open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        if e.errno not in _CANNOT_CREATE:
+            raise
+    try:
+        return open(path, encoding="utf-8")
+    except FileNotFoundError:  # where this process cannot make one, no command of this stack wrote there
+        return None
+
+
+def _refusal(run: RunDir, holder: str, advice: str, lock: Path) -> str:
     command, _, who = holder.partition(": ")
     doing, stop = _DOING.get(command, ("used", "stop it"))
     return (
-        f"{run.path} is being {doing} by another process ({who or 'unknown'}; lock {run.lock}). Wait for it "
+        f"{run.path} is being {doing} by another process ({who or 'unknown'}; lock {lock}). Wait for it "
         f"to finish, or {stop} and run this command again{advice}"
     )

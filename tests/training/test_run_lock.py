@@ -4,8 +4,10 @@ by a real lock held by another process, before it writes anything."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,17 +23,18 @@ HOLD = """
 import sys
 from training.run_dir import RunDir
 from training.run_lock import one_command_at_a_time
-with one_command_at_a_time(RunDir(sys.argv[1]), sys.argv[2]):
+with one_command_at_a_time(RunDir(sys.argv[1]), sys.argv[2], reads=[RunDir(p) for p in sys.argv[3:]]):
     print("held", flush=True)
     sys.stdin.read()
 """
 
 
 @contextmanager
-def held(run: Path, command: str) -> Iterator[subprocess.Popen]:
-    """The run's lock, held by another process as `command` until the block ends."""
+def held(run: Path, command: str, *, reading: Path | None = None) -> Iterator[subprocess.Popen]:
+    """The run's lock, held by another process as `command` until the block ends (and the lock of the
+    run it is `reading`, shared)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(run), command],
+        [sys.executable, "-c", HOLD, str(run), command, *([str(reading)] if reading else [])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -128,3 +131,115 @@ def test_a_push_of_a_run_being_trained_is_refused_before_it_builds_or_sends_anyt
     with held(run, "train"), pytest.raises(RunInUse, match=r"is being trained by another process"):
         push(run, "adapter", repo_id="someone/x", private=True, token_file=str(token))
     assert not (run / "upload").exists()
+
+
+@pytest.mark.parametrize("adapter", ["adapter", "checkpoints/checkpoint-2"])
+def test_a_merge_of_another_runs_adapter_is_refused_while_that_run_trains(quickstart_run, tmp_path, adapter):
+    """merge --adapter of run A into a folder of run B: a train of A replaces A's adapter (--force
+    deletes it, and training rotates its checkpoints away)."""
+    trained = tmp_path / "a"
+    shutil.copytree(quickstart_run / "adapter", trained / adapter)
+    elsewhere = tmp_path / "b" / "merged"
+    with held(trained, "train") as trainer, pytest.raises(RunInUse, match="is being trained") as caught:
+        merge_adapter(trained / adapter, elsewhere, MergeSettings(verify="off"))
+    assert f"{trained} is being trained by another process (pid {trainer.pid} on" in str(caught.value)
+    assert not elsewhere.parent.exists()
+    if adapter == "adapter":  # once the train has ended, the same merge runs
+        merge_adapter(trained / adapter, elsewhere, MergeSettings(verify="off"))
+        assert (elsewhere / "merge.json").is_file()
+
+
+def test_a_train_force_of_a_run_whose_adapter_a_merge_reads_is_refused_and_deletes_nothing(
+    quickstart_run, tmp_path
+):
+    """A real merge of run A's adapter into another folder, paused mid-merge: a train --force of A
+    deleted the adapter it was reading."""
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    elsewhere = tmp_path / "elsewhere"
+    merge = [
+        "merge",
+        "--adapter",
+        str(run / "adapter"),
+        "--out",
+        str(elsewhere / "merged"),
+        "--verify",
+        "off",
+    ]
+    merger = subprocess.Popen([sys.executable, "-m", "training", *merge], stderr=subprocess.PIPE, text=True)
+    try:
+        pause_once_it_writes(merger, elsewhere, ".merged.partial-*")
+        refused = pytest.raises(RunInUse, match=r"is being read by another process")
+        with refused as caught:
+            train_in_process("recipes/quickstart.yaml", tmp_path, "training.max_steps=1", force=True)
+    finally:
+        merger.send_signal(signal.SIGCONT)
+        _, err = merger.communicate(timeout=120)
+    assert f"{run} is being read by another process (by merge, pid {merger.pid} on" in str(caught.value)
+    assert merger.returncode == 0, err[-2000:]
+    assert (elsewhere / "merged" / "merge.json").is_file() and (run / "adapter" / "run.json").is_file()
+
+
+def pause_once_it_writes(proc: subprocess.Popen, folder: Path, pattern: str) -> None:
+    """Stop `proc` (SIGSTOP) as soon as a file matching `pattern` appears in `folder`."""
+    deadline = time.time() + 120
+    while not any(folder.glob(pattern)):
+        assert proc.poll() is None and time.time() < deadline, "it ended before writing"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGSTOP)
+
+
+def test_two_merges_of_one_adapter_into_different_folders_run_at_once(quickstart_run, tmp_path):
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    with held(tmp_path / "first", "merge", reading=run):
+        merge_adapter(run / "adapter", tmp_path / "second" / "merged", MergeSettings(verify="off"))
+    assert (tmp_path / "second" / "merged" / "merge.json").is_file()
+
+
+def test_an_eval_of_another_runs_merged_model_is_refused_while_that_run_is_merged(tmp_path):
+    other = tmp_path / "other"
+    (other / "merged").mkdir(parents=True)  # the merged model a merge --force is replacing
+    with held(other, "merge") as merger:
+        refused = run_cli(
+            "eval",
+            "--set",
+            f"output.dir={tmp_path / 'runs'}",
+            "--model",
+            str(other / "merged"),
+            "--prompts",
+            "1",
+        )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"error: {other} is being merged by another process (pid {merger.pid} on" in refused.stderr
+    assert not (tmp_path / "runs" / "quickstart" / "eval.json").exists()
+
+
+def test_an_adapter_on_a_read_only_mount_is_merged_all_the_same(quickstart_run, tmp_path):
+    """Its run's lock cannot be made there (another machine's outputs/, mounted read-only), and no
+    train can replace the adapter there either."""
+    shared = tmp_path / "shared"
+    shutil.copytree(quickstart_run / "adapter", shared / "quickstart" / "adapter")
+    merged = tmp_path / "mine" / "merged"
+    merge = [
+        "merge",
+        "--adapter",
+        str(shared / "quickstart" / "adapter"),
+        "--out",
+        str(merged),
+        "--verify",
+        "off",
+    ]
+    result = subprocess.run(
+        read_only_mount(shared, [sys.executable, "-m", "training", *merge]), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (merged / "merge.json").is_file() and not (shared / ".quickstart.lock").exists()
+
+
+def read_only_mount(folder: Path, command: list[str]) -> list[str]:
+    """`command`, run where `folder` is a read-only mount: a bind mount in a user and mount namespace
+    of its own (no root needed; root itself writes through permission bits)."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no user and mount namespaces here (unshare -rm) for a read-only mount")
+    return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *command]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from training.cli.common import add_recipe_arguments
 from training.errors import UserError
 from training.recipe import load_recipe
-from training.release.evaluate import HarnessSettings, evaluate, write_report
+from training.release.evaluate import VARIANTS, HarnessSettings, evaluate, is_server, write_report
 from training.run_dir import RunDir
 from training.run_lock import one_command_at_a_time
 
@@ -71,10 +72,17 @@ def run(args: argparse.Namespace) -> int:
         api_key=os.environ.get("API_KEY") or None,
     )
     # Held while the models load: a train --force or a merge --force of the run would replace them.
-    with one_command_at_a_time(run_dir, "eval"):
+    with one_command_at_a_time(run_dir, "eval", reads=_runs_of_model_dirs(models)):
         report = evaluate(recipe, models, file=args.file, prompts=args.prompts, harness=harness)
         print(write_report(report, run_dir.eval_json, run_dir.eval_png))
     return 0
+
+
+def _runs_of_model_dirs(models: list[str]) -> list[RunDir]:
+    """The runs of the models given as directories (another run's merged/): a merge --force into one,
+    or a train --force of its run, would replace it while it loads."""
+    dirs = [Path(m) for m in models if m not in VARIANTS and not is_server(m)]
+    return [RunDir.of_merged(d) for d in dirs if d.is_dir()]
 
 
 def _task_list(given: list[str] | None, default: list[str]) -> list[str]:

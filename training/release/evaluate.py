@@ -38,6 +38,7 @@ from training.run_dir import MERGE_RECORD, RunDir
 
 log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http://", "https://")
+VARIANTS = ("base", "adapter", "merged")  # the run's own models, by name; anything else is a path or a URL
 
 
 @dataclass
