@@ -17,7 +17,7 @@ outputs/<run>/
   upload/<what>/      the folder `python -m training push` uploads
 outputs/.<run>.lock   held by the train, merge, export, eval or push of the run while it runs, and shared
                       by a merge or eval of another run that reads its adapter or merged model
-                      (training.run_lock)
+                      (training.run_lock); .<run>.train.lock is the lock of earlier versions
 
 The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
 importing this module (serving depends on nothing in training); serving.model_dir and
@@ -85,6 +85,12 @@ class RunDir:
         """Held by the train, merge, export, eval or push of this run while it runs
         (training.run_lock); beside the run folder, which train --force deletes."""
         return self.path.with_name(f".{self.path.name}.lock")
+
+    @property
+    def legacy_lock(self) -> Path:
+        """The lock of versions before the one above, taken by train alone; removed when the run is
+        next locked, unless such a version's train still holds it (training.run_lock)."""
+        return self.path.with_name(f".{self.path.name}.train.lock")
 
     @property
     def checkpoints(self) -> Path:

@@ -80,6 +80,7 @@ def _holding(run: RunDir, command: str, advice: str, *, shared: bool) -> Iterato
         except BlockingIOError:
             lock.seek(0)
             raise RunInUse(_refusal(run, lock.read().strip(), advice, run.lock)) from None
+        _without_legacy_lock(run, advice)
         if lock.writable():  # with several readers, it names the latest
             lock.truncate(0)
             holder = f"read: by {command}, " if shared else f"{command}: "
@@ -101,6 +102,27 @@ def _open(path: Path, *, shared: bool) -> IO[str] | None:
         return open(path, encoding="utf-8")
     except FileNotFoundError:  # where this process cannot make one, no command of this stack wrote there
         return None
+
+
+def _without_legacy_lock(run: RunDir, advice: str) -> None:
+    """Remove the lock earlier versions took (`.<run>.train.lock`, by train alone), so that it does
+    not stay behind as a hidden file; or refuse, as for this lock, while a train of such a version
+    holds it: that train knows no other lock.
+
+    Taken shared to look: two commands of this version that read the run may look at once.
+    """
+    # None there, or another command of this version removed it first.
+    with contextlib.suppress(FileNotFoundError), open(run.legacy_lock, encoding="utf-8") as legacy:
+        try:
+            fcntl.flock(legacy, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f"train: {legacy.read().strip() or 'unknown'}, an earlier version of this stack"
+            raise RunInUse(_refusal(run, holder, advice, run.legacy_lock)) from None
+        try:
+            run.legacy_lock.unlink(missing_ok=True)
+        except OSError as e:
+            if e.errno not in _CANNOT_CREATE:  # a reader's read-only mount keeps it: no train runs there
+                raise
 
 
 def _refusal(run: RunDir, holder: str, advice: str, lock: Path) -> str:

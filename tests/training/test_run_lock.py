@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +19,12 @@ from tests.conftest import run_cli, train_in_process
 from training.errors import RunInUse
 from training.merge.coordinator import MergeSettings, merge_adapter
 from training.run_dir import RunDir
+from training.run_lock import one_command_at_a_time
 
 HOLD = """
 import sys
 from training.run_dir import RunDir
+from training.run_lock import one_command_at_a_time
 from training.run_lock import one_command_at_a_time
 with one_command_at_a_time(RunDir(sys.argv[1]), sys.argv[2], reads=[RunDir(p) for p in sys.argv[3:]]):
     print("held", flush=True)
@@ -243,3 +246,50 @@ def read_only_mount(folder: Path, command: list[str]) -> list[str]:
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("no user and mount namespaces here (unshare -rm) for a read-only mount")
     return ["unshare", "-rm", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(folder), *command]
+
+
+# What train of the versions before the shared lock did (commit 547a4aa): its own lock, beside the run.
+EARLIER_TRAIN = """
+import fcntl, os, socket, sys
+with open(sys.argv[1], "a+", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
+    lock.flush()
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_lock_of_an_earlier_version_is_removed_when_the_run_is_next_locked(tmp_path):
+    run = RunDir(tmp_path / "quickstart")
+    run.legacy_lock.write_text("pid 4242 on elsewhere\n")  # left by an earlier version's train, ended
+    with one_command_at_a_time(run, "eval"):
+        assert not run.legacy_lock.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".quickstart.lock"]
+
+
+def test_a_run_an_earlier_version_trains_is_refused_and_its_lock_stays(quickstart_run, tmp_path):
+    run = RunDir(tmp_path / "quickstart")
+    shutil.copytree(quickstart_run / "adapter", run.adapter)
+    earlier = subprocess.Popen(
+        [sys.executable, "-c", EARLIER_TRAIN, str(run.legacy_lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert earlier.stdout.readline() == "held\n"
+        with pytest.raises(RunInUse, match="is being trained by another process") as caught:
+            train_in_process("recipes/quickstart.yaml", tmp_path, "training.max_steps=1", force=True)
+        with pytest.raises(RunInUse, match="is being trained by another process"):
+            merge_adapter(quickstart_run / "adapter", run.merged, MergeSettings(verify="off"))
+    finally:
+        earlier.stdin.close()
+        earlier.wait(timeout=30)
+    assert (
+        f"(pid {earlier.pid} on {socket.gethostname()}, an earlier version of this stack; lock {run.legacy_lock})"
+        in str(caught.value)
+    )
+    assert run.legacy_lock.is_file() and (run.adapter / "run.json").is_file()  # --force deleted nothing
+    assert not run.merged.exists()
