@@ -12,16 +12,13 @@ how many processes wrote the checkpoint: a resume must use as many.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from safetensors import SafetensorError
 from transformers import TrainerCallback
 
 from training.atomic import write_json
@@ -59,27 +56,6 @@ def mark_complete(checkpoint: Path, step: int, world_size: int = 1) -> None:
         checkpoint / MARKER,
         {"step": step, "world_size": world_size, "completed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     )
-
-
-# A save that a full disk (or a quota, a file size limit) cut short: torch.save's zip writer
-# (PyTorchStreamWriter) reports it as one of these, without the OS error; safetensors names it.
-_TORCH_WRITE_FAILED = re.compile(r"unexpected pos|PytorchStreamWriter failed writing")
-_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def save_failure(error: Exception, checkpoint: Path) -> OSError | None:
-    """The storage error behind a failed save of `checkpoint`, naming it (None for other errors), so
-    that the CLI prints it in one line, as any storage error, instead of torch's "unexpected pos"."""
-    if isinstance(error, SafetensorError) and (found := _SAFETENSORS_OS_ERROR.search(str(error))):
-        code = int(found.group(1))
-        return OSError(code, os.strerror(code), str(checkpoint))
-    if isinstance(error, RuntimeError) and _TORCH_WRITE_FAILED.search(str(error)):
-        return OSError(
-            errno.ENOSPC,
-            "could not be written: no space left on the device, or a quota or file size limit reached",
-            str(checkpoint),
-        )
-    return None
 
 
 def written_by(checkpoint: Path) -> int:

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
 
 from serving import mkl_vml
 from training.atomic import move_into_place, remove_stale_partials, write_json
@@ -34,6 +33,7 @@ from training.recipe import Recipe
 from training.run_dir import ADAPTER, RUN_RECORD, RunDir
 from training.run_lock import one_command_at_a_time
 from training.runinfo import now, peak_memory_bytes
+from training.storage import write_failure, writing_into
 from training.train import checkpoints as ckpt
 from training.train.builder import build_trainer
 from training.train.callbacks import GracefulStop
@@ -157,7 +157,7 @@ def _train_and_record(
             _run_trainer(trainer, checkpoint)
     except torch.OutOfMemoryError as e:
         raise OutOfMemory(out_of_memory_advice(recipe, sft_args, trainer.state.global_step + 1, e)) from e
-    except (RuntimeError, SafetensorError) as e:
+    except Exception as e:
         failure = _checkpoint_not_saved(trainer, world, e)
         if failure is None:
             raise
@@ -222,14 +222,16 @@ def _join_process_group(recipe: Recipe, world: Ranks, source: str) -> None:
 
 def _checkpoint_not_saved(trainer, world: Ranks, error: Exception) -> OSError | None:
     """A checkpoint save the storage cut short, as the storage error naming that checkpoint (the
-    CLI prints it in one line); None for any other error.
+    CLI prints it in one line); None for any other error, and where no save was under way.
 
     The partial checkpoint has no completion marker, so a resume would skip it anyway; it goes now,
     to give back the space it took.
     """
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    failure = ckpt.save_failure(error, checkpoint)
-    if failure is not None and world.is_main and not ckpt.is_complete(checkpoint):
+    if not checkpoint.is_dir() or ckpt.is_complete(checkpoint):
+        return None
+    failure = write_failure(error, checkpoint)
+    if failure is not None and world.is_main:
         log.warning("Removing the checkpoint that could not be written: %s", checkpoint)
         shutil.rmtree(checkpoint, ignore_errors=True)
     return failure
@@ -428,29 +430,35 @@ def _estimated_peak(recipe: Recipe, sft_args, config, device, world: Ranks) -> i
 
 
 def _save_adapter(trainer, run: RunDir, record: dict, world: Ranks) -> None:
-    """Build the adapter beside its place and rename it when complete.
+    """Build the adapter beside its place, write run.json, and rename the adapter into place.
 
     Every rank calls save_model (FSDP gathers the sharded LoRA weights for it) with the same
     path, so the path is fixed rather than a fresh temporary name per process; stale copies
-    from a killed run were removed at start-up.
+    from a killed run were removed at start-up. The adapter goes last: in place, it makes the run
+    finished (RunDir.is_trained), and a rerun of a finished run writes nothing, run.json included.
+    A save that fails leaves no copy: the storage error names adapter/ (the CLI prints it in one
+    line), and the rerun resumes from the run's last checkpoint, which holds its last step, and
+    only evaluates and saves.
     """
     tmp = run.path / f".{ADAPTER}.partial-save"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    trainer.save_model(str(tmp))
-    barrier()  # every rank's part is written
-    if world.is_main:
-        try:
-            # The Trainer pickles its arguments beside the weights; run.json records them instead,
-            # and a published artifact should hold nothing that runs code when loaded.
-            (tmp / "training_args.bin").unlink(missing_ok=True)
-            write_json(tmp / RUN_RECORD, record)
-            move_into_place(tmp, run.adapter, replace=True)
-        except BaseException:
+    try:
+        with writing_into(run.adapter):
+            trainer.save_model(str(tmp))
+            barrier()  # every rank's part is written
+            if world.is_main:
+                # The Trainer pickles its arguments beside the weights; run.json records them instead,
+                # and a published artifact should hold nothing that runs code when loaded.
+                (tmp / "training_args.bin").unlink(missing_ok=True)
+                write_json(tmp / RUN_RECORD, record)
+                write_json(run.run_json, record)
+                move_into_place(tmp, run.adapter, replace=True)
+    except BaseException:
+        if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        write_json(run.run_json, record)
+        raise
     barrier()  # no rank reports success before the adapter is in place
 
 

@@ -396,6 +396,36 @@ def test_a_checkpoint_the_disk_cannot_hold_names_it_in_one_line_and_the_run_resu
     assert read_run(run)["resumed_from"].endswith("checkpoint-2")
 
 
+def test_a_final_save_the_disk_cannot_hold_names_the_adapter_in_one_line_and_the_rerun_only_saves(
+    tiny_dir, tmp_path
+):
+    """A full disk once training has ended, as a file size limit (no root needed) that the adapter's
+    weights (282 KB) exceed, in a run whose training is over: its last checkpoint holds its last step
+    (a run killed while it wrote its adapter), so only the final save writes. safetensors' traceback
+    ended it, and its half-written adapter stayed."""
+    settings = ["training.max_steps=2", "training.save_steps=2", "training.eval_strategy=no"]
+    assert train_in_process(QUICK, tmp_path, *settings) == 0
+    run = tmp_path / "quickstart"
+    shutil.rmtree(run / "adapter")  # what a kill while the adapter was written leaves
+    (run / "run.json").unlink()
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run(
+        train_command(QUICK, tmp_path, *settings), preexec_fn=small_files, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {run / 'adapter'}: File too large. Free space there" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "data_order.json", "recipe.json"]
+    assert [step for step, _ in checkpoints(run / "checkpoints")] == [2]
+    assert train_in_process(QUICK, tmp_path, *settings) == 0
+    finished = read_run(run)
+    assert finished["resumed_from"].endswith("checkpoint-2") and finished["metrics"]["global_step"] == 2
+    assert json.loads((run / "adapter" / "run.json").read_text()) == finished
+
+
 def test_a_resumed_run_saves_at_the_intervals_of_the_recipe_it_resumes_with(tiny_dir, tmp_path, caplog):
     """The Trainer restored save_steps from the checkpoint and kept saving every 2 steps."""
     caplog.set_level(logging.INFO, logger="training")
