@@ -22,17 +22,16 @@ _TORCH_WRITE_FAILED = re.compile(r"unexpected pos|PytorchStreamWriter failed wri
 
 
 def write_failure(error: BaseException, where: str | os.PathLike) -> OSError | None:
-    """The storage error behind a failed write into `where` (a file or the folder being written),
-    naming it; None for any other error, and for an OSError that names its file already."""
+    """The storage error behind a write into `where` (a file, or the folder being written) that the
+    storage cut short, naming it; None for any other error, and for an OSError that names the file
+    it was writing already. A copy's names the file it read first (shutil), so it is renamed too."""
     if isinstance(error, OSError):
-        if error.filename is None and error.errno in FULL:
-            return OSError(error.errno, error.strerror, str(where))
-        return None
+        unnamed = error.filename is None or error.filename2 is not None
+        return OSError(error.errno, error.strerror, str(where)) if unnamed and error.errno in FULL else None
     if isinstance(error, SafetensorError) or type(error) is Exception:
-        if found := _RUST_OS_ERROR.search(str(error)):
-            code = int(found.group(1))
-            return OSError(code, os.strerror(code), str(where))
-        return None
+        found = _RUST_OS_ERROR.search(str(error))
+        code = int(found.group(1)) if found else None
+        return OSError(code, os.strerror(code), str(where)) if code in FULL else None
     if isinstance(error, RuntimeError) and _TORCH_WRITE_FAILED.search(str(error)):
         return OSError(
             errno.ENOSPC,

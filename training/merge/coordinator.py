@@ -51,6 +51,7 @@ from training.recipe import Recipe, shard_size_bytes
 from training.run_dir import MERGE_RECORD, RunDir
 from training.run_lock import one_command_at_a_time
 from training.runinfo import human_size, now, peak_memory_bytes, versions
+from training.storage import writing_into
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +128,22 @@ def _merge(adapter: Adapter, out_dir: Path, settings: MergeSettings, *, force: b
 
     folders: dict[str, Path] = {}  # one temporary directory per candidate base, beside out_dir
     records: dict[str, dict] = {}
+    # The config, the tokenizer (tokenizers' own error) and generation_config.json named no file when
+    # the disk filled while they were written, and ended in a traceback; the weights name theirs.
     try:
-        for base in bases:
-            folders[base] = temp_dir_beside(out_dir)
-            records[base] = _build(folders[base], adapter, base_dir, dtype, settings, base, round_trips[base])
-        chosen = _choose_base(folders, records, adapter) if settings.base == "auto" else settings.base
-        record = records[chosen]
-        serving = check_serving(folders[chosen], settings.num_shard)
-        serving.model_dir = str(out_dir)
-        record["serving_check"] = serving.as_dict()
-        write_json(folders[chosen] / MERGE_RECORD, record)
-        move_into_place(folders[chosen], out_dir, replace=force)
+        with writing_into(out_dir):
+            for base in bases:
+                folders[base] = temp_dir_beside(out_dir)
+                records[base] = _build(
+                    folders[base], adapter, base_dir, dtype, settings, base, round_trips[base]
+                )
+            chosen = _choose_base(folders, records, adapter) if settings.base == "auto" else settings.base
+            record = records[chosen]
+            serving = check_serving(folders[chosen], settings.num_shard)
+            serving.model_dir = str(out_dir)
+            record["serving_check"] = serving.as_dict()
+            write_json(folders[chosen] / MERGE_RECORD, record)
+            move_into_place(folders[chosen], out_dir, replace=force)
     finally:
         for folder in folders.values():
             shutil.rmtree(folder, ignore_errors=True)

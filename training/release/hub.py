@@ -22,6 +22,7 @@ from training.errors import UserError
 from training.release.model_card import build_card
 from training.run_dir import RunDir
 from training.run_lock import one_command_at_a_time
+from training.storage import writing_into
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def build_upload_folder(run_dir: Path, what: str, repo_id: str) -> Path:
     merge = _read(source / "merge.json")
     evaluation = _read(run_dir / "eval.json")
     target = run_dir / "upload" / what
-    with building_dir(target, replace=True) as tmp:
+    # A full disk: the copies named the model file they read, the card and eval.json no file at all.
+    with writing_into(target), building_dir(target, replace=True) as tmp:
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)

@@ -266,6 +266,40 @@ def test_a_merge_that_runs_out_of_space_names_the_file_and_leaves_nothing(quicks
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_a_merge_whose_tokenizer_the_disk_cannot_hold_names_the_folder_in_one_line_and_leaves_nothing(
+    tmp_path, tiny_dir
+):
+    """A full disk once the weights are written, as a file size limit (no root needed) that every
+    weight file fits and tokenizer.json (132 KB) does not: tokenizers' own error ended in a traceback.
+    A narrow model (8 wide), in shards of at most 70 KB, keeps each weight file below the limit."""
+    adapter = make_adapter(tmp_path, narrow_model(tmp_path, tiny_dir), "narrow")
+    merged = tmp_path / "out" / "merged"
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    merge = ["merge", "--adapter", str(adapter), "--out", str(merged), "--max-shard-size", "70KB"]
+    result = subprocess.run(
+        [sys.executable, "-m", "training", *merge], preexec_fn=small_files, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {merged}: File too large. Free space there" in result.stderr
+    assert "Traceback" not in result.stderr and list(merged.parent.iterdir()) == []
+
+
+def narrow_model(tmp_path: Path, tiny_dir: Path) -> Path:
+    """tiny://llama's tokenizer on a model 8 wide: each weight is smaller than tokenizer.json."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_dir / "llama")
+    config.update({"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "head_dim": 4})
+    folder = tmp_path / "models" / "narrow"
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_dir / "llama").save_pretrained(folder)
+    return tmp_path / "models"
+
+
 def test_gptq_base_is_refused(tmp_path, tiny_dir):
     adapter = make_adapter(tmp_path, tiny_dir, "llama")
     base = tmp_path / "gptq-base"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import shutil
 import subprocess
 import sys
 
@@ -87,6 +89,33 @@ def test_push_without_the_hub_leaves_the_folder_ready(quickstart_run, tmp_path):
     empty.write_text("")
     no_token = subprocess.run([*cmd[:-1], str(empty)], capture_output=True, text=True)
     assert no_token.returncode == 2 and "is empty" in no_token.stderr
+
+
+def test_a_push_that_runs_out_of_space_names_the_upload_folder_in_one_line_and_leaves_nothing(
+    quickstart_run, tmp_path
+):
+    """A full disk while the upload folder is built, as a file size limit (no root needed) that the
+    adapter's files exceed: the copy's error named the run's own adapter file, as if that were the
+    one to make room for."""
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    shutil.copy2(quickstart_run / "run.json", run / "run.json")
+    token = tmp_path / "token"
+    token.write_text("hf_not_a_real_token\n")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    push = ["push", "--set", f"output.dir={tmp_path}", "--what", "adapter", "--repo-id", "someone/x"]
+    result = subprocess.run(
+        [sys.executable, "-m", "training", *push, "--token-file", str(token)],
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {run / 'upload' / 'adapter'}: File too large. Free space there" in result.stderr
+    assert "Traceback" not in result.stderr and not list((run / "upload").iterdir())
 
 
 SAMPLE_RUN = {
