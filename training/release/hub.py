@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from training.atomic import building_dir
+from training.atomic import building_dir, remove_stale_partials
 from training.errors import UserError
 from training.release.model_card import build_card
 from training.run_dir import RunDir
@@ -45,6 +45,8 @@ def build_upload_folder(run_dir: Path, what: str, repo_id: str) -> Path:
     merge = _read(source / "merge.json")
     evaluation = _read(run_dir / "eval.json")
     target = run_dir / "upload" / what
+    # What a push killed while it copied left: a hidden copy of the model, as large as the model.
+    remove_stale_partials(target.parent, target.name)
     # A full disk: the copies named the model file they read, the card and eval.json no file at all.
     with writing_into(target), building_dir(target, replace=True) as tmp:
         for item in source.iterdir():

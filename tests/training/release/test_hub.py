@@ -118,6 +118,17 @@ def test_a_push_that_runs_out_of_space_names_the_upload_folder_in_one_line_and_l
     assert "Traceback" not in result.stderr and not list((run / "upload").iterdir())
 
 
+def test_a_push_removes_the_copy_a_killed_push_left(quickstart_run, tmp_path):
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    shutil.copy2(quickstart_run / "run.json", run / "run.json")
+    killed = run / "upload" / ".adapter.partial-k1ll3d"  # what a push killed while it copied leaves
+    shutil.copytree(quickstart_run / "adapter", killed)
+    (killed / "adapter_model.safetensors").write_bytes(b"half")
+    assert build_upload_folder(run, "adapter", "someone/x") == run / "upload" / "adapter"
+    assert sorted(p.name for p in (run / "upload").iterdir()) == ["adapter"]
+
+
 SAMPLE_RUN = {
     "recipe": {
         "model": {"name": "meta-llama/Llama-2-7b-hf", "revision": None},
