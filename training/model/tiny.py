@@ -113,60 +113,46 @@ def build_tiny_model(arch: str, target: Path, data_dir: Path) -> None:
         ).save_pretrained(tmp)
 
 
-def _llama(tokenizer, *, tied: bool):
+def _shape(tokenizer) -> dict:
+    """What every tiny model shares: two layers of two heads of 64 (a head size every serving
+    engine's kernels take), the tokenizer's vocabulary and special tokens, and INIT_SCALE."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "initializer_range": INIT_SCALE,
+    }
 
+
+def _llama(tokenizer, *, tied: bool):
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64: a head size every serving engine's kernels take
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tied,
-        initializer_range=INIT_SCALE,
+        **_shape(tokenizer), intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=tied
     )
     return LlamaForCausalLM(config)
 
 
 def _gpt_neox(tokenizer):
-
     config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
+        **_shape(tokenizer),
         intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64, as for Llama
-        max_position_embeddings=2048,
         rotary_pct=0.5,
         use_parallel_residual=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        initializer_range=INIT_SCALE,
     )
     return GPTNeoXForCausalLM(config)
 
 
 def _qwen2(tokenizer):
-
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
+        **_shape(tokenizer),
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64, as for Llama
         num_key_value_heads=1,  # grouped-query attention, as every Qwen2.5 model has
-        max_position_embeddings=2048,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        initializer_range=INIT_SCALE,
     )
     return Qwen2ForCausalLM(config)
 
