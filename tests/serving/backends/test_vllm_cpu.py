@@ -408,7 +408,7 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
     assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
 
 
-def test_a_model_trained_on_tool_calls_answers_with_tool_calls(tools_run, vllm_env):
+def test_a_model_trained_on_tool_calls_answers_with_tool_calls(vllm_env, tools_run):
     """The tool-call quickstart, trained and merged, served as make serve serves it: vLLM starts
     with the parser the chat template calls for (hermes), takes a chat that offers tools (it answers
     400 without the parser) and returns the call the model writes as `tool_calls`."""

@@ -1,15 +1,16 @@
-"""tiny://qwen2: shaped as Qwen2.5-Instruct comes, so the model's own template and tool calls run offline."""
+"""tiny://qwen2: shaped as Qwen2.5-Instruct comes, so the model's own template and tool calls run offline.
+
+The tool-call quickstart on it, trained, merged and served with vLLM's parser, is tested whole in
+tests/serving/backends/test_vllm_cpu.py (make test-vllm)."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl.chat_template_utils import get_training_chat_template, supports_tool_calling
 
-from tests.conftest import ROOT, read_run
 from training.model.tiny import QWEN_TEMPLATE, TOOL_CALL_TOKENS
 
 
@@ -29,27 +30,3 @@ def test_it_has_qwen25s_tokens_template_and_biases(tiny_dir):
         assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(
             f.keys()
         )
-
-
-@pytest.mark.slow
-def test_the_tools_quickstart_trains_merges_and_writes_a_tool_call(tools_run):
-    """The shipped tool-call recipe, whole (tools_run: trained, merged and verified against base +
-    adapter, with the biases of q, k and v that LoRA leaves alone): the model learned to write
-    Qwen2.5's call for a training prompt."""
-    assert read_run(tools_run)["data"]["train"]["rows_with_tools"] > 0
-    merged = tools_run / "merged"
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    prompt = tokenizer.apply_chat_template(
-        row["messages"][:1],
-        tools=row["tools"],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
-    out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
-    answer = tokenizer.decode(out[0][prompt["input_ids"].shape[1] :])
-    assert answer.startswith(
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'
-    ), answer
