@@ -178,18 +178,23 @@ def tool_calling_model(merged_model: Path, target: Path) -> Path:
     return target
 
 
+def vllm_command(model: ModelDir, runtime_dir: Path, **options):
+    """The command that starts vLLM on `model` with the tests' fixed settings, and `options`."""
+    return VLLMCPU().local_command(
+        model,
+        served_name="llama",
+        max_model_len=256,
+        host="127.0.0.1",
+        port=1,
+        api_key=None,
+        runtime_dir=runtime_dir,
+        **options,
+    )
+
+
 def test_vllm_starts_with_the_parser_for_the_tool_calls_the_template_writes(merged_model, tmp_path):
     def command(model: Path, requested: str | None = None):
-        return VLLMCPU().local_command(
-            ModelDir.open(model),
-            served_name="m",
-            max_model_len=256,
-            host="127.0.0.1",
-            port=1,
-            api_key=None,
-            runtime_dir=tmp_path,
-            tool_call_parser=requested,
-        )
+        return vllm_command(ModelDir.open(model), tmp_path, tool_call_parser=requested)
 
     qwen = tool_calling_model(merged_model, tmp_path / "qwen")
     auto = command(qwen)
@@ -238,16 +243,7 @@ def adapter_dirs(tmp_path: Path, ranks: dict[str, int]) -> list[tuple[str, Path]
 
 
 def lora_command(model: ModelDir, adapters: list[tuple[str, Path]], runtime_dir: Path):
-    return VLLMCPU().local_command(
-        model,
-        served_name="llama",
-        max_model_len=256,
-        host="127.0.0.1",
-        port=1,
-        api_key=None,
-        runtime_dir=runtime_dir,
-        adapters=adapters,
-    )
+    return vllm_command(model, runtime_dir, adapters=adapters)
 
 
 def test_lora_gets_a_spare_slot_and_the_smallest_rank_that_holds_every_adapter(tiny_dir, tmp_path):
