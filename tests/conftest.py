@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +21,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may reach a hub, what
 
 # After the settings above: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
 from serving import mkl_vml  # noqa: E402
+from training.cli import main as cli_main  # noqa: E402
 from training.merge.coordinator import MergeSettings, merge_adapter  # noqa: E402
 from training.model.tiny import ARCHITECTURES, ensure_tiny_model  # noqa: E402
 from training.recipe import load_recipe  # noqa: E402
@@ -108,6 +112,32 @@ def train_command(recipe: str, out_dir: Path, *overrides: str) -> list[str]:
 def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "training", *args], capture_output=True, text=True, check=check
+    )
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m training ARGS` run by this process: what run_cli answers, without the 6-12 s a new
+    process takes to import torch, transformers and TRL again (2 cores). Its log lines go to the
+    captured stderr, as the CLI's own handler prints them. For commands that take locks, run_cli:
+    a lock this process holds does not stop it."""
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = cli_main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                status = e.code
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(
+        ["python", "-m", "training", *args], status, out.getvalue(), err.getvalue()
     )
 
 

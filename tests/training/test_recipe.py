@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, train_in_process
+from tests.conftest import cli_in_process, train_in_process
 from training.errors import RecipeError
 from training.model.loading import Device
 from training.recipe import load_recipe, parse_overrides
@@ -217,7 +217,7 @@ def test_validate_and_train_refuse_a_value_out_of_range_before_writing_anything(
     out = tmp_path / "outputs"
     bad = ["--set", "training.per_device_train_batch_size=0", "--set", f"output.dir={out}"]
     for command in ("validate", "train"):
-        done = run_cli(command, "--recipe", "recipes/quickstart.yaml", *bad)
+        done = cli_in_process(command, "--recipe", "recipes/quickstart.yaml", *bad)
         assert done.returncode == 2, done.stderr[-2000:]
         assert "recipes/quickstart.yaml: invalid recipe" in done.stderr
         assert "training.per_device_train_batch_size: must be 1 or more (got 0)" in done.stderr
@@ -291,7 +291,7 @@ def test_recipe_that_is_not_utf8_or_is_a_directory(tmp_path):
     # UnicodeDecodeError traceback; a folder was "recipe file not found", which it is not.
     path = tmp_path / "sjis.yaml"
     path.write_bytes((BASE + "# 日本語のコメント\n").encode("shift_jis"))
-    result = run_cli("validate", "--recipe", str(path))
+    result = cli_in_process("validate", "--recipe", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{path}: not UTF-8 text" in result.stderr and "save the recipe as UTF-8" in result.stderr
     with pytest.raises(RecipeError, match="is a directory, not a recipe file"):
@@ -305,10 +305,10 @@ def test_run_name_must_be_a_plain_name(tmp_path):
 def test_validate_command_reports_errors_without_traceback(tmp_path):
 
     bad = write(tmp_path, BASE + "lora: {r: -1}\n")
-    result = run_cli("validate", "--recipe", str(bad))
+    result = cli_in_process("validate", "--recipe", str(bad))
     assert result.returncode == 2
     assert "error:" in result.stderr and "lora.r" in result.stderr and "Traceback" not in result.stderr
-    ok = run_cli("validate", "--recipe", "recipes/quickstart.yaml")
+    ok = cli_in_process("validate", "--recipe", "recipes/quickstart.yaml")
     assert ok.returncode == 0 and "ok" in ok.stdout
 
 
@@ -328,10 +328,10 @@ def test_validate_checks_every_row_of_local_data_before_any_model_loads(tmp_path
         tmp_path,
         f"model: {{name: tiny://llama}}\ndata: {{source: {data}, format: instruction, template: koalpaca}}\n",
     )
-    refused = run_cli("validate", "--recipe", str(recipe))
+    refused = cli_in_process("validate", "--recipe", str(recipe))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"{data} line 5: output: missing" in refused.stderr and "data.on_bad_row: skip" in refused.stderr
-    skipped = run_cli(
+    skipped = cli_in_process(
         "validate", "--recipe", str(recipe), "--set", "data.on_bad_row=skip", "--set", "data.validation=0.25"
     )
     assert skipped.returncode == 0, skipped.stderr

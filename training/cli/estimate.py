@@ -8,7 +8,9 @@ import json
 from training.cli.common import add_recipe_arguments, ddp_for_several_processes
 from training.errors import UserError
 from training.recipe import load_recipe
-from training.train.estimate import GiB, card_capacity, estimate, format_estimate, load_config, parse_capacity
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,15 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: must be at least 1")
+    from training.train.estimate import (
+        GiB,
+        card_capacity,
+        estimate,
+        format_estimate,
+        load_config,
+        parse_capacity,
+    )
+
     recipe, _ = ddp_for_several_processes(recipe, args.recipe, args.overrides, args.gpus)
     capacity = None
     if args.card:

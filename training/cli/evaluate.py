@@ -9,9 +9,11 @@ from pathlib import Path
 from training.cli.common import add_recipe_arguments
 from training.errors import UserError
 from training.recipe import load_recipe
-from training.release.evaluate import VARIANTS, HarnessSettings, evaluate, is_server, write_report
 from training.run_dir import RunDir
 from training.run_lock import one_command_at_a_time
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,13 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    batch_size = _batch_size(args.batch_size)
+    from training.release.evaluate import HarnessSettings, evaluate, write_report
+
     run_dir = RunDir(recipe.output.run_dir())
     models = args.models or ["base", "adapter"] + (["merged"] if run_dir.merged.is_dir() else [])
     harness = HarnessSettings(
         tasks=_task_list(args.tasks, recipe.eval.tasks),
         include_paths=args.include_path,
         limit=args.limit if args.limit is not None else recipe.eval.limit,
-        batch_size=_batch_size(args.batch_size),
+        batch_size=batch_size,
         concurrency=args.concurrency,
         api_key=os.environ.get("API_KEY") or None,
     )
@@ -81,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 def _runs_of_model_dirs(models: list[str]) -> list[RunDir]:
     """The runs of the models given as directories (another run's merged/): a merge --force into one,
     or a train --force of its run, would replace it while it loads."""
+    from training.release.evaluate import VARIANTS, is_server
+
     dirs = [Path(m) for m in models if m not in VARIANTS and not is_server(m)]
     return [RunDir.of_merged(d) for d in dirs if d.is_dir()]
 

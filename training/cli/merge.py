@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from training.cli.common import add_recipe_arguments, at_least_one
 from training.merge.adapters import read_adapter
-from training.merge.coordinator import MergeSettings, merge_adapter
 from training.recipe import MergeSection, load_recipe, shard_size_bytes
 from training.run_dir import MERGED, RunDir
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         adapter_dir = args.adapter
         section = MergeSection(**read_adapter(adapter_dir).run.get("recipe", {}).get("merge", {}))
     out_dir = args.out or adapter_dir.parent / MERGED
+    import torch
+
+    from training.merge.coordinator import MergeSettings, merge_adapter
+
     settings = MergeSettings(
         base=args.base or section.base,
         dtype=args.dtype or section.dtype,

@@ -7,8 +7,10 @@ import sys
 
 from training.cli.common import add_recipe_arguments
 from training.recipe import load_recipe
-from training.release.hub import HubUnreachable, push
 from training.run_dir import ARTIFACTS, MERGED
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 # Exit code when the upload folder is complete but the Hub could not be reached.
 HUB_UNREACHABLE = 3
@@ -26,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    from training.release.hub import HubUnreachable, push
+
     try:
         push(
             recipe.output.run_dir(),

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-import datasets
-import torch
-
 from training.cli.common import add_recipe_arguments, at_least_one, ddp_for_several_processes
 from training.recipe import Recipe, load_recipe
-from training.train.distributed import ranks, under_launcher
 from training.train.launcher import DEFAULT_PORT, launch, topology
-from training.train.preflight import preflight
-from training.train.run import run_training
-from training.train.sft_config import check_before_launch
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,9 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    import datasets
+
+    from training.train.distributed import ranks, under_launcher
+
     if ranks().rank != 0:
         datasets.disable_progress_bars()  # rank 0 tells the story
-    recipe = load_recipe(args.recipe, args.overrides)
     if under_launcher():  # one of the processes a launcher started (this stack's or the user's own)
         return _train_here(recipe, args)
 
@@ -101,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from training.train.preflight import preflight
+    from training.train.sft_config import check_before_launch
+
     cuda = torch.cuda.device_count() > 0
     # Everything that can be refused without a model (strategy vs hardware, packages, configs) is
     # refused here, before any process starts.
@@ -128,6 +133,8 @@ def _start(recipe: Recipe, args: argparse.Namespace, overrides: list[str]) -> in
 
 
 def _train_here(recipe: Recipe, args: argparse.Namespace) -> int:
+    from training.train.run import run_training
+
     return run_training(
         recipe, args.recipe, force=args.force, measure_memory=args.measure_memory, profile_steps=args.profile
     )

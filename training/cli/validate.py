@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 
 from training.cli.common import add_recipe_arguments
-from training.data.prepare import read_examples
-from training.data.sources import is_local
 from training.data.templates import resolve_template
 from training.errors import RecipeError
-from training.model.loading import compute_dtype, detect_device
 from training.recipe import DataSection, load_recipe
-from training.train.preflight import data_problems, model_problems
-from training.train.sft_config import build_sft_config
+
+# What this verb runs on (torch, transformers, TRL, ...) is imported inside its functions, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    from training.model.loading import compute_dtype, detect_device
+    from training.train.preflight import data_problems, model_problems
+    from training.train.sft_config import build_sft_config
+
     device = detect_device()
     dtype = str(compute_dtype(recipe.model.dtype, device)).removeprefix("torch.")
     build_sft_config(recipe, device, dtype, args.recipe)
@@ -36,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
 def check_rows(data: DataSection) -> str:
     """Every row of local data checked as `train` checks it (a bad row is an error naming it, unless
     data.on_bad_row skips it); what was found. Rows of a Hub dataset are checked when `train` reads them."""
+    from training.data.prepare import read_examples
+    from training.data.sources import is_local
+
     if not is_local(data.source):
         return f"{data.source} is a Hub dataset: its rows are checked when train reads them"
     template = resolve_template(data.template) if data.template else None

@@ -20,7 +20,6 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
-from trl.chat_template_utils import supports_tool_calling
 
 from training.data.row_errors import RowError
 from training.errors import DataError
@@ -163,6 +162,10 @@ def tool_template_problem(
     probe conversation then judges the training template (TRL's patched version of it, with
     completion-only loss): it must render the call, the result and, if rows have them, the tools;
     and count the call, but neither the result nor the tools, in the loss."""
+    # Imported here: importing TRL takes seconds (torch, transformers), and the recipe's schema,
+    # which every verb loads before its arguments are all checked, imports this module.
+    from trl.chat_template_utils import supports_tool_calling
+
     if not supports_tool_calling(tokenizer):
         return "the base model's chat template does not render tool calls and tool results"
     tools = [{"type": "function", "function": {"name": _PROBE_TOOL, "parameters": {"type": "object"}}}]

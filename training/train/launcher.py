@@ -23,9 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate.commands.launch import launch_command, launch_command_parser
-from torch.distributed.elastic.multiprocessing.api import SignalException
-
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -211,6 +208,9 @@ def main(argv: list[str]) -> int:
     checkpoint) and then raises an exception that would end `accelerate launch` with a
     traceback and status 1, as if the run had crashed.
     """
+    # Imported here, in the launcher process only: `train` imports this module for its arguments.
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     args = launch_command_parser().parse_args(argv)
     try:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from training.data import encodings, sources
 from training.data.encodings import likely_encoding
 from training.data.prepare import read_examples
@@ -396,11 +396,11 @@ def test_validate_names_the_encoding_of_a_cp949_csv_and_reads_it_once_set(tmp_pa
         f"model: {{name: tiny://llama}}\ndata: {{source: {data}, format: instruction, template: koalpaca}}\n",
         encoding="utf-8",
     )
-    refused = run_cli("validate", "--recipe", str(recipe))
+    refused = cli_in_process("validate", "--recipe", str(recipe))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"{data} line 2: not UTF-8 text (byte 0x" in refused.stderr
     assert "set data.encoding: cp949 in the recipe" in refused.stderr
-    ok = run_cli("validate", "--recipe", str(recipe), "--set", "data.encoding=cp949")
+    ok = cli_in_process("validate", "--recipe", str(recipe), "--set", "data.encoding=cp949")
     assert ok.returncode == 0, ok.stderr
     assert f"{data}: 3 training rows, all well-formed" in ok.stdout
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_run, run_cli, train_in_process
+from tests.conftest import cli_in_process, read_run, train_in_process
 from training.data.formats import RowError, messages_example, sharegpt_example
 from training.data.prepare import prepare_data
 from training.data.templates import BUILTIN_TEMPLATES
@@ -169,12 +169,12 @@ def test_validate_checks_a_sharegpt_file_and_a_tiny_run_trains_on_it(tmp_path, t
     )
     recipe = "recipes/quickstart-chat.yaml"
     data = [f"data.source={path}", "data.format=sharegpt"]
-    refused = run_cli("validate", "--recipe", recipe, *[a for s in data for a in ("--set", s)])
+    refused = cli_in_process("validate", "--recipe", recipe, *[a for s in data for a in ("--set", s)])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"{path} line 1: conversations[2].from: 'bot' is not one of" in refused.stderr
 
     data.append("data.roles={bot: assistant}")
-    ok = run_cli("validate", "--recipe", recipe, *[a for s in data for a in ("--set", s)])
+    ok = cli_in_process("validate", "--recipe", recipe, *[a for s in data for a in ("--set", s)])
     assert ok.returncode == 0, ok.stderr
     assert f"{path}: 54 training rows, 6 validation rows, all well-formed" in ok.stdout
 

@@ -18,7 +18,7 @@ from trl.chat_template_utils import (
     qwen2_5_training_chat_template,
 )
 
-from tests.conftest import read_run, run_cli, train_in_process
+from tests.conftest import cli_in_process, read_run, train_in_process
 from training.data.formats import RowError, messages_example, sharegpt_example
 from training.data.prepare import prepare_data
 from training.data.validation import eval_data
@@ -548,14 +548,14 @@ def test_validate_counts_tool_rows_and_a_tiny_run_trains_on_them(tmp_path, qwen_
         "data.template=model",
         "data.max_length=1024",
     ]
-    refused = run_cli("validate", "--recipe", recipe, *[a for s in settings for a in ("--set", s)])
+    refused = cli_in_process("validate", "--recipe", recipe, *[a for s in settings for a in ("--set", s)])
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert (
         f"{path} line 2: messages: missing; the row has 'system', 'tools', 'conversations'" in refused.stderr
     )  # a ShareGPT row in a messages file
 
     path = jsonl(tmp_path / "tools.jsonl", [OPENAI_ROW, *weather_rows(19)])
-    ok = run_cli("validate", "--recipe", recipe, *[a for s in settings for a in ("--set", s)])
+    ok = cli_in_process("validate", "--recipe", recipe, *[a for s in settings for a in ("--set", s)])
     assert ok.returncode == 0, ok.stderr
     assert (
         f"{path}: 18 training rows, 2 validation rows (14 with tools or tool calls: train checks" in ok.stdout

@@ -14,7 +14,7 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_in_process
 from training.errors import RecipeError
 from training.recipe import load_recipe
 from training.train.preflight import cpu_problems, data_problems, model_problems, preflight
@@ -70,7 +70,7 @@ def test_the_quickstart_passes(tiny_dir):
 
 def test_a_missing_data_file_or_tiny_model_is_refused_before_anything_is_written(tiny_dir, tmp_path):
     out = tmp_path / "outputs"
-    done = run_cli(
+    done = cli_in_process(
         "train", "--recipe", QUICK, "--set", "data.source=data/nope.jsonl", "--set", f"output.dir={out}"
     )
     assert done.returncode == 2
@@ -78,9 +78,9 @@ def test_a_missing_data_file_or_tiny_model_is_refused_before_anything_is_written
     assert "judged from the model's config.json" not in done.stderr  # the tiny model is here to judge
     assert not out.exists()  # no recipe.json, no run folder
     # validate finds the same without the Hub, and a misspelled tiny model too.
-    done = run_cli("validate", "--recipe", QUICK, "--set", "data.source=data/nope.jsonl")
+    done = cli_in_process("validate", "--recipe", QUICK, "--set", "data.source=data/nope.jsonl")
     assert done.returncode == 2 and "data.source data/nope.jsonl: data file not found" in done.stderr
-    done = run_cli("validate", "--recipe", QUICK, "--set", "model.name=tiny://lama")
+    done = cli_in_process("validate", "--recipe", QUICK, "--set", "model.name=tiny://lama")
     assert done.returncode == 2
     assert "model.name tiny://lama: no such tiny model; available: tiny://llama, " in done.stderr
 
