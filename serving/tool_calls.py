@@ -76,6 +76,12 @@ def template_parser(chat_template: str | None) -> str | None:
     return next((parser for pattern, parser in _FORMATS if pattern.search(turn)), None)
 
 
+def renders_calls(chat_template: str | None) -> bool:
+    """Whether `chat_template` writes an assistant turn's tool calls at all, in any syntax."""
+    turn = _rendered_call(chat_template) if chat_template else None
+    return turn is not None and _NAME in turn
+
+
 def choose(requested: str | None, chat_template: str | None) -> str | None:
     """The parser to start vLLM with: `requested` (a vLLM parser name, 'auto' or 'none'; unset is
     'auto'), else the one the template calls for. A name vLLM does not know is a ValueError."""

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -19,13 +20,14 @@ from transformers.cli.serving.chat_completion import ChatCompletionHandler
 from transformers.cli.serving.completion import CompletionHandler
 from transformers.cli.serving.model_manager import ModelManager
 from transformers.cli.serving.server import build_server
-from transformers.cli.serving.utils import GenerationState
+from transformers.cli.serving.utils import GenerationState, get_response_template
 
 from serving import mkl_vml
 from serving.banner import ready_banner
 from serving.listen import serve
 from serving.local_server.front import OpenAIFront
-from serving.model_dir import ModelDir, ModelDirError
+from serving.model_dir import ModelDir, ModelDirError, read_chat_template
+from serving.tool_calls import renders_calls
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class LocalServerSettings:
     # torch's intra-op threads; None: torch's default (one per core). On a CPU shared with
     # other work, fewer threads than cores can be much faster: every op waits for all of them.
     threads: int | None = None
+    notes: tuple[str, ...] = ()  # for the banner
 
 
 def settings_for(
@@ -56,6 +59,7 @@ def settings_for(
             f"{model.path}: transformers serve cannot load a path containing '@'; move the model"
         )
     length, source = model.context_length(max_model_len)
+    note = tool_call_note(model)
     return LocalServerSettings(
         model_dir=model.path.resolve(),
         served_name=served_name or model.run_name,
@@ -63,6 +67,31 @@ def settings_for(
         context_source=source,
         device=device,
         threads=threads,
+        notes=(note,) if note else (),
+    )
+
+
+def tool_call_note(model: ModelDir) -> str | None:
+    """What the banner says of tool calls, for a model whose chat template writes them.
+
+    transformers serve renders a request's tools through the chat template, and returns the calls
+    the model writes as `tool_calls` only where it has a response template to parse them with: the
+    tokenizer's own (tokenizer_config.json's response_template), or one it keeps for a model type
+    (Qwen2 and Qwen3, Qwen3.5, Gemma 4 in transformers 5.23). Without one the calls come back as
+    text in `content`, which clients asking for tools would not look at."""
+    if not renders_calls(read_chat_template(model.path)):
+        return None
+    # get_response_template reads only these two attributes of the tokenizer and the model.
+    tokenizer = SimpleNamespace(response_template=model.tokenizer_config.get("response_template"))
+    loaded = SimpleNamespace(config=SimpleNamespace(model_type=model.model_type))
+    if get_response_template(tokenizer, loaded) is not None:
+        return (
+            "tool calls: requests may offer tools; transformers serve returns the model's calls as tool_calls"
+        )
+    return (
+        f"tool calls: transformers serve cannot parse the calls this {model.model_type} model writes (no "
+        "response template for it), so they come back as text in content; vLLM returns them as "
+        "tool_calls (SERVE_BACKEND=vllm, or serve --backend vllm)"
     )
 
 
@@ -127,6 +156,7 @@ def print_ready(settings: LocalServerSettings, api_key: bool) -> Callable[[str],
             limit=settings.max_model_len,
             limit_source=settings.context_source,
             api_key=api_key,
+            details=[("note", note) for note in settings.notes],
         )
         print(banner, flush=True)
 
