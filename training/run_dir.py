@@ -16,8 +16,9 @@ outputs/<run>/
     <run>-Q.Modelfile   for `ollama create <name> -f <run>-Q.Modelfile`
   upload/<what>/      the folder `python -m training push` uploads
 outputs/.<run>.lock   held by the train, merge, export, eval or push of the run while it runs, and shared
-                      by a merge or eval of another run that reads its adapter or merged model
-                      (training.run_lock); .<run>.train.lock is the lock of earlier versions
+                      by a merge or eval of another run that reads its adapter or merged model, and by
+                      a train, merge or eval whose base model is its merged model (training.run_lock);
+                      .<run>.train.lock is the lock of earlier versions
 
 The servers read outputs/<run>/merged/ (and its merge.json) and outputs/<run>/gguf/ without
 importing this module (serving depends on nothing in training); serving.model_dir and
@@ -55,6 +56,17 @@ class RunDir:
         folder that holds MERGED, with MERGED's name as the model's."""
         merged = Path(merged).resolve()
         return cls(merged.parent, None if merged.name == MERGED else merged.name)
+
+    @classmethod
+    def of_base_model(cls, name: str) -> RunDir | None:
+        """The run whose merged model is the base model NAME (continued fine-tuning of a merge), which
+        its merge --force or train --force would replace: NAME a directory named merged/ or holding a
+        merge's merge.json. None for a Hub id, tiny://..., or a directory no merge wrote (a lock beside
+        a folder of the user's own models would guard nothing and leave a hidden file there)."""
+        base = Path(name)
+        if not base.is_dir() or (base.resolve().name != MERGED and not (base / MERGE_RECORD).is_file()):
+            return None
+        return cls.of_merged(base)
 
     @classmethod
     def of_adapter(cls, adapter: str | Path) -> RunDir | None:

@@ -11,8 +11,9 @@ without waiting: a second command is refused at once, naming the holder. The ker
 when its process ends, however it ends, so a killed command never leaves the run locked.
 
 A command that only reads another run (a merge of that run's adapter into a folder elsewhere, an
-eval of its merged model) holds that run's lock shared: commands that write the run are refused
-while it reads, and other readers are not. Locks are taken in one order (by path), and none waits.
+eval of its merged model, a train, merge or eval whose base model is its merged model) holds that
+run's lock shared: commands that write the run are refused while it reads, and other readers are
+not. Locks are taken in one order (by path), and none waits.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ def one_command_at_a_time(
     """Hold the run's lock for `command` (train, merge, export, eval or push), and the lock of each
     run in `reads` shared, or raise RunInUse.
 
-    `advice` ends the refusal's message (after "run this command again"): what else the refused
-    command can do.
+    `advice` ends the refusal's message (after "run this command again") when the run it writes is
+    in use: what else the refused command can do. A run it reads gets none: another name for this
+    run would not help.
     """
     holds = {_key(other): (other, True) for other in reads}
     holds[_key(run)] = (run, False)  # the run it writes is held exclusively, even if it reads it too
     with contextlib.ExitStack() as stack:
         for key in sorted(holds):
             other, shared = holds[key]
-            stack.enter_context(_holding(other, command, advice, shared=shared))
+            stack.enter_context(_holding(other, command, "." if shared else advice, shared=shared))
         yield
 
 

@@ -3,6 +3,7 @@ by a real lock held by another process, before it writes anything."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -216,6 +217,66 @@ def test_an_eval_of_another_runs_merged_model_is_refused_while_that_run_is_merge
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f"error: {other} is being merged by another process (pid {merger.pid} on" in refused.stderr
     assert not (tmp_path / "runs" / "quickstart" / "eval.json").exists()
+
+
+def merged_base(tiny_dir: Path, tmp_path: Path) -> Path:
+    """Run `other`'s merged model, as a base to fine-tune further: the tiny Llama the quickstart
+    trains on, copied (not merged again) to other/merged."""
+    merged = tmp_path / "other" / "merged"
+    shutil.copytree(tiny_dir / "llama", merged)
+    return merged
+
+
+def test_the_run_of_a_base_model_is_the_run_whose_merged_model_it_is(tiny_dir, tmp_path):
+    base = merged_base(tiny_dir, tmp_path)
+    assert RunDir.of_base_model(str(base)) == RunDir(base.parent)
+    elsewhere = tmp_path / "models" / "mine"  # merge --out models/mine: a merge.json names it a merge's
+    shutil.copytree(base, elsewhere)
+    (elsewhere / "merge.json").write_text("{}")
+    assert RunDir.of_base_model(str(elsewhere)) == RunDir(elsewhere.parent, "mine")
+    # Nothing of this stack replaces these: no lock is taken, and none is left beside them.
+    assert RunDir.of_base_model("tiny://llama") is None
+    assert RunDir.of_base_model(str(tiny_dir / "llama")) is None
+    assert RunDir.of_base_model("someone/some-model") is None
+
+
+def test_a_train_or_an_eval_on_another_runs_merged_model_is_refused_while_that_run_is_merged(
+    tiny_dir, tmp_path
+):
+    """Continued fine-tuning of run `other`'s merge: a merge --force of `other` (or its train --force)
+    would replace the base model while it loads."""
+    base = merged_base(tiny_dir, tmp_path)
+    runs = tmp_path / "runs"
+    with held(base.parent, "merge") as merger:
+        with pytest.raises(RunInUse, match="is being merged by another process") as caught:
+            train_in_process("recipes/quickstart.yaml", runs, f"model.name={base}", force=True)
+        refused = run_cli(
+            "eval", "--set", f"output.dir={runs}", "--set", f"model.name={base}", "--model", "base"
+        )
+    refusal = f"{base.parent} is being merged by another process (pid {merger.pid} on"
+    assert refusal in str(caught.value)
+    assert str(caught.value).endswith("run this command again.")  # renaming this run would not help
+    assert not (runs / "quickstart").exists()
+    assert refused.returncode == 2 and f"error: {refusal}" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_a_merge_onto_another_runs_merged_model_is_refused_while_that_run_is_merged_not_while_read(
+    quickstart_run, tiny_dir, tmp_path
+):
+    base = merged_base(tiny_dir, tmp_path)
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    record = json.loads((run / "adapter" / "run.json").read_text(encoding="utf-8"))
+    record["recipe"]["model"]["name"] = str(base)  # as a run trained on other/merged records it
+    (run / "adapter" / "run.json").write_text(json.dumps(record), encoding="utf-8")
+    with held(base.parent, "merge") as merger, pytest.raises(RunInUse, match="is being merged") as caught:
+        merge_adapter(run / "adapter", run / "merged", MergeSettings(verify="off"))
+    assert f"{base.parent} is being merged by another process (pid {merger.pid} on" in str(caught.value)
+    assert not (run / "merged").exists()
+    # Another command that only reads other/merged (an eval of it) does not stop the merge.
+    with held(tmp_path / "evaluating", "eval", reading=base.parent):
+        merge_adapter(run / "adapter", run / "merged", MergeSettings(verify="off"))
+    assert (run / "merged" / "merge.json").is_file()
 
 
 def test_an_adapter_on_a_read_only_mount_is_merged_all_the_same(quickstart_run, tmp_path):

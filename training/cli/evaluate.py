@@ -77,19 +77,22 @@ def run(args: argparse.Namespace) -> int:
         api_key=os.environ.get("API_KEY") or None,
     )
     # Held while the models load: a train --force or a merge --force of the run would replace them.
-    with one_command_at_a_time(run_dir, "eval", reads=_runs_of_model_dirs(models)):
+    with one_command_at_a_time(run_dir, "eval", reads=_runs_read(models, recipe.model.name)):
         report = evaluate(recipe, models, file=args.file, prompts=args.prompts, harness=harness)
         print(write_report(report, run_dir.eval_json, run_dir.eval_png))
     return 0
 
 
-def _runs_of_model_dirs(models: list[str]) -> list[RunDir]:
-    """The runs of the models given as directories (another run's merged/): a merge --force into one,
-    or a train --force of its run, would replace it while it loads."""
+def _runs_read(models: list[str], base_model: str) -> list[RunDir]:
+    """The other runs whose merged models this eval loads: those of the models given as directories
+    (another run's merged/), and the base model's when it is one (the base and adapter variants
+    load it). A merge --force into one, or a train --force of its run, would replace it while it loads."""
     from training.release.evaluate import VARIANTS, is_server
 
     dirs = [Path(m) for m in models if m not in VARIANTS and not is_server(m)]
-    return [RunDir.of_merged(d) for d in dirs if d.is_dir()]
+    runs = [RunDir.of_merged(d) for d in dirs if d.is_dir()]
+    base_run = RunDir.of_base_model(base_model) if {"base", "adapter"} & set(models) else None
+    return runs + ([base_run] if base_run is not None else [])
 
 
 def _task_list(given: list[str] | None, default: list[str]) -> list[str]:

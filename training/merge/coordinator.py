@@ -94,13 +94,16 @@ def merge_adapter(
     adapter_dir: str | Path, out_dir: str | Path, settings: MergeSettings, *, force: bool = False
 ) -> dict:
     mkl_vml.warm_up()
-    read_adapter(adapter_dir)  # a folder that is no adapter is refused before any lock file is made
+    # A folder that is no adapter is refused before any lock file is made.
+    base_name = read_adapter(adapter_dir).base_name
     out_dir = Path(out_dir)
     # Before an unfinished merged/ is removed as a killed merge's: another merge may be writing it.
     # The adapter's run too, when it is another (--adapter): a train --force of it deleted the adapter
-    # being read, and its training rotated away a checkpoint being read.
+    # being read, and its training rotated away a checkpoint being read. And the run whose merged
+    # model is the base (continued fine-tuning of a merge): its merge --force replaces the base.
     adapter_run = RunDir.of_adapter(adapter_dir)
-    reads = [adapter_run] if adapter_run is not None else []
+    base_run = RunDir.of_base_model(base_name)
+    reads = [r for r in (adapter_run, base_run) if r is not None]
     with one_command_at_a_time(RunDir.of_merged(out_dir), "merge", reads=reads):
         adapter = read_adapter(adapter_dir)  # again, as it is now that no train can replace it
         return _merge(adapter, out_dir, settings, force=force)

@@ -97,7 +97,7 @@ def run_training(
     check_shared_storage(run.path, world, sft_args.device)
 
     # Taken once the settings are checked (a refused recipe writes nothing), before anything is written.
-    with _one_train_at_a_time(run, world):
+    with _one_train_at_a_time(run, world, recipe.model.name):
         if _finished_already(run, recipe, world, force=force):
             return 0
         with _removed_if_it_fails_before_a_checkpoint(run, world):
@@ -195,17 +195,24 @@ def _train_and_record(
 
 
 @contextlib.contextmanager
-def _one_train_at_a_time(run: RunDir, world: Ranks) -> Iterator[None]:
+def _one_train_at_a_time(run: RunDir, world: Ranks, base_model: str) -> Iterator[None]:
     """Refuse a second train (or a merge, export, eval or push) of the same run folder while one runs.
 
     Two wrote the same checkpoints, each deleted the other's unfinished one as the leftover of a
     kill (and a failing or --force one the whole folder), and both reported success.
+
+    A base model that is another run's merged model holds that run shared: its merge --force or
+    train --force would replace the weights this run loads (and, on resume, loads again).
     """
     if not world.is_main:  # the other processes of one run follow rank 0
         yield
         return
+    base_run = RunDir.of_base_model(base_model)
     with one_command_at_a_time(
-        run, "train", advice=" to resume; to train beside it, set output.run_name to another name."
+        run,
+        "train",
+        advice=" to resume; to train beside it, set output.run_name to another name.",
+        reads=[base_run] if base_run is not None else [],
     ):
         yield
 
