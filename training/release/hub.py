@@ -8,6 +8,7 @@ later, and the command says so instead of failing somewhere in the upload.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,14 +48,23 @@ def build_upload_folder(run_dir: Path, what: str, repo_id: str) -> Path:
     target = run_dir / "upload" / what
     # What a push killed while it copied left: a hidden copy of the model, as large as the model.
     remove_stale_partials(target.parent, target.name)
-    # A full disk: the copies named the model file they read, the card and eval.json no file at all.
-    with writing_into(target), building_dir(target, replace=True) as tmp:
-        for item in source.iterdir():
-            if item.is_file():
-                shutil.copy2(item, tmp / item.name)
-        if evaluation is not None:
-            (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
-        build_card(what, repo_id, run, merge, evaluation).save(tmp / "README.md")
+    made_upload = not target.parent.exists()
+    try:
+        # A full disk: the copies named the model file they read, the card and eval.json no file at all.
+        with writing_into(target), building_dir(target, replace=True) as tmp:
+            for item in source.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+            if evaluation is not None:
+                (tmp / "eval.json").write_text(json.dumps(evaluation, indent=2, ensure_ascii=False) + "\n")
+            build_card(what, repo_id, run, merge, evaluation).save(tmp / "README.md")
+    except BaseException:
+        # A failed push leaves nothing it made: its unfinished copy is gone, and so is the empty
+        # upload/ it made for it (rmdir leaves one that another push has filled since).
+        if made_upload:
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
+        raise
     return target
 
 

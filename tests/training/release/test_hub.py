@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from training.release.hub import build_upload_folder
 from training.release.model_card import build_card
@@ -115,7 +118,23 @@ def test_a_push_that_runs_out_of_space_names_the_upload_folder_in_one_line_and_l
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {run / 'upload' / 'adapter'}: File too large. Free space there" in result.stderr
-    assert "Traceback" not in result.stderr and not list((run / "upload").iterdir())
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "run.json"]  # no upload/ it made, empty
+
+
+def test_a_push_that_fails_leaves_the_upload_folder_that_was_there(quickstart_run, tmp_path, monkeypatch):
+    run = tmp_path / "quickstart"
+    shutil.copytree(quickstart_run / "adapter", run / "adapter")
+    shutil.copy2(quickstart_run / "run.json", run / "run.json")
+    (run / "upload").mkdir()  # there before this push: not its to remove
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("training.release.hub.build_card", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        build_upload_folder(run, "adapter", "someone/x")
+    assert (run / "upload").is_dir() and not list((run / "upload").iterdir())
 
 
 def test_a_push_removes_the_copy_a_killed_push_left(quickstart_run, tmp_path):
