@@ -189,15 +189,3 @@ class ModelDir:
     def num_layers(self) -> int | None:
         value = self.config.get("num_hidden_layers") or self.config.get("n_layer")
         return value if isinstance(value, int) and value > 0 else None
-
-    @property
-    def chat_template_sources(self) -> list[str]:
-        """Where a chat template is stored; TGI 3.3.7 reads only the first two kinds."""
-        found = []
-        if self.tokenizer_config.get("chat_template"):
-            found.append("tokenizer_config.json")
-        if (self.path / "chat_template.json").is_file():
-            found.append("chat_template.json")
-        if (self.path / "chat_template.jinja").is_file():
-            found.append("chat_template.jinja")
-        return found

@@ -125,10 +125,6 @@ class RunDir:
         return self.path / (self.model or MERGED)
 
     @property
-    def merge_json(self) -> Path:
-        return self.merged / MERGE_RECORD
-
-    @property
     def eval_json(self) -> Path:
         return self.path / "eval.json"
 

@@ -14,10 +14,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.serving.conftest import API_KEY
 from training.errors import UserError
 from training.model.scoring import continuation_logprob
-from training.release.harness import TASKS_DIR, score_model, score_server, select_tasks, server_lm
+from training.release.harness import TASKS_DIR, score_lm, score_model, select_tasks, server_lm
 
 TASK = "qlora_stack_mc"
 CONTEXT, CHOICE = "質問: 日本の首都はどこですか？\n答え:", " 東京"
+
+
+def score_server(url: str, tokenizer_dir, selection, *, api_key=None, limit=None) -> tuple[str, dict]:
+    """(served model id, scores) of a running server, as `eval --model URL` gets them."""
+    lm, model_id = server_lm(url, tokenizer_dir, selection, api_key=api_key)
+    return model_id, score_lm(lm, selection, limit=limit)
 
 
 def test_the_local_server_is_refused_for_loglikelihood_tasks(local_server, merged_model):

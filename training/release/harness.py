@@ -170,20 +170,6 @@ def score_model(
     return result
 
 
-def score_server(
-    url: str,
-    tokenizer_dir: Path,
-    selection: TaskSelection,
-    *,
-    api_key: str | None = None,
-    limit: float | None = None,
-    concurrency: int = 1,
-) -> tuple[str, dict]:
-    """(served model id, scores) of a running OpenAI-compatible server."""
-    lm, model = server_lm(url, tokenizer_dir, selection, api_key=api_key, concurrency=concurrency)
-    return model, score_lm(lm, selection, limit=limit)
-
-
 def score_lm(lm, selection: TaskSelection, *, limit: float | None = None) -> dict:
     """lm-eval's scores of a model it already has (server_lm's, for a server checked earlier)."""
     return {"harness": scores(_run(require_lm_eval(), lm, selection, limit))}

@@ -21,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from training.atomic import building_dir, remove_stale_partials
 from training.errors import UserError
 from training.release.model_card import build_card
-from training.run_dir import RunDir
+from training.run_dir import MERGE_RECORD, RunDir
 from training.run_lock import one_command_at_a_time
 from training.storage import writing_into
 
@@ -35,17 +35,18 @@ class HubUnreachable(UserError):
 
 
 def build_upload_folder(run_dir: Path, what: str, repo_id: str) -> Path:
-    source = run_dir / what
+    layout = RunDir(run_dir)
+    source = layout.artifact(what)
     if not source.is_dir():
         hint = "make train" if what == "adapter" else "make merge"
         raise UserError(f"{source}: nothing to publish yet ({hint} first)")
-    run_file = run_dir / "run.json"
+    run_file = layout.run_json
     if not run_file.is_file():
         raise UserError(f"{run_file}: the run record is missing; the model card is written from it")
     run = json.loads(run_file.read_text(encoding="utf-8"))
-    merge = _read(source / "merge.json")
-    evaluation = _read(run_dir / "eval.json")
-    target = run_dir / "upload" / what
+    merge = _read(source / MERGE_RECORD)
+    evaluation = _read(layout.eval_json)
+    target = layout.upload(what)
     # What a push killed while it copied left: a hidden copy of the model, as large as the model.
     remove_stale_partials(target.parent, target.name)
     made_upload = not target.parent.exists()

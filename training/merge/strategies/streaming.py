@@ -159,10 +159,6 @@ class StreamingMerge:
             self._buffers[dtype] = torch.empty(numel, dtype=dtype)
         return self._buffers[dtype][:numel].view(shape)
 
-    @property
-    def merged_modules(self) -> int:
-        return len(self.weights.modules)
-
 
 def open_merged(
     base_dir: Path, adapter: Adapter, dtype: torch.dtype, *, tied: bool, round_trip: RoundTrip | None
