@@ -29,5 +29,10 @@ class RunInUse(UserError):
     """Another process is training, merging, exporting, evaluating or uploading the same run (training.run_lock)."""
 
 
+class AnotherProcessStopped(UserError):
+    """Another process of a run on several stopped while this one waited for it: its own error says
+    why, and this one stops too, in one line rather than with a traceback of the lost connection."""
+
+
 class OutOfMemory(UserError):
     """The device ran out of memory mid-run: the message says which setting to change."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from training.errors import RecipeError
+from training.errors import AnotherProcessStopped, RecipeError
 from training.recipe import DistributedSection, Recipe
 
 SHIPPED_DEEPSPEED_CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
@@ -65,8 +66,25 @@ def _group_ready() -> bool:
 
 
 def barrier() -> None:
-    if _group_ready():
+    """Wait until every process of the run is here. A process that stopped instead (a full disk at a
+    save, say, with its error printed) ends the wait with an error from the backend (gloo: the
+    connection closed by the peer; NCCL: the remote process gone), which stops this one too."""
+    if not _group_ready():
+        return
+    try:
         dist.barrier()
+    except RuntimeError as e:  # DistBackendError and DistNetworkError are RuntimeErrors too
+        reason = _first_sentence(str(e)) or type(e).__name__
+        raise AnotherProcessStopped(
+            f"another process of this run stopped while this one waited for it ({reason}); "
+            "that process's error says why"
+        ) from None
+
+
+def _first_sentence(message: str) -> str:
+    """gloo's 'Connection closed by peer [ADDR]', without its source location and its advice."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", message.strip().splitlines()[0] if message.strip() else "")
+    return text.split(". ")[0].rstrip(".")
 
 
 def from_main(value: Any) -> Any:

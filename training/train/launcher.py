@@ -28,6 +28,7 @@ from training.errors import UserError
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
+USER_ERROR = 2  # what `python -m training` exits with after printing a UserError (training.cli)
 # How long torchrun waits for the processes to save their checkpoint after passing a signal on,
 # before it kills them. Its own default (30 s) can be shorter than one step plus a save.
 SHUTDOWN_TIMEOUT_S = 600
@@ -211,12 +212,24 @@ def main(argv: list[str]) -> int:
     # Imported here, in the launcher process only: `train` imports this module for its arguments.
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)
     except SignalException as e:
         return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        # Each process printed its own error; torchrun's report of them would add a traceback of
+        # its own and end with status 1, whatever the processes said.
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == USER_ERROR:  # a one-line error, already printed by that process
+            return USER_ERROR
+        print(
+            f"error: the process of rank {rank} stopped with status {failure.exitcode} (its error is above)",
+            file=sys.stderr,
+        )
+        return failure.exitcode if failure.exitcode > 0 else 1
     return 0
 
 

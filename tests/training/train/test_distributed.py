@@ -4,6 +4,7 @@ settings that must be refused before anything starts."""
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import signal
 import socket
@@ -106,6 +107,38 @@ def test_ddp_run_resumes_on_two_processes_and_finishes(ddp_interrupted, tmp_path
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "run.json").is_file()
     assert not list(run_dir.glob(".adapter*"))
     assert "training_args.bin" not in {p.name for p in adapter.iterdir()}
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_in_one_process_ends_the_run_in_one_line_per_process(ddp_interrupted, tmp_path):
+    """A full disk at a save of a 2-process run, as a file size limit (no root needed) that the saved
+    weights exceed. Rank 0 printed its one-line error; then rank 1, waiting for it at a
+    barrier, printed the lost connection's traceback, torchrun's report another, and the run ended
+    with status 1: the one line that says what to do was lost among 70."""
+    run_dir = tmp_path / "quickstart"
+    shutil.copytree(ddp_interrupted, run_dir)
+    step, _ = checkpoints(run_dir / "checkpoints")[0]
+    cmd = ddp_command(tmp_path, f"training.max_steps={step + 1}", "training.save_steps=1000")
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    done = subprocess.run(cmd, preexec_fn=small_files, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    # The last step's checkpoint, the first file over the limit.
+    assert (
+        f"error: {run_dir / 'checkpoints'}/checkpoint-{step + 1}: File too large. Free space there"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    # Rank 1 says why it stopped, unless torchrun stopped it first (SIGTERM, which prints nothing).
+    rank_1 = [line for line in done.stderr.splitlines() if line.startswith("error (rank 1)")]
+    assert all("another process of this run stopped while this one waited for it" in x for x in rank_1), (
+        rank_1
+    )
+    assert not (run_dir / "adapter").exists() and [s for s, _ in checkpoints(run_dir / "checkpoints")] == [
+        step
+    ]
 
 
 @pytest.mark.slow
