@@ -39,7 +39,7 @@ class Conversion:
     path: Path
     outtype: str
     seconds: float
-    pre_tokenizer_fallback: str | None  # "gpt-2" where the wrapper stepped in (llama_cpp_convert)
+    pre_tokenizer_fallback: str | None  # "gpt-2" or "qwen2" where the wrapper stepped in (llama_cpp_convert)
     rotary_pct_filled: float | None
 
 

@@ -19,7 +19,7 @@ from tests.training.merge.ollama_modelfile import create_request
 from training.errors import UserError
 from training.merge import llama_cpp
 from training.merge.export_gguf import ExportSettings, _context_length, export_gguf, parse_quants
-from training.merge.llama_cpp_convert import is_gpt2_split
+from training.merge.llama_cpp_convert import is_gpt2_split, known_split
 from training.merge.verify_gguf import TOLERANCE
 from training.run_dir import RunDir
 
@@ -68,6 +68,19 @@ def test_only_gpt2s_own_split_gets_llama_cpps_gpt2_pre_tokenizer(tiny_dir, tmp_p
     tokenizer["pre_tokenizer"]["add_prefix_space"] = True
     (other / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
     assert not is_gpt2_split(other)
+
+
+def test_qwen2s_own_split_gets_llama_cpps_qwen2_pre_tokenizer(tiny_dir, tmp_path):
+    """tiny://qwen2 as transformers saves it (a merged model): Qwen2Tokenizer writes Qwen2's split."""
+    from transformers import AutoTokenizer
+
+    qwen = tmp_path / "qwen"
+    AutoTokenizer.from_pretrained(tiny_dir / "qwen2").save_pretrained(qwen)
+    assert known_split(qwen) == "qwen2"
+    tokenizer = json.loads((qwen / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["normalizer"] = {"type": "NFKC"}  # llama.cpp's qwen2 does not normalize; NFC text only
+    (qwen / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    assert known_split(qwen) is None
 
 
 # --- with llama.cpp -------------------------------------------------------------------------
