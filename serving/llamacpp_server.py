@@ -19,6 +19,7 @@ from serving.banner import ready_banner
 from serving.errors import ServingError
 from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError, read_json
+from serving.tool_calls import renders_calls
 
 INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
 # llama-cpp-python 0.3.36 (Llama._create_completion) never ends an answer inside a UTF-8 character:
@@ -173,8 +174,46 @@ def run(
     serve(lambda: build_app(settings, api_key), host=host, port=port, on_ready=on_ready)
 
 
+def render_with_llama_cpp(
+    chat_template: str, messages: list[dict], tools: list[dict], add_generation_prompt: bool
+) -> str:
+    """A chat as llama-cpp-python's server renders it (Jinja2ChatFormatter, which passes `tools` to the
+    template), for serving.tool_calls: the container image has no transformers."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(
+        chat_template, eos_token="", bos_token="", add_generation_prompt=add_generation_prompt
+    )
+    return formatter(messages=messages, tools=tools).prompt
+
+
+def tool_call_note(chat_template: str | None) -> str | None:
+    """What the banner says of tool calls, for a GGUF whose chat template writes them.
+
+    llama-cpp-python 0.3.36 renders a request's tools through the GGUF's template, so the model
+    writes its calls as trained, but it parses none: with tool_choice "auto" the call comes back as
+    text in content, finish_reason "stop" (tests/serving/backends/test_llamacpp.py pins it down). Only a
+    tool_choice naming one function gives tool_calls, and those are JSON its grammar forces from the
+    first token, not the syntax the model was trained to write."""
+    if not renders_calls(chat_template, render_with_llama_cpp):
+        return None
+    return (
+        "tool calls: llama.cpp's server renders a request's tools but returns the model's calls as text in "
+        "content (finish_reason stop), not as tool_calls; vLLM and the local server return tool_calls "
+        "(SERVE_BACKEND=vllm or local)"
+    )
+
+
+def served_chat_template() -> str | None:
+    """The chat template in the GGUF llama-cpp-python's server has loaded (its tokenizer.chat_template)."""
+    from llama_cpp.server import app as server_app
+
+    return server_app._llama_proxy().metadata.get("tokenizer.chat_template")
+
+
 def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], None]:
     def _print(url: str) -> None:
+        note = tool_call_note(served_chat_template())
         banner = ready_banner(
             served_name=settings.served_name,
             path=settings.gguf,
@@ -183,6 +222,7 @@ def print_ready(settings: LlamaCppSettings, api_key: bool) -> Callable[[str], No
             limit=settings.n_ctx,
             limit_source=settings.context_source,
             api_key=api_key,
+            details=[("note", note)] if note else (),
         )
         print(banner, flush=True)
 

@@ -12,6 +12,7 @@ chosen by name (serve --tool-call-parser, TOOL_CALL_PARSER).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 AUTO = "auto"  # pick from the chat template
 OFF = "none"  # no tool calls: vLLM refuses requests that offer tools with "auto" choice
@@ -76,9 +77,14 @@ def template_parser(chat_template: str | None) -> str | None:
     return next((parser for pattern, parser in _FORMATS if pattern.search(turn)), None)
 
 
-def renders_calls(chat_template: str | None) -> bool:
-    """Whether `chat_template` writes an assistant turn's tool calls at all, in any syntax."""
-    turn = _rendered_call(chat_template) if chat_template else None
+# A chat template renderer: (template, messages, tools, add_generation_prompt) -> the text.
+Renderer = Callable[[str, list[dict], list[dict], bool], str]
+
+
+def renders_calls(chat_template: str | None, render: Renderer | None = None) -> bool:
+    """Whether `chat_template` writes an assistant turn's tool calls at all, in any syntax; rendered
+    by `render` (the server's own renderer), else as transformers renders it."""
+    turn = _rendered_call(chat_template, render) if chat_template else None
     return turn is not None and _NAME in turn
 
 
@@ -98,26 +104,30 @@ def choose(requested: str | None, chat_template: str | None) -> str | None:
     return requested
 
 
-def _rendered_call(chat_template: str) -> str | None:
-    """The assistant turn holding the probe call, as the template renders it."""
-    # transformers' own renderer (its sandbox and its conversions of tools and messages), imported
-    # here: the clients that import serving need no transformers.
+def render_with_transformers(
+    chat_template: str, messages: list[dict], tools: list[dict], add_generation_prompt: bool
+) -> str:
+    """transformers' own renderer (its sandbox and its conversions of tools and messages), imported
+    here: the clients that import serving need no transformers."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    def render(messages: list[dict], add_generation_prompt: bool) -> str:
-        rendered, _ = render_jinja_template(
-            [messages],
-            tools=_TOOLS,
-            chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt,
-            bos_token="",
-            eos_token="",
-        )
-        return rendered[0]
+    rendered, _ = render_jinja_template(
+        [messages],
+        tools=tools,
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        bos_token="",
+        eos_token="",
+    )
+    return rendered[0]
 
+
+def _rendered_call(chat_template: str, render: Renderer | None = None) -> str | None:
+    """The assistant turn holding the probe call, as the template renders it."""
+    render = render or render_with_transformers
     try:
-        full = render([*_PROMPT, _CALL], False)
-        prompt = render(_PROMPT, True)
+        full = render(chat_template, [*_PROMPT, _CALL], _TOOLS, False)
+        prompt = render(chat_template, _PROMPT, _TOOLS, True)
     except Exception:  # a template that refuses tool calls (raise_exception) or cannot render them
         return None
     # The turn alone: a system preamble that describes the call syntax is not a call.

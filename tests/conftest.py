@@ -190,3 +190,9 @@ def exported_run(source_run: Path, out: Path, quants: str) -> tuple[Path, subpro
 def quickstart_gguf(quickstart_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The quickstart run (tiny Llama, dolly-ja) merged and exported as f32, q8_0 and q4_k_m, once."""
     return exported_run(quickstart_run, tmp_path_factory.mktemp("gguf"), "f32,q8_0,q4_k_m")
+
+
+@pytest.fixture(scope="session")
+def tools_gguf(tools_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tool-call quickstart (tiny Qwen2, Qwen2.5's template) merged and exported as f32, once."""
+    return exported_run(tools_run, tmp_path_factory.mktemp("gguf"), "f32")

@@ -19,6 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from serving import llamacpp_server
 from serving.backends import BACKENDS
@@ -32,6 +33,8 @@ from serving.model_dir import ModelDirError
 from serving.params import SamplingParams
 from tests.conftest import ROOT
 from tests.serving.conftest import API_KEY, ServerProcess
+from tests.serving.test_tool_calls import model_template
+from training.data.templates import BUILTIN_TEMPLATES
 
 export = pytest.mark.export
 LLAMA_CPP_MODELS = {
@@ -135,6 +138,15 @@ def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_p
     gguf.with_name("my-llama-q8_0.export.json").write_text('{"quant": "q8')
     with pytest.raises(ModelDirError, match=r"my-llama-q8_0\.export\.json: cannot read it as JSON"):
         llamacpp_server.settings_for(outputs=tmp_path, run="quickstart", gguf=gguf)
+
+
+def test_the_banner_says_tool_calls_come_back_as_text_where_the_template_writes_them():
+    note = llamacpp_server.tool_call_note(model_template("qwen2_5"))
+    assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note
+    for name, template in BUILTIN_TEMPLATES.items():  # no place for tools
+        assert llamacpp_server.tool_call_note(template.chat_template(add_bos=True)) is None, name
+    assert llamacpp_server.tool_call_note(model_template("llama3")) is None  # drops calls
+    assert llamacpp_server.tool_call_note(None) is None
 
 
 # --- the real server ---------------------------------------------------------------------------
@@ -329,4 +341,44 @@ def test_a_missing_export_stops_the_server_with_the_command_that_makes_it(tmp_pa
     assert (
         "r-q4_k_m.gguf: no such GGUF. Export the run first: make export FORMAT=gguf QUANT=q4_k_m"
         in done.stderr
+    )
+
+
+@export
+def test_a_model_trained_on_tool_calls_gets_its_tools_but_its_calls_come_back_as_text(tools_gguf):
+    """The tool-call quickstart's GGUF on llama.cpp's server, asked what the local server answers
+    with tool_calls (tests/serving/local_server/test_tool_calls.py): llama-cpp-python 0.3.36 renders
+    the request's tools through the GGUF's template (Jinja2ChatFormatter), so the trained model
+    writes its call, but it parses no calls: they come back as text in content, finish_reason stop.
+    An upgrade that changes this fails here, and the banner's note and the README must follow it."""
+    run, result = tools_gguf
+    assert result.returncode == 0, result.stderr
+    server = ServerProcess(
+        run / "merged", "--backend", "llamacpp", "--quant", "f32", env={"API_KEY": API_KEY}
+    )
+    row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    request = {
+        "model": "quickstart-tools",
+        "messages": row["messages"][:1],  # What's the weather like in Seoul right now?
+        "max_tokens": 40,
+        "temperature": 0,
+    }
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+        answer = client.chat.completions.create(**request, tools=row["tools"])
+        untooled = client.chat.completions.create(**request)
+    finally:
+        server.stop()
+    assert "returns the model's calls as text in content" in "".join(server.output)
+    # The tools preamble is in the prompt: as long as transformers renders it.
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    rendered = tokenizer.apply_chat_template(
+        row["messages"][:1], tools=row["tools"], add_generation_prompt=True, tokenize=False
+    )
+    assert answer.usage.prompt_tokens == len(tokenizer(rendered)["input_ids"]) > untooled.usage.prompt_tokens
+    choice = answer.choices[0]
+    assert (choice.finish_reason, choice.message.tool_calls, choice.message.content) == (
+        "stop",
+        None,
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>',
     )
