@@ -140,6 +140,7 @@ def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_p
         llamacpp_server.settings_for(outputs=tmp_path, run="quickstart", gguf=gguf)
 
 
+@export  # rendered with llama-cpp-python's own renderer, which only the export extra installs
 def test_the_banner_says_tool_calls_come_back_as_text_where_the_template_writes_them():
     note = llamacpp_server.tool_call_note(model_template("qwen2_5"))
     assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note
