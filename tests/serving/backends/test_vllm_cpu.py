@@ -46,6 +46,20 @@ from training.model.tiny import ARCHITECTURES as TINY_ARCHITECTURES
 # --- which models, which command -------------------------------------------------------------
 
 
+def vllm_command(model: ModelDir, runtime_dir: Path, **options):
+    """The command that starts vLLM on `model` with the tests' fixed settings, and `options`."""
+    return VLLMCPU().local_command(
+        model,
+        served_name="llama",
+        max_model_len=256,
+        host="127.0.0.1",
+        port=1,
+        api_key=None,
+        runtime_dir=runtime_dir,
+        **options,
+    )
+
+
 def test_the_tiny_models_have_shapes_vllms_cpu_attention_runs(tiny_dir):
     # The whole chain runs on a real engine only while the tiny models stay servable (head_dim 16 was not).
     for arch in TINY_ARCHITECTURES:
@@ -77,15 +91,7 @@ def test_models_vllm_cannot_run_are_refused_in_one_line_naming_why(merged_model,
         VLLMCPU().can_serve(unknown) == "vLLM 0.32.0 has no TinyThingForCausalLM (config.json architectures)"
     )
     with pytest.raises(LaunchError, match="vLLM cannot serve it on this machine: its attention heads are 16"):
-        VLLMCPU().local_command(
-            narrow,
-            served_name="x",
-            max_model_len=8,
-            host="127.0.0.1",
-            port=1,
-            api_key=None,
-            runtime_dir=tmp_path,
-        )
+        vllm_command(narrow, tmp_path)
 
 
 def installed_vllm_source(relative: str) -> ast.Module:
@@ -176,20 +182,6 @@ def tool_calling_model(merged_model: Path, target: Path) -> Path:
     shutil.copytree(merged_model, target)
     shutil.copy(QWEN_TEMPLATE, target / "chat_template.jinja")
     return target
-
-
-def vllm_command(model: ModelDir, runtime_dir: Path, **options):
-    """The command that starts vLLM on `model` with the tests' fixed settings, and `options`."""
-    return VLLMCPU().local_command(
-        model,
-        served_name="llama",
-        max_model_len=256,
-        host="127.0.0.1",
-        port=1,
-        api_key=None,
-        runtime_dir=runtime_dir,
-        **options,
-    )
 
 
 def test_vllm_starts_with_the_parser_for_the_tool_calls_the_template_writes(merged_model, tmp_path):
