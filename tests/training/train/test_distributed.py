@@ -141,6 +141,21 @@ def test_a_save_that_fails_in_one_process_ends_the_run_in_one_line_per_process(d
     ]
 
 
+def test_a_process_that_crashes_ends_the_run_with_its_status_and_its_own_traceback_only(tmp_path):
+    """The launcher as `train` starts it, on a script whose rank 1 has a bug: its traceback stays (a
+    bug's), torchrun's ChildFailedError report of it does not, and the run ends with rank 1's status."""
+    script = tmp_path / "crash.py"
+    script.write_text('import os\nif os.environ["RANK"] == "1":\n    raise RuntimeError("a bug in rank 1")\n')
+    launch = accelerate_command(topology("ddp", visible_gpus=0, gpus=2), [])
+    assert launch[-2:] == ["-m", "training"]
+    cmd = [*launch[:-2], str(script)]  # the script instead of `-m training`
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "RuntimeError: a bug in rank 1" in done.stderr
+    assert "error: the process of rank 1 stopped with status 1 (its error is above)" in done.stderr
+    assert "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_resume_with_another_number_of_processes_is_refused(ddp_interrupted, tmp_path):
     shutil.copytree(ddp_interrupted, tmp_path / "quickstart")
