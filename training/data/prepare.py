@@ -178,17 +178,13 @@ def chat_templates(
 
         if has_generation_markers(own):
             return own, own
+        # TRL's training version of the template marks the responses; without one, the responses
+        # are found by rendering (training.data.chat_tokens).
         try:
             patched = get_training_chat_template(tokenizer)
         except ValueError:
             patched = None
-        if patched is None:
-            raise DataError(
-                "data.template is 'model', but the base model's chat template has no {% generation %} "
-                "markers to tell responses from prompts, and TRL has no training version of it. Set "
-                "data.completion_only_loss: false, or use a built-in or custom template."
-            )
-        return patched, own
+        return patched or own, own
     if template is None:  # format text without a template: keep whatever the base model has
         if not tokenizer.chat_template:
             log.warning(

@@ -15,6 +15,7 @@ from itertools import groupby
 from datasets import Dataset
 from jinja2 import TemplateError
 
+from training.data.chat_tokens import tokenize_chats
 from training.data.formats import Example
 from training.data.tool_calls import check_rendered
 from training.errors import DataError
@@ -65,17 +66,12 @@ def tokenize_examples(
             chats = list(run)
             if any(e.tool_field is not None for e in chats):
                 _check_tool_rendering(chats, tokenizer, chat_template, tools)
-            out = tokenizer.apply_chat_template(
-                [e.messages for e in chats],
-                tools=tools,
-                chat_template=chat_template,
-                tokenize=True,
-                return_dict=True,
-                return_assistant_tokens_mask=completion_only,
+            ids, chat_masks = tokenize_chats(
+                tokenizer, chats, tools=tools, chat_template=chat_template, completion_only=completion_only
             )
-            input_ids += out["input_ids"]
+            input_ids += ids
             if completion_only:
-                masks += out["assistant_masks"]
+                masks += chat_masks
 
     stats = TokenStats()
     kept_ids, kept_masks = [], []

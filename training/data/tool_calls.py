@@ -159,12 +159,16 @@ def tool_template_problem(
     """Why `chat_template` (the one tokenizing the data) cannot train on tool rows; None when it can.
 
     TRL's supports_tool_calling judges the base model's own template (the one saved and served); a
-    probe conversation then judges the training template (TRL's patched version of it, with
-    completion-only loss): it must render the call, the result and, if rows have them, the tools;
-    and count the call, but neither the result nor the tools, in the loss."""
+    probe conversation then judges the training template (with completion-only loss, TRL's patched
+    version of it, or the template itself read by rendering: training.data.chat_tokens): it must
+    render the call, the result and, if rows have them, the tools; and count the call, but neither
+    the result nor the tools, in the loss."""
     # Imported here: importing TRL takes seconds (torch, transformers), and the recipe's schema,
     # which every verb loads before its arguments are all checked, imports this module.
     from trl.chat_template_utils import supports_tool_calling
+
+    from training.data.chat_tokens import tokenize_chats
+    from training.data.formats import Example
 
     if not supports_tool_calling(tokenizer):
         return "the base model's chat template does not render tool calls and tool results"
@@ -175,24 +179,25 @@ def tool_template_problem(
         {"role": "tool", "content": _PROBE_RESULT},
         {"role": "assistant", "content": "ok"},
     ]
+    probe = Example(messages=messages, tools=tools if with_tools else None, where="a probe conversation")
     try:
-        out = tokenizer.apply_chat_template(
-            messages,
-            tools=tools if with_tools else None,
+        [ids], masks = tokenize_chats(
+            tokenizer,
+            [probe],
+            tools=probe.tools,
             chat_template=chat_template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=completion_only,
+            completion_only=completion_only,
         )
     except TemplateError as e:
         return f"the training chat template refuses a tool-calling conversation ({e})"
-    ids = out["input_ids"]
+    except DataError as e:  # the responses cannot be found by rendering (training.data.chat_tokens)
+        return f"the training chat template cannot mark the responses of a tool-calling conversation ({e})"
     text = tokenizer.decode(ids)
     if with_tools and _PROBE_TOOL not in text:
         return "the base model's chat template does not render the tools (the rows' tools field)"
     if not completion_only:
         return None
-    counted = _masked_text(tokenizer, ids, out["assistant_masks"])
+    counted = _masked_text(tokenizer, ids, masks[0])
     if _PROBE_CALL not in counted:
         return "the training chat template leaves the assistant's tool calls out of the loss"
     if _PROBE_RESULT in counted or _PROBE_TOOL in counted:
