@@ -4,8 +4,9 @@ One module per verb; each adds its arguments (`add_arguments`) and runs it (`run
 chosen verb's module is imported, and it imports torch, transformers, TRL and bitsandbytes only
 once its arguments and the recipe's schema are checked: those imports take 6-12 s on 2 cores,
 and a mistyped argument or recipe value is answered in 0.2 s without them (measured
-2026-12-07; tests/training/test_cli.py keeps it so for train, validate, estimate, merge, eval
-and push).
+2026-12-07; tests/training/test_cli.py keeps it so for the mistakes of train, validate, estimate,
+merge, eval, push, export and tiny-model, and for every verb's --help). What a parser offers
+(export's quantization types, the tiny architectures) comes from modules without those imports.
 """
 
 from __future__ import annotations

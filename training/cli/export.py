@@ -7,11 +7,14 @@ from pathlib import Path
 
 from training.cli.common import add_recipe_arguments
 from training.errors import UserError
-from training.merge.export_gguf import QUANTS, ExportSettings, export_gguf, parse_quants
+from training.merge.gguf_quants import DEFAULT_QUANT, QUANTS, parse_quants
 from training.recipe import load_recipe
 from training.run_dir import RunDir
 
 FORMATS = ("gguf",)
+
+# The export (transformers, torch for the verification, llama.cpp) is imported inside run, after the
+# arguments and the recipe are checked: training/cli/__init__.py says why.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="TYPE",
-        help=f"quantization type, repeatable or comma-separated: {', '.join(QUANTS)} (default q4_k_m)",
+        help=f"quantization type, repeatable or comma-separated: {', '.join(QUANTS)} (default {DEFAULT_QUANT})",
     )
     p.add_argument(
         "--merged",
@@ -38,15 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: the export formats are {', '.join(FORMATS)}")
+    quants = parse_quants(args.quant or [DEFAULT_QUANT])
     if args.merged is None:
         run_dir = RunDir(load_recipe(args.recipe, args.overrides).output.run_dir())
     else:
         run_dir = RunDir.of_merged(args.merged)
+    from training.merge.export_gguf import ExportSettings, export_gguf
+
     settings = ExportSettings(
-        quants=parse_quants(args.quant or ["q4_k_m"]),
-        verify=not args.no_verify,
-        force=args.force,
-        threads=args.threads,
+        quants=quants, verify=not args.no_verify, force=args.force, threads=args.threads
     )
     export_gguf(run_dir.merged, run_dir, settings)
     return 0

@@ -31,33 +31,24 @@ from training.atomic import remove_stale_partials, temp_dir_beside, write_json, 
 from training.data.templates import PromptTemplate, resolve_template, tokenizer_adds_bos
 from training.errors import UserError
 from training.merge import llama_cpp
+from training.merge.gguf_quants import DEFAULT_QUANT
 from training.merge.modelfile import ModelfileError, build_modelfile
-from training.merge.verify_gguf import TOLERANCE, GGUFVerificationError, verify_gguf
+from training.merge.verify_gguf import GGUFVerificationError, verify_gguf
 from training.run_dir import MERGE_RECORD, RunDir
 from training.run_lock import one_command_at_a_time
 from training.runinfo import human_size, now, versions
 
 log = logging.getLogger(__name__)
 
-QUANTS = tuple(TOLERANCE)  # f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
 @dataclass
 class ExportSettings:
-    quants: tuple[str, ...] = ("q4_k_m",)
+    quants: tuple[str, ...] = (DEFAULT_QUANT,)
     verify: bool = True
     force: bool = False
     threads: int | None = None  # llama.cpp's quantizer threads (default: every core)
-
-
-def parse_quants(values: list[str]) -> tuple[str, ...]:
-    """--quant q8_0 --quant q4_k_m, or q8_0,q4_k_m: known types, each once, in the order given."""
-    quants = [q.strip().lower() for v in values for q in v.split(",") if q.strip()]
-    unknown = [q for q in quants if q not in QUANTS]
-    if unknown or not quants:
-        raise UserError(f"--quant {', '.join(unknown) or '(none)'}: choose from {', '.join(QUANTS)}")
-    return tuple(dict.fromkeys(quants))
 
 
 def _read_merged(merged: Path) -> tuple[dict, dict]:

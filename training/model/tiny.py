@@ -38,11 +38,10 @@ from transformers import (
 from training.atomic import building_dir
 from training.data.templates import BUILTIN_TEMPLATES
 from training.errors import ModelLoadError
+from training.model.tiny_names import ARCHITECTURES, SCHEME
 
 log = logging.getLogger(__name__)
 
-SCHEME = "tiny://"
-ARCHITECTURES = ("llama", "llama-tied", "gpt-neox", "qwen2")
 SEED = 0
 VOCAB_SIZE = 2048
 # Wider than transformers' default of 0.02: with frozen random norms and output head, a

@@ -18,9 +18,9 @@ from tests.conftest import export_cli, exported_run
 from tests.training.merge.ollama_modelfile import create_request
 from training.errors import UserError
 from training.merge import llama_cpp
-from training.merge.export_gguf import ExportSettings, _context_length, export_gguf, parse_quants
+from training.merge.export_gguf import ExportSettings, _context_length, export_gguf
+from training.merge.gguf_quants import TOLERANCE, parse_quants
 from training.merge.llama_cpp_convert import is_gpt2_split, known_split
-from training.merge.verify_gguf import TOLERANCE
 from training.run_dir import RunDir
 
 export = pytest.mark.export
