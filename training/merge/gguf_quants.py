@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The type serve --backend llamacpp looks for unless told: export writes it unless told.
+from serving.backends.llamacpp import DEFAULT_QUANT
 from training.errors import UserError
 
 
@@ -32,7 +34,6 @@ TOLERANCE = {
     "q4_k_m": Tolerance(1.5e-1, "4-bit k-quant, 6-bit for some tensors"),
 }
 QUANTS = tuple(TOLERANCE)  # f32 f16 bf16 q8_0 q6_k q5_k_m q4_k_m
-DEFAULT_QUANT = "q4_k_m"
 
 
 def parse_quants(values: list[str]) -> tuple[str, ...]:
