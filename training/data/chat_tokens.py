@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 from training.errors import DataError
 
 if TYPE_CHECKING:
-    from training.data.formats import Example
+    from training.data.example import Example
 
 NOT_A_PREFIX_HINT = (
     "so the assistant's turns cannot be told from the rest for completion-only loss. Set "

@@ -15,9 +15,10 @@ applies the recipe's bad-row policy. A new format is one converter and one entry
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from training.data.example import Example
 from training.data.row_errors import MissingField, RowError, TemplateMismatch
 from training.data.templates import BUILTIN_TEMPLATES, PromptTemplate
 from training.data.tool_calls import (
@@ -49,22 +50,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-
-
-@dataclass(frozen=True)
-class Example:
-    messages: list[dict[str, Any]] | None = None
-    text: str | None = None
-    tools: list[dict] | None = None  # function schemas, passed to the chat template as tools=
-    # Not what is trained on (the same chat read from two files is the same example), but named in
-    # the errors only rendering the row finds.
-    where: str = field(default="(row)", compare=False)  # the row's place, e.g. "chat.jsonl line 3"
-    tool_field: str | None = field(default=None, compare=False)  # its first tool part; None: none
-
-    def as_json(self) -> Any:
-        if self.messages is None:
-            return {"text": self.text}
-        return {"messages": self.messages, "tools": self.tools} if self.tools else {"messages": self.messages}
 
 
 def _string(row: dict[str, Any], field: str, *, required: bool = True) -> str:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jinja2 import TemplateError
 
+from training.data.example import Example
 from training.data.row_errors import RowError
 from training.errors import DataError
-
-if TYPE_CHECKING:
-    from training.data.formats import Example
 
 TOOL_TEMPLATE_HINT = (
     "use data.template: model with a base model whose chat template renders tool calls and their "
@@ -168,7 +166,6 @@ def tool_template_problem(
     from trl.chat_template_utils import supports_tool_calling
 
     from training.data.chat_tokens import tokenize_chats
-    from training.data.formats import Example
 
     if not supports_tool_calling(tokenizer):
         return "the base model's chat template does not render tool calls and tool results"

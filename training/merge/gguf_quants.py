@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The type serve --backend llamacpp looks for unless told: export writes it unless told.
-from serving.backends.llamacpp import DEFAULT_QUANT
+from serving.backends.llamacpp import DEFAULT_QUANT  # noqa: F401 (re-exported)
 from training.errors import UserError
 
 
