@@ -41,9 +41,8 @@ def tokenize_chats(
     mask per chat with 1 on the assistant's tokens; all chats share `tools`."""
     from trl.chat_template_utils import has_generation_markers
 
-    template = chat_template or tokenizer.chat_template
-    if completion_only and not has_generation_markers(template):
-        return _masked_by_rendering(tokenizer, chats, tools, template)
+    if completion_only and not has_generation_markers(chat_template or tokenizer.chat_template):
+        return _masked_by_rendering(tokenizer, chats, tools, chat_template)
     out = tokenizer.apply_chat_template(
         [e.messages for e in chats],
         tools=tools,
@@ -56,7 +55,7 @@ def tokenize_chats(
 
 
 def _masked_by_rendering(
-    tokenizer, chats: list[Example], tools: list[dict] | None, template: str
+    tokenizer, chats: list[Example], tools: list[dict] | None, chat_template: str | None
 ) -> tuple[list[list[int]], list[list[int]]]:
     if not tokenizer.is_fast:  # offsets of tokens in the text come from the fast (Rust) tokenizers only
         raise DataError(
@@ -65,7 +64,7 @@ def _masked_by_rendering(
         )
     texts, spans = [], []
     for example in chats:
-        text, turns = assistant_spans(tokenizer, example, tools, template)
+        text, turns = assistant_spans(tokenizer, example, tools, chat_template)
         texts.append(text)
         spans.append(turns)
     out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -79,9 +78,10 @@ def _masked_by_rendering(
 
 
 def assistant_spans(
-    tokenizer, example: Example, tools: list[dict] | None, template: str
+    tokenizer, example: Example, tools: list[dict] | None, chat_template: str | None
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The chat as the template renders it, and where in that text each assistant turn is."""
+    """The chat as the template renders it (`chat_template`, else the tokenizer's own, which picks its
+    tool-use variant where it has named ones), and where in that text each assistant turn is."""
     messages = example.messages
 
     def render(upto: int, add_generation_prompt: bool) -> str:
@@ -89,7 +89,7 @@ def assistant_spans(
             return tokenizer.apply_chat_template(
                 messages[:upto],
                 tools=tools,
-                chat_template=template,
+                chat_template=chat_template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
             )
