@@ -64,7 +64,7 @@ def _masked_by_rendering(
         )
     texts, spans = [], []
     for example in chats:
-        text, turns = assistant_spans(tokenizer, example, tools, chat_template)
+        text, turns = _assistant_spans(tokenizer, example, tools, chat_template)
         texts.append(text)
         spans.append(turns)
     out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -77,7 +77,7 @@ def _masked_by_rendering(
     return out["input_ids"], masks
 
 
-def assistant_spans(
+def _assistant_spans(
     tokenizer, example: Example, tools: list[dict] | None, chat_template: str | None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The chat as the template renders it (`chat_template`, else the tokenizer's own, which picks its
@@ -93,7 +93,7 @@ def assistant_spans(
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
             )
-        except TemplateError as e:  # e.g. a template that wants each user turn answered (Mistral's)
+        except TemplateError as e:  # a template may refuse a conversation cut short (raise_exception)
             raise DataError(
                 f"{example.where}: the chat template refuses the conversation up to message {upto}: {e}; "
                 f"{NOT_A_PREFIX_HINT}"
