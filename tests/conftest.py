@@ -157,6 +157,17 @@ def tools_run(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama3_tools_run(tiny_dir, tmp_path_factory) -> Path:
+    """The tool-call quickstart on Llama 3.1's form (tiny Llama 3, its own template: calls as bare
+    JSON, responses found by rendering), trained and merged once for the session: <run>/merged."""
+    out = tmp_path_factory.mktemp("runs")
+    assert train_in_process("recipes/quickstart-tools-llama3.yaml", out) == 0
+    run = out / "quickstart-tools-llama3"
+    merge_adapter(run / "adapter", run / "merged", MergeSettings(), force=True)
+    return run
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tiny_dir, tmp_path_factory) -> Path:
     """The quickstart recipe (tiny Llama, dolly-ja, 4-bit QLoRA), trained once for the session."""
     out = tmp_path_factory.mktemp("runs")

@@ -1,6 +1,6 @@
 """Tiny real models, built offline, so every path runs on any machine without a hub.
 
-`tiny://llama`, `tiny://llama-tied`, `tiny://gpt-neox` and `tiny://qwen2` in a recipe name
+`tiny://llama`, `tiny://llama-tied`, `tiny://gpt-neox`, `tiny://qwen2` and `tiny://llama3` in a recipe name
 models with a few layers and random weights, and a byte-level BPE tokenizer trained on the
 text that ships in data/. They are built on first use under $QLORA_TINY_DIR (default
 outputs/tiny-models) and are identical on every machine: same data, same seed.
@@ -8,7 +8,10 @@ outputs/tiny-models) and are identical on every machine: same data, same seed.
 `tiny://qwen2` is shaped as Qwen2.5-Instruct comes: biases on the query, key and value
 projections, ChatML's tokens, no BOS, and Qwen2.5's own chat template, which renders tool
 calls and tool results (the copy TRL ships, trl/chat_templates/qwen2_5.jinja). It is the
-tiny model for `data.template: model` and for chats with tool calls.
+tiny model for `data.template: model` and for chats with tool calls. `tiny://llama3` is shaped as
+Llama-3.1-Instruct comes: its header and end-of-turn tokens (<|eot_id|> is EOS), BOS written by the
+template, and Llama 3.1's own chat template (trl/chat_templates/llama3_1.jinja), which writes a
+tool call as bare JSON and has no {% generation %} markers, nor a training version in TRL.
 """
 
 from __future__ import annotations
@@ -53,6 +56,19 @@ QWEN_TEMPLATE = Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja"
 # text that the answer shows).
 CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+LLAMA3_TEMPLATE = Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja"
+# Llama 3.1's special tokens, by the names its tokenizer gives them; the pad token is one of its
+# reserved ones, as Llama 3.1 fine-tunes commonly pad.
+LLAMA3_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
 
 
 def tiny_dir() -> Path:
@@ -93,11 +109,15 @@ def build_tiny_model(arch: str, target: Path, data_dir: Path) -> None:
     log.info("Building tiny model %s in %s (tokenizer trained on %s)", arch, target, data_dir)
     if arch == "qwen2":
         tokenizer = train_qwen_tokenizer(data_dir)
+    elif arch == "llama3":
+        tokenizer = train_llama3_tokenizer(data_dir)
     else:
         tokenizer = train_tokenizer(data_dir, neox=arch == "gpt-neox")
     torch.manual_seed(SEED)
     if arch == "qwen2":
         model = _qwen2(tokenizer)
+    elif arch == "llama3":
+        model = _llama3(tokenizer)
     elif arch == "gpt-neox":
         model = _gpt_neox(tokenizer)
     else:
@@ -135,6 +155,17 @@ def _llama(tokenizer, *, tied: bool):
     return LlamaForCausalLM(config)
 
 
+def _llama3(tokenizer):
+    config = LlamaConfig(
+        **_shape(tokenizer),
+        intermediate_size=256,
+        num_key_value_heads=1,  # grouped-query attention, as every Llama 3 model has
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
 def _gpt_neox(tokenizer):
     config = GPTNeoXConfig(
         **_shape(tokenizer),
@@ -158,9 +189,9 @@ def _qwen2(tokenizer):
 
 # The shipped datasets the tokenizers are trained on: named, not globbed, so that a new sample file
 # leaves the tiny models (and every figure measured on them) as they were. tool_calls.jsonl came
-# later, with tiny://qwen2, whose tokenizer reads it too.
+# later, with tiny://qwen2, whose tokenizer reads it too, as tiny://llama3's does.
 CORPUS = ("chat_messages.jsonl", "en_quotes.jsonl", "ja_dolly.jsonl", "ko_usr_bot.jsonl")
-QWEN_CORPUS = (*CORPUS, "tool_calls.jsonl")
+TOOL_CORPUS = (*CORPUS, "tool_calls.jsonl")
 
 
 def corpus(data_dir: Path, files: tuple[str, ...] = CORPUS) -> Iterator[str]:
@@ -192,7 +223,7 @@ def train_qwen_tokenizer(data_dir: Path):
     Qwen's generation_config), no BOS, the tool-call tags as added tokens, and its chat template. The
     template's own text is in the BPE corpus, so that its system and tools preambles take few tokens."""
     template = QWEN_TEMPLATE.read_text(encoding="utf-8")
-    tk = _bpe(itertools.chain(corpus(data_dir, QWEN_CORPUS), [template]), list(CHATML_TOKENS))
+    tk = _bpe(itertools.chain(corpus(data_dir, TOOL_CORPUS), [template]), list(CHATML_TOKENS))
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tk,
@@ -202,6 +233,30 @@ def train_qwen_tokenizer(data_dir: Path):
         model_max_length=2048,
     )
     tokenizer.add_tokens(list(TOOL_CALL_TOKENS))
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def train_llama3_tokenizer(data_dir: Path):
+    """Llama-3.1-Instruct's layout: its header, end-of-turn and tool tokens (special), <|eot_id|> as
+    EOS (what ends an answer, as in its tokenizer_config), BOS added in front of plain text and
+    written by the chat template itself, and its chat template, whose text is in the BPE corpus."""
+    template = LLAMA3_TEMPLATE.read_text(encoding="utf-8")
+    tk = _bpe(itertools.chain(corpus(data_dir, TOOL_CORPUS), [template]), list(LLAMA3_TOKENS))
+    bos = LLAMA3_TOKENS[0]
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=bos,
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        additional_special_tokens=[
+            t for t in LLAMA3_TOKENS if t not in (bos, "<|eot_id|>", "<|finetune_right_pad_id|>")
+        ],
+        model_max_length=2048,
+    )
     tokenizer.chat_template = template
     return tokenizer
 

@@ -5,4 +5,4 @@ prints its help without them (training/cli/__init__.py says why)."""
 from __future__ import annotations
 
 SCHEME = "tiny://"
-ARCHITECTURES = ("llama", "llama-tied", "gpt-neox", "qwen2")
+ARCHITECTURES = ("llama", "llama-tied", "gpt-neox", "qwen2", "llama3")

@@ -396,18 +396,25 @@ def test_a_stopped_server_finishes_the_answers_in_flight_and_exits_cleanly(merge
     assert "resource_tracker" not in log and "leaked" not in log, log[-3000:]
 
 
-def test_a_model_trained_on_tool_calls_answers_with_tool_calls(vllm_env, tools_run):
-    """The tool-call quickstart, trained and merged, served as make serve serves it: vLLM starts
-    with the parser the chat template calls for (hermes), takes a chat that offers tools (it answers
-    400 without the parser) and returns the call the model writes as `tool_calls`."""
+@pytest.mark.parametrize(
+    ("run_fixture", "parser"),
+    [("tools_run", "hermes"), ("llama3_tools_run", "llama3_json")],
+    ids=["qwen2.5", "llama3.1"],
+)
+def test_a_model_trained_on_tool_calls_answers_with_tool_calls(vllm_env, request, run_fixture, parser):
+    """The tool-call quickstarts, trained and merged, served as make serve serves them: vLLM starts
+    with the parser the chat template calls for (hermes for Qwen2.5's <tool_call> tags, llama3_json
+    for Llama 3.1's bare JSON), takes a chat that offers tools (it answers 400 without the parser) and
+    returns the call the model writes as `tool_calls`."""
+    run = request.getfixturevalue(run_fixture)
     server = ServerProcess(
-        tools_run / "merged", "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT
+        run / "merged", "--backend", "vllm", env=vllm_env, start_timeout=VLLM_START_TIMEOUT
     )
     row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
         answer = client.chat.completions.create(
-            model="quickstart-tools",
+            model=run.name,
             messages=row["messages"][:1],  # What's the weather like in Seoul right now?
             tools=row["tools"],
             max_tokens=40,
@@ -415,7 +422,7 @@ def test_a_model_trained_on_tool_calls_answers_with_tool_calls(vllm_env, tools_r
         )
     finally:
         server.stop()
-    assert "vLLM reads the model's calls as hermes (from the chat template)" in "".join(server.output)
+    assert f"vLLM reads the model's calls as {parser} (from the chat template)" in "".join(server.output)
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls", choice
     (call,) = choice.message.tool_calls
