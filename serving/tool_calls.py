@@ -66,19 +66,20 @@ _FORMATS = (
 )
 
 
-def template_parser(chat_template: str | None) -> str | None:
+# A chat template renderer: (template, messages, tools, add_generation_prompt) -> the text.
+Renderer = Callable[[str, list[dict], list[dict], bool], str]
+
+
+def template_parser(chat_template: str | None, render: Renderer | None = None) -> str | None:
     """The vLLM parser for the tool calls `chat_template` writes; None when it writes none we know
-    (or cannot render a call at all, as the built-in templates cannot)."""
+    (or cannot render a call at all, as the built-in templates cannot). Rendered by `render` (the
+    server's own renderer), else as transformers renders it."""
     if not chat_template:
         return None
-    turn = _rendered_call(chat_template)
+    turn = _rendered_call(chat_template, render)
     if turn is None:
         return None
     return next((parser for pattern, parser in _FORMATS if pattern.search(turn)), None)
-
-
-# A chat template renderer: (template, messages, tools, add_generation_prompt) -> the text.
-Renderer = Callable[[str, list[dict], list[dict], bool], str]
 
 
 def renders_calls(chat_template: str | None, render: Renderer | None = None) -> bool:
