@@ -3,7 +3,9 @@
 It runs llama-cpp-python's own server app (llama_cpp.server, the code behind `python -m
 llama_cpp.server`) in this process, with the settings the other backends get: the run's
 name as the model id, the recipe's max_length as the context, API_KEY, and 127.0.0.1 unless
-told otherwise. The app is used as it is (serving.backends.llamacpp says how it differs); the
+told otherwise. The app is used as it is (serving.backends.llamacpp says how it differs), with two
+wrappers around its model: requests held to the context limit (_hold_to_limit), and, for a chat
+template that writes Hermes tool calls, those calls returned as tool_calls (_parse_tool_calls). The
 compose service serve-llamacpp starts the same server with the same settings as flags.
 """
 
@@ -17,9 +19,10 @@ from pathlib import Path
 from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
 from serving.banner import ready_banner
 from serving.errors import ServingError
+from serving.hermes_calls import stream_with_tool_calls, with_tool_calls
 from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError, read_json
-from serving.tool_calls import renders_calls
+from serving.tool_calls import renders_calls, template_parser
 
 INSTALL_HINT = "pip install -e '.[export]' with the cached wheel: make venv-export"
 # llama-cpp-python 0.3.36 (Llama._create_completion) never ends an answer inside a UTF-8 character:
@@ -128,7 +131,10 @@ def build_app(settings: LlamaCppSettings, api_key: str | None = None):
     )
     app = create_app(server_settings=server, model_settings=[model])
     # create_app loaded the model into its module-level proxy (0.3.36); the proxy returns it.
-    _hold_to_limit(server_app._llama_proxy(), settings.n_ctx)
+    llama = server_app._llama_proxy()
+    _hold_to_limit(llama, settings.n_ctx)
+    if writes_hermes_calls(llama.metadata.get("tokenizer.chat_template")):
+        _parse_tool_calls(llama)
     return app
 
 
@@ -163,6 +169,44 @@ def _hold_to_limit(llama, limit: int) -> None:
     llama.create_completion = create_completion
 
 
+# The tool_choice values with which the model decides whether to call, in the syntax it was trained
+# to write, so its calls are parsed from the answer. vLLM 0.32 forces "required" to a JSON list of
+# calls with its structured outputs; here the model is not forced (llama-cpp-python only renders the
+# tools), but the calls it writes come back as tool_calls with finish_reason "tool_calls" as there.
+# A tool_choice naming one function keeps llama-cpp-python's grammar, which forces that function's
+# arguments as JSON and returns them as tool_calls itself; "none" keeps the answer as text.
+PARSED_CHOICES = (None, "auto", "required")
+
+
+def writes_hermes_calls(chat_template: str | None) -> bool:
+    """Whether the template has the model write tool calls in the Hermes form (rendered by llama.cpp's
+    renderer, as the server renders requests)."""
+    return template_parser(chat_template, render_with_llama_cpp) == "hermes"
+
+
+def _parse_tool_calls(llama) -> None:
+    """Chat answers with the model's Hermes calls returned as tool_calls (serving.hermes_calls).
+
+    Wrapped at the chat handler, the one place both of the server's paths go through: a plain request
+    calls llama.create_chat_completion, a streamed one Llama.create_chat_completion unbound, and both
+    call the handler that method picks (its chat_handler first)."""
+    from llama_cpp import llama_chat_format
+
+    handler = (
+        llama.chat_handler
+        or llama._chat_handlers.get(llama.chat_format)
+        or llama_chat_format.get_chat_completion_handler(llama.chat_format)
+    )
+
+    def chat_handler(*, tools=None, tool_choice=None, stream=False, **kwargs):
+        answer = handler(tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)
+        if not tools or tool_choice not in PARSED_CHOICES:
+            return answer
+        return stream_with_tool_calls(answer) if stream else with_tool_calls(answer)
+
+    llama.chat_handler = chat_handler
+
+
 def run(
     settings: LlamaCppSettings,
     *,
@@ -191,10 +235,16 @@ def tool_call_note(chat_template: str | None) -> str | None:
     """What the banner says of tool calls, for a GGUF whose chat template writes them.
 
     llama-cpp-python 0.3.36 renders a request's tools through the GGUF's template, so the model
-    writes its calls as trained, but it parses none: with tool_choice "auto" the call comes back as
-    text in content, finish_reason "stop" (tests/serving/backends/test_llamacpp.py pins it down). Only a
-    tool_choice naming one function gives tool_calls, and those are JSON its grammar forces from the
-    first token, not the syntax the model was trained to write."""
+    writes its calls as trained, but it parses none: with tool_choice "auto" a call would come back
+    as text in content, finish_reason "stop". Calls in the Hermes form (Qwen2.5, Qwen3) this server
+    parses itself (_parse_tool_calls); calls in other forms (Llama 3.1's JSON, Qwen3-Coder's XML) still
+    come back as text: for them only a tool_choice naming one function gives tool_calls, JSON its
+    grammar forces from the first token, not the syntax the model was trained to write."""
+    if writes_hermes_calls(chat_template):
+        return (
+            "tool calls: the model's <tool_call> calls (Hermes form) come back as tool_calls, finish_reason "
+            "tool_calls, as vLLM's hermes parser returns them (tool_choice auto or required)"
+        )
     if not renders_calls(chat_template, render_with_llama_cpp):
         return None
     return (

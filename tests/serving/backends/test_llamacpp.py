@@ -141,9 +141,13 @@ def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_p
 
 
 @export  # rendered with llama-cpp-python's own renderer, which only the export extra installs
-def test_the_banner_says_tool_calls_come_back_as_text_where_the_template_writes_them():
-    note = llamacpp_server.tool_call_note(model_template("qwen2_5"))
-    assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note
+def test_the_banner_says_how_tool_calls_come_back_for_the_form_the_template_writes_them_in():
+    for hermes in ("qwen2_5", "qwen3"):  # <tool_call>{"name": ...}</tool_call>: parsed
+        note = llamacpp_server.tool_call_note(model_template(hermes))
+        assert "come back as tool_calls" in note and "as text" not in note, hermes
+    for other in ("llama3_1", "qwen3_6"):  # Llama 3.1's JSON, Qwen3-Coder's XML: not parsed
+        note = llamacpp_server.tool_call_note(model_template(other))
+        assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note, other
     for name, template in BUILTIN_TEMPLATES.items():  # no place for tools
         assert llamacpp_server.tool_call_note(template.chat_template(add_bos=True)) is None, name
     assert llamacpp_server.tool_call_note(model_template("llama3")) is None  # drops calls
@@ -345,13 +349,26 @@ def test_a_missing_export_stops_the_server_with_the_command_that_makes_it(tmp_pa
     )
 
 
+def streamed(stream) -> tuple[str, list[tuple[str, dict]], str]:
+    """A streamed chat as the openai package delivers it: the content, the calls, the finish_reason."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for call in choice.delta.tool_calls or []:
+            assert call.id.startswith("call_") and call.type == "function"
+            calls[call.index] = (call.function.name, json.loads(call.function.arguments))
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
 @export
-def test_a_model_trained_on_tool_calls_gets_its_tools_but_its_calls_come_back_as_text(tools_gguf):
+def test_a_model_trained_on_tool_calls_gets_its_tools_and_its_calls_come_back_as_tool_calls(tools_gguf):
     """The tool-call quickstart's GGUF on llama.cpp's server, asked what the local server answers
     with tool_calls (tests/serving/local_server/test_tool_calls.py): llama-cpp-python 0.3.36 renders
     the request's tools through the GGUF's template (Jinja2ChatFormatter), so the trained model
-    writes its call, but it parses no calls: they come back as text in content, finish_reason stop.
-    An upgrade that changes this fails here, and the banner's note and the README must follow it."""
+    writes its call in the Hermes form, which llama-cpp-python parses not but this server does
+    (serving.hermes_calls): tool_calls and finish_reason tool_calls, streamed or not."""
     run, result = tools_gguf
     assert result.returncode == 0, result.stderr
     server = ServerProcess(
@@ -367,10 +384,13 @@ def test_a_model_trained_on_tool_calls_gets_its_tools_but_its_calls_come_back_as
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
         answer = client.chat.completions.create(**request, tools=row["tools"])
+        stream = streamed(client.chat.completions.create(**request, tools=row["tools"], stream=True))
         untooled = client.chat.completions.create(**request)
+        # tool_choice "none": the calls the model writes anyway stay text, as llama-cpp-python returns them.
+        unparsed = client.chat.completions.create(**request, tools=row["tools"], tool_choice="none")
     finally:
         server.stop()
-    assert "returns the model's calls as text in content" in "".join(server.output)
+    assert "come back as tool_calls" in "".join(server.output)
     # The tools preamble is in the prompt: as long as transformers renders it.
     tokenizer = AutoTokenizer.from_pretrained(run / "merged")
     rendered = tokenizer.apply_chat_template(
@@ -378,8 +398,18 @@ def test_a_model_trained_on_tool_calls_gets_its_tools_but_its_calls_come_back_as
     )
     assert answer.usage.prompt_tokens == len(tokenizer(rendered)["input_ids"]) > untooled.usage.prompt_tokens
     choice = answer.choices[0]
-    assert (choice.finish_reason, choice.message.tool_calls, choice.message.content) == (
-        "stop",
-        None,
-        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>',
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Seoul"})
+    ]
+    assert calls[0].id.startswith("call_")
+    assert stream == ("", [("get_weather", {"city": "Seoul"})], "tool_calls")
+    # Without tools, a plain answer, as before.
+    plain = untooled.choices[0]
+    assert plain.finish_reason in ("stop", "length") and plain.message.tool_calls is None
+    assert plain.message.content and "<tool_call>" not in plain.message.content
+    assert (unparsed.choices[0].finish_reason, unparsed.choices[0].message.tool_calls) == ("stop", None)
+    assert unparsed.choices[0].message.content == (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'
     )
