@@ -2,9 +2,10 @@
 
 Qwen2.5, Qwen3 and Hermes 2 Pro templates (serving.tool_calls: "hermes") have the model write each
 call as `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`. llama-cpp-python's server
-returns such an answer as text; serving.llamacpp_server passes its chat completions through here so
-they come back as OpenAI `tool_calls`, as vLLM (--tool-call-parser hermes) returns them. The facts
-followed are those of vLLM 0.32's parser (vllm/tool_parsers/hermes_tool_parser.py):
+returns such an answer as text; serving.llamacpp_server reads it with `parse` and `StreamedAnswer`
+here (serving.call_readers does the rest) so the calls come back as OpenAI `tool_calls`, as vLLM
+(--tool-call-parser hermes) returns them. The facts followed are those of vLLM 0.32's parser
+(vllm/tool_parsers/hermes_tool_parser.py):
 
 - an answer without `<tool_call>` is content, unchanged;
 - otherwise each `<tool_call>...</tool_call>` (or a last one the answer ends inside) must hold a JSON
@@ -13,18 +14,15 @@ followed are those of vLLM 0.32's parser (vllm/tool_parsers/hermes_tool_parser.p
 - if any call is not such JSON, the whole answer is content, with no calls: a malformed call is
   text, never an error;
 - a chat completion with calls ends with finish_reason "tool_calls".
-
-Plain Python on plain dicts: the llama.cpp image has llama-cpp-python, pydantic and this package,
-no transformers or torch.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+
+from serving import call_readers
+from serving.call_readers import openai_call
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -58,25 +56,7 @@ def _call(body: str) -> dict | None:
         or "arguments" not in written
     ):
         return None
-    return {
-        "id": f"call_{uuid.uuid4().hex[:24]}",
-        "type": "function",
-        # ensure_ascii=False as vLLM: "서울" stays readable in the arguments string.
-        "function": {
-            "name": written["name"],
-            "arguments": json.dumps(written["arguments"], ensure_ascii=False),
-        },
-    }
-
-
-def with_tool_calls(completion: dict) -> dict:
-    """A chat completion (llama-cpp-python's dict) with the calls its answer writes as tool_calls."""
-    choice = completion["choices"][0]
-    content, calls = parse(choice["message"].get("content") or "")
-    if not calls:
-        return completion
-    message = {**choice["message"], "content": content, "tool_calls": calls}
-    return {**completion, "choices": [{**choice, "message": message, "finish_reason": "tool_calls"}]}
+    return openai_call(written["name"], written["arguments"])
 
 
 def _partial_start(text: str) -> int:
@@ -84,87 +64,15 @@ def _partial_start(text: str) -> int:
     return next((n for n in range(min(len(text), len(START) - 1), 0, -1) if START.startswith(text[-n:])), 0)
 
 
-@dataclass
-class StreamedAnswer:
-    """An answer arriving in pieces: what of it can be sent as content now, and at its end the rest.
+class StreamedAnswer(call_readers.StreamedAnswer):
+    """A Hermes answer arriving in pieces. Content is passed through as it comes, except a tail that
+    could be the beginning of `<tool_call>`, held until the next piece says; from a `<tool_call>` on,
+    everything is held to the end of the answer."""
 
-    Content is passed through as it comes, except a tail that could be the beginning of
-    `<tool_call>`, held until the next piece says. From a `<tool_call>` on, everything is held to the
-    end of the answer, and only then parsed, as a whole: a call is sent once, complete, never as
-    fragments of arguments that a later malformed piece would turn back into text. A call costs the
-    client its incremental arguments (vLLM streams those), which a tool call cannot use before it is
-    complete anyway."""
+    parse = staticmethod(parse)
 
-    text: str = field(default="", init=False)
-    sent: int = field(default=0, init=False)  # characters of `text` sent as content
-    in_call: bool = field(default=False, init=False)  # a <tool_call> has begun: all held to the end
-
-    def feed(self, piece: str) -> str:
-        """The content to send now for the next piece of the answer ("" while held)."""
-        self.text += piece
-        if self.in_call:
-            return ""
+    def _split(self) -> tuple[int, bool]:
         start = self.text.find(START, self.sent)
         if start >= 0:
-            self.in_call = True
-            sendable = start
-        else:
-            sendable = len(self.text) - _partial_start(self.text)
-        sendable = max(sendable, self.sent)
-        out, self.sent = self.text[self.sent : sendable], sendable
-        return out
-
-    def finish(self) -> tuple[str, list[dict]]:
-        """At the end of the answer: the content not sent yet, and the calls (none: it was all text)."""
-        rest = self.text[self.sent :]
-        self.sent = len(self.text)
-        if not self.in_call:
-            return rest, []
-        _, calls = parse(self.text)
-        # The content before the first call is out already; what follows the calls is dropped, as
-        # vLLM drops it. Without calls (a malformed one), the held text is content after all.
-        return ("", calls) if calls else (rest, [])
-
-
-def stream_with_tool_calls(chunks: Iterator[dict]) -> Iterator[dict]:
-    """llama-cpp-python's chat completion chunks, with the calls the answer writes sent as tool_calls.
-
-    The chunks stay OpenAI's: the role first, content deltas, then (where the answer had calls) one
-    delta carrying every call whole, and the last chunk with finish_reason "tool_calls". A content
-    chunk held back entirely is left out (its logprobs with it)."""
-    answer = StreamedAnswer()
-    chunk = None
-    for chunk in chunks:
-        choice = chunk["choices"][0]
-        if choice.get("finish_reason") is not None:
-            yield from _finish(answer, chunk)
-            return
-        delta = choice.get("delta") or {}
-        if delta.get("content") is None:  # the role's chunk
-            yield chunk
-            continue
-        content = answer.feed(delta["content"])
-        if content:
-            yield {**chunk, "choices": [{**choice, "delta": {**delta, "content": content}}]}
-    held = answer.text[answer.sent :]
-    if chunk is not None and held:  # a stream that ended without its finish_reason: the held text
-        yield _with_delta(chunk, {"content": held})
-
-
-def _finish(answer: StreamedAnswer, final: dict) -> Iterator[dict]:
-    """The chunks that end the answer: held content or the calls, then `final` (the finish_reason)."""
-    content, calls = answer.finish()
-    if content:
-        yield _with_delta(final, {"content": content})
-    if calls:
-        yield _with_delta(final, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-        final = {**final, "choices": [{**final["choices"][0], "finish_reason": "tool_calls"}]}
-    yield final
-
-
-def _with_delta(chunk: dict, delta: dict) -> dict:
-    """A chunk of the same answer as `chunk` (its id, model, created) with this delta and no finish_reason."""
-    return {
-        **chunk,
-        "choices": [{**chunk["choices"][0], "delta": delta, "finish_reason": None, "logprobs": None}],
-    }
+            return start, True
+        return len(self.text) - _partial_start(self.text), False

@@ -5,8 +5,9 @@ llama_cpp.server`) in this process, with the settings the other backends get: th
 name as the model id, the recipe's max_length as the context, API_KEY, and 127.0.0.1 unless
 told otherwise. The app is used as it is (serving.backends.llamacpp says how it differs), with two
 wrappers around its model: requests held to the context limit (_hold_to_limit), and, for a chat
-template that writes Hermes tool calls, those calls returned as tool_calls (_parse_tool_calls). The
-compose service serve-llamacpp starts the same server with the same settings as flags.
+template that writes tool calls in a form read here (Hermes, Llama 3.1's JSON), those calls returned
+as tool_calls (_parse_tool_calls). The compose service serve-llamacpp starts the same server with the
+same settings as flags.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+from serving import hermes_calls, llama3_calls
 from serving.backends.llamacpp import DEFAULT_QUANT, GGUF_DIR, gguf_path
 from serving.banner import ready_banner
+from serving.call_readers import stream_with_tool_calls, with_tool_calls
 from serving.errors import ServingError
-from serving.hermes_calls import stream_with_tool_calls, with_tool_calls
 from serving.listen import serve
 from serving.model_dir import ModelDir, ModelDirError, read_json
 from serving.tool_calls import renders_calls, template_parser
@@ -133,8 +136,9 @@ def build_app(settings: LlamaCppSettings, api_key: str | None = None):
     # create_app loaded the model into its module-level proxy (0.3.36); the proxy returns it.
     llama = server_app._llama_proxy()
     _hold_to_limit(llama, settings.n_ctx)
-    if writes_hermes_calls(llama.metadata.get("tokenizer.chat_template")):
-        _parse_tool_calls(llama)
+    reader = call_reader(llama.metadata.get("tokenizer.chat_template"))
+    if reader is not None:
+        _parse_tool_calls(llama, reader)
     return app
 
 
@@ -178,14 +182,29 @@ def _hold_to_limit(llama, limit: int) -> None:
 PARSED_CHOICES = (None, "auto", "required")
 
 
-def writes_hermes_calls(chat_template: str | None) -> bool:
-    """Whether the template has the model write tool calls in the Hermes form (rendered by llama.cpp's
-    renderer, as the server renders requests)."""
-    return template_parser(chat_template, render_with_llama_cpp) == "hermes"
+# The forms of tool calls this server reads back, by the vLLM parser serving.tool_calls names for a
+# template: each a module with parse(text) and a StreamedAnswer (serving.call_readers).
+READERS = {"hermes": hermes_calls, "llama3_json": llama3_calls}
+# How the banner names each form.
+FORM_NAMES = {"hermes": "<tool_call> calls (Hermes form)", "llama3_json": "JSON calls (Llama 3.1's form)"}
 
 
-def _parse_tool_calls(llama) -> None:
-    """Chat answers with the model's Hermes calls returned as tool_calls (serving.hermes_calls).
+def call_form(chat_template: str | None) -> str | None:
+    """The form, among READERS, in which the template has the model write tool calls (rendered by
+    llama.cpp's renderer, as the server renders requests); None for any other or none."""
+    form = template_parser(chat_template, render_with_llama_cpp)
+    return form if form in READERS else None
+
+
+def call_reader(chat_template: str | None) -> ModuleType | None:
+    """The reader module for the calls the template writes (serving.call_readers), or None."""
+    form = call_form(chat_template)
+    return READERS[form] if form else None
+
+
+def _parse_tool_calls(llama, reader: ModuleType) -> None:
+    """Chat answers with the model's calls returned as tool_calls, read by `reader` (the module of the
+    template's form: serving.hermes_calls or serving.llama3_calls).
 
     Wrapped at the chat handler, the one place both of the server's paths go through: a plain request
     calls llama.create_chat_completion, a streamed one Llama.create_chat_completion unbound, and both
@@ -202,7 +221,9 @@ def _parse_tool_calls(llama) -> None:
         answer = handler(tools=tools, tool_choice=tool_choice, stream=stream, **kwargs)
         if not tools or tool_choice not in PARSED_CHOICES:
             return answer
-        return stream_with_tool_calls(answer) if stream else with_tool_calls(answer)
+        if stream:
+            return stream_with_tool_calls(answer, reader.StreamedAnswer())
+        return with_tool_calls(answer, reader.parse)
 
     llama.chat_handler = chat_handler
 
@@ -236,21 +257,22 @@ def tool_call_note(chat_template: str | None) -> str | None:
 
     llama-cpp-python 0.3.36 renders a request's tools through the GGUF's template, so the model
     writes its calls as trained, but it parses none: with tool_choice "auto" a call would come back
-    as text in content, finish_reason "stop". Calls in the Hermes form (Qwen2.5, Qwen3) this server
-    parses itself (_parse_tool_calls); calls in other forms (Llama 3.1's JSON, Qwen3-Coder's XML) still
-    come back as text: for them only a tool_choice naming one function gives tool_calls, JSON its
-    grammar forces from the first token, not the syntax the model was trained to write."""
-    if writes_hermes_calls(chat_template):
+    as text in content, finish_reason "stop". Calls in the Hermes form (Qwen2.5, Qwen3) and in Llama
+    3.1's JSON form this server parses itself (_parse_tool_calls); calls in other forms (Qwen3-Coder's
+    XML) still come back as text: for them only a tool_choice naming one function gives tool_calls,
+    JSON its grammar forces from the first token, not the syntax the model was trained to write."""
+    form = call_form(chat_template)
+    if form is not None:
         return (
-            "tool calls: the model's <tool_call> calls (Hermes form) come back as tool_calls, finish_reason "
-            "tool_calls, as vLLM's hermes parser returns them (tool_choice auto or required)"
+            f"tool calls: the model's {FORM_NAMES[form]} come back as tool_calls, finish_reason "
+            f"tool_calls, as vLLM's {form} parser returns them (tool_choice auto or required)"
         )
     if not renders_calls(chat_template, render_with_llama_cpp):
         return None
     return (
         "tool calls: llama.cpp's server renders a request's tools but returns the model's calls as text in "
-        "content (finish_reason stop), not as tool_calls; vLLM and the local server return tool_calls "
-        "(SERVE_BACKEND=vllm or local)"
+        "content (finish_reason stop), not as tool_calls: it reads back only the Hermes form's and Llama "
+        "3.1's; vLLM and the local server return tool_calls (SERVE_BACKEND=vllm or local)"
     )
 
 

@@ -207,3 +207,10 @@ def quickstart_gguf(quickstart_run, tmp_path_factory) -> tuple[Path, subprocess.
 def tools_gguf(tools_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The tool-call quickstart (tiny Qwen2, Qwen2.5's template) merged and exported as f32, once."""
     return exported_run(tools_run, tmp_path_factory.mktemp("gguf"), "f32")
+
+
+@pytest.fixture(scope="session")
+def llama3_tools_gguf(llama3_tools_run, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tool-call quickstart on Llama 3.1's form (tiny Llama 3, its own template) merged and
+    exported as f32, once."""
+    return exported_run(llama3_tools_run, tmp_path_factory.mktemp("gguf"), "f32")

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 
-from serving.hermes_calls import StreamedAnswer, parse, stream_with_tool_calls, with_tool_calls
+from serving import call_readers
+from serving.hermes_calls import StreamedAnswer, parse
 
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'
 TIME = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "서울"}}\n</tool_call>'
+
+
+def with_tool_calls(completion: dict) -> dict:
+    return call_readers.with_tool_calls(completion, parse)
+
+
+def stream_with_tool_calls(chunks: list[dict]):
+    return call_readers.stream_with_tool_calls(iter(chunks), StreamedAnswer())
 
 
 def functions(calls: list[dict]) -> list[tuple[str, dict]]:

@@ -142,12 +142,15 @@ def test_an_export_is_served_under_its_models_name_with_that_models_limits(tmp_p
 
 @export  # rendered with llama-cpp-python's own renderer, which only the export extra installs
 def test_the_banner_says_how_tool_calls_come_back_for_the_form_the_template_writes_them_in():
-    for hermes in ("qwen2_5", "qwen3"):  # <tool_call>{"name": ...}</tool_call>: parsed
-        note = llamacpp_server.tool_call_note(model_template(hermes))
-        assert "come back as tool_calls" in note and "as text" not in note, hermes
-    for other in ("llama3_1", "qwen3_6"):  # Llama 3.1's JSON, Qwen3-Coder's XML: not parsed
-        note = llamacpp_server.tool_call_note(model_template(other))
-        assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note, other
+    for template, form in (
+        ("qwen2_5", "<tool_call> calls (Hermes form)"),  # <tool_call>{"name": ...}</tool_call>: parsed
+        ("qwen3", "<tool_call> calls (Hermes form)"),
+        ("llama3_1", "JSON calls (Llama 3.1's form)"),  # {"name": ..., "parameters": ...}: parsed
+    ):
+        note = llamacpp_server.tool_call_note(model_template(template))
+        assert f"{form} come back as tool_calls" in note and "as text" not in note, template
+    note = llamacpp_server.tool_call_note(model_template("qwen3_6"))  # Qwen3-Coder's XML: not parsed
+    assert "calls as text in content" in note and "SERVE_BACKEND=vllm or local" in note
     for name, template in BUILTIN_TEMPLATES.items():  # no place for tools
         assert llamacpp_server.tool_call_note(template.chat_template(add_bos=True)) is None, name
     assert llamacpp_server.tool_call_note(model_template("llama3")) is None  # drops calls
@@ -362,6 +365,56 @@ def streamed(stream) -> tuple[str, list[tuple[str, dict]], str]:
     return content, [calls[i] for i in sorted(calls)], finish
 
 
+def weather_answers(run: Path) -> dict:
+    """A tool quickstart's GGUF on llama.cpp's server, asked data/tool_calls.jsonl's first question
+    (What's the weather like in Seoul right now?) with its tools, greedily: the answers whole
+    ("tools"), streamed ("stream"), without tools ("untooled") and with tool_choice none ("none"),
+    the banner ("output"), and the prompt as transformers renders it ("rendered", its token count)."""
+    server = ServerProcess(
+        run / "merged", "--backend", "llamacpp", "--quant", "f32", env={"API_KEY": API_KEY}
+    )
+    row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    request = {"model": run.name, "messages": row["messages"][:1], "max_tokens": 40, "temperature": 0}
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
+        answers = {
+            "tools": client.chat.completions.create(**request, tools=row["tools"]),
+            "stream": streamed(client.chat.completions.create(**request, tools=row["tools"], stream=True)),
+            "untooled": client.chat.completions.create(**request),
+            "none": client.chat.completions.create(**request, tools=row["tools"], tool_choice="none"),
+        }
+    finally:
+        server.stop()
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    rendered = tokenizer.apply_chat_template(
+        row["messages"][:1], tools=row["tools"], add_generation_prompt=True, tokenize=False
+    )
+    # Without special tokens added: a template that writes BOS itself (Llama 3.1's) has it in `rendered`.
+    n_rendered = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return {**answers, "output": "".join(server.output), "rendered": n_rendered}
+
+
+def assert_weather_call_comes_back(answers: dict) -> None:
+    """The model's call, get_weather {"city": "Seoul"}, came back as tool_calls, streamed and not; the
+    tools preamble was in the prompt (as long as transformers renders it); and without tools, or
+    with tool_choice none, the answer is text, finish_reason stop."""
+    answer, untooled, unparsed = answers["tools"], answers["untooled"], answers["none"]
+    assert answer.usage.prompt_tokens == answers["rendered"] > untooled.usage.prompt_tokens
+    choice = answer.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Seoul"})
+    ]
+    assert calls[0].id.startswith("call_")
+    assert answers["stream"] == ("", [("get_weather", {"city": "Seoul"})], "tool_calls")
+    plain = untooled.choices[0]
+    assert plain.finish_reason in ("stop", "length") and plain.message.tool_calls is None
+    assert plain.message.content
+    assert (unparsed.choices[0].finish_reason, unparsed.choices[0].message.tool_calls) == ("stop", None)
+    assert "come back as tool_calls" in answers["output"]  # the banner says so
+
+
 @export
 def test_a_model_trained_on_tool_calls_gets_its_tools_and_its_calls_come_back_as_tool_calls(tools_gguf):
     """The tool-call quickstart's GGUF on llama.cpp's server, asked what the local server answers
@@ -371,45 +424,25 @@ def test_a_model_trained_on_tool_calls_gets_its_tools_and_its_calls_come_back_as
     (serving.hermes_calls): tool_calls and finish_reason tool_calls, streamed or not."""
     run, result = tools_gguf
     assert result.returncode == 0, result.stderr
-    server = ServerProcess(
-        run / "merged", "--backend", "llamacpp", "--quant", "f32", env={"API_KEY": API_KEY}
-    )
-    row = json.loads((ROOT / "data" / "tool_calls.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    request = {
-        "model": "quickstart-tools",
-        "messages": row["messages"][:1],  # What's the weather like in Seoul right now?
-        "max_tokens": 40,
-        "temperature": 0,
-    }
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
-        answer = client.chat.completions.create(**request, tools=row["tools"])
-        stream = streamed(client.chat.completions.create(**request, tools=row["tools"], stream=True))
-        untooled = client.chat.completions.create(**request)
-        # tool_choice "none": the calls the model writes anyway stay text, as llama-cpp-python returns them.
-        unparsed = client.chat.completions.create(**request, tools=row["tools"], tool_choice="none")
-    finally:
-        server.stop()
-    assert "come back as tool_calls" in "".join(server.output)
-    # The tools preamble is in the prompt: as long as transformers renders it.
-    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
-    rendered = tokenizer.apply_chat_template(
-        row["messages"][:1], tools=row["tools"], add_generation_prompt=True, tokenize=False
-    )
-    assert answer.usage.prompt_tokens == len(tokenizer(rendered)["input_ids"]) > untooled.usage.prompt_tokens
-    choice = answer.choices[0]
-    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
-    calls = choice.message.tool_calls
-    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("function", "get_weather", {"city": "Seoul"})
-    ]
-    assert calls[0].id.startswith("call_")
-    assert stream == ("", [("get_weather", {"city": "Seoul"})], "tool_calls")
-    # Without tools, a plain answer, as before.
-    plain = untooled.choices[0]
-    assert plain.finish_reason in ("stop", "length") and plain.message.tool_calls is None
-    assert plain.message.content and "<tool_call>" not in plain.message.content
-    assert (unparsed.choices[0].finish_reason, unparsed.choices[0].message.tool_calls) == ("stop", None)
-    assert unparsed.choices[0].message.content == (
+    answers = weather_answers(run)
+    assert_weather_call_comes_back(answers)
+    assert "<tool_call>" not in answers["untooled"].choices[0].message.content
+    # tool_choice "none": the calls the model writes anyway stay text, as llama-cpp-python returns them.
+    assert answers["none"].choices[0].message.content == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Seoul"}}\n</tool_call>'
+    )
+
+
+@export
+def test_a_model_trained_on_llama3_tool_calls_gets_its_calls_back_as_tool_calls(llama3_tools_gguf):
+    """The same on Llama 3.1's form (recipes/quickstart-tools-llama3.yaml, tiny://llama3): the trained
+    model writes its call as bare JSON, `{"name": "get_weather", "parameters": {"city": "Seoul"}}`,
+    which this server reads as vLLM's llama3_json parser does (serving.llama3_calls)."""
+    run, result = llama3_tools_gguf
+    assert result.returncode == 0, result.stderr
+    answers = weather_answers(run)
+    assert_weather_call_comes_back(answers)
+    assert "JSON calls (Llama 3.1's form) come back as tool_calls" in answers["output"]
+    assert answers["none"].choices[0].message.content == (
+        '{"name": "get_weather", "parameters": {"city": "Seoul"}}'
     )
