@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,21 +108,10 @@ def ensure_tiny_model(arch: str, out_dir: Path | None = None, data_dir: Path | N
 def build_tiny_model(arch: str, target: Path, data_dir: Path) -> None:
 
     log.info("Building tiny model %s in %s (tokenizer trained on %s)", arch, target, data_dir)
-    if arch == "qwen2":
-        tokenizer = train_qwen_tokenizer(data_dir)
-    elif arch == "llama3":
-        tokenizer = train_llama3_tokenizer(data_dir)
-    else:
-        tokenizer = train_tokenizer(data_dir, neox=arch == "gpt-neox")
+    train_tokenizer_for, build_model = _BUILDERS[arch]
+    tokenizer = train_tokenizer_for(data_dir)
     torch.manual_seed(SEED)
-    if arch == "qwen2":
-        model = _qwen2(tokenizer)
-    elif arch == "llama3":
-        model = _llama3(tokenizer)
-    elif arch == "gpt-neox":
-        model = _gpt_neox(tokenizer)
-    else:
-        model = _llama(tokenizer, tied=arch == "llama-tied")
+    model = build_model(tokenizer)
     with building_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -306,3 +296,13 @@ def train_tokenizer(data_dir: Path, *, neox: bool):
         pad_token=specials["pad"],
         model_max_length=2048,
     )
+
+
+# Each architecture's tokenizer (trained on the data folder) and model (built on that tokenizer).
+_BUILDERS = {
+    "llama": (partial(train_tokenizer, neox=False), partial(_llama, tied=False)),
+    "llama-tied": (partial(train_tokenizer, neox=False), partial(_llama, tied=True)),
+    "gpt-neox": (partial(train_tokenizer, neox=True), _gpt_neox),
+    "qwen2": (train_qwen_tokenizer, _qwen2),
+    "llama3": (train_llama3_tokenizer, _llama3),
+}
