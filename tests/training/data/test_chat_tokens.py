@@ -116,3 +116,24 @@ def test_llama_3_2_plain_chats_keep_the_answers(tmp_path, llama_tokenizer):
     assert [spans_of(llama32)(row) for row in data.train] == [["맑아요.<|eot_id|>", "雨です。<|eot_id|>"]] * 3
     # The system prompt and the date line the template writes are prompt, not answer.
     assert "Today Date" in llama32.decode(data.train[0]["input_ids"])
+
+
+# Renders whole conversations only: any shorter one, as the turns' prefixes are, is refused.
+WHOLE_ONLY = (
+    "{% if messages|length < 5 %}{{ raise_exception('conversations of five messages only') }}{% endif %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+)
+
+
+def test_a_template_that_refuses_a_turns_prefix_is_named_with_the_row(tmp_path, llama_tokenizer):
+    tokenizer = with_template(llama_tokenizer, WHOLE_ONLY)
+    path = jsonl(tmp_path / "d.jsonl", [CHAT])
+    with pytest.raises(DataError) as e:
+        prepare_data(model_section(path), tokenizer)
+    assert str(e.value).startswith(
+        f"{path} line 1: the chat template refuses the conversation up to message 2: conversations of "
+        "five messages only; so the assistant's turns cannot be told from the rest"
+    )
+    assert (
+        prepare_data(model_section(path, completion_only_loss=False), tokenizer).train_report.tokens.rows == 1
+    )
